@@ -1,0 +1,45 @@
+# Setup, demo and tests for a fresh clone. Needs only python3 (>= 3.10), pip and make.
+#
+# TORCH is the torch requirement installed before Covey. The default pins the release that these
+# build machines hold as a local CPU wheel; a bare `torch` would pull a multi-GB CUDA build here.
+# Elsewhere pick your own: make TORCH='torch' or TORCH='torch==2.5.1' (any version Covey allows).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.covey-installed
+
+.PHONY: setup demo test test-fast lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The main job on embedded defaults: allocate the bundled Dolly sample among 4 clients.
+demo: $(STAMP)
+	$(BIN)/covey data split --clients 4 --out runs/demo/data --overwrite
+
+# Lint, type-check, then every test tier this machine can run (GPU tests need CUDA).
+test: $(STAMP) lint
+	$(BIN)/pytest -m "not gpu"
+
+# The fast default tier only, for the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests scripts benchmarks
+	$(BIN)/ruff format src tests scripts benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
