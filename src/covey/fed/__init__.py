@@ -1,0 +1,3 @@
+"""
+Server side: client selection, update validation, aggregation strategies, the in-process engine.
+"""

@@ -1,0 +1,1 @@
+"""Base models: resolving `model.base` and loading it (HF folders, hub ids, GGUF files)."""

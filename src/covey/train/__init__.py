@@ -1,0 +1,1 @@
+"""Client-side training (`local`) and held-out evaluation (`evaluate`)."""

@@ -1,0 +1,192 @@
+"""Local training on one client: a lean loop, no Trainer rebuilt every round.
+
+`train_local` starts from the global adapter, runs AdamW over the client's tokenized examples
+(micro-batches with gradient accumulation, warmup + schedule, clipping, optional FedProx term),
+and returns the new adapter with the sample count and metrics. It is seeded per call, so the same
+`(seed, data, start state)` gives the same result bit for bit on the same machine.
+
+Batching: an optimizer step covers `batch_size` examples drawn in a seeded random order; with
+`group_by_length`, the step's examples are sorted by length before being cut into micro-batches.
+That cuts padding without changing what the step learns: the gradient of a step is the same sum
+over the same examples, however they are grouped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from covey.config import TrainConfig
+from covey.data.prompts import IGNORE_INDEX, Example
+from covey.errors import ConfigError
+from covey.model.lora import adapter_state, load_adapter_state
+from covey.state import State
+
+StepCallback = Callable[[int, int, int], None]
+"""Called after each optimizer step with (step, total_steps, tokens_in_step)."""
+
+
+@dataclass
+class LocalResult:
+    """What a client sends back: its adapter after training, and how it got there."""
+
+    state: State
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def plan_steps(
+    lengths: Sequence[int], cfg: TrainConfig, rng: np.random.Generator
+) -> list[list[list[int]]]:
+    """Optimizer steps, each a list of micro-batches of example indices.
+
+    `epochs` passes over the data (fractions allowed) in a fresh random order each pass, cut into
+    steps of `batch_size` (the last one may be smaller), capped at `max_steps` when set.
+    """
+    if cfg.micro_batch_size < 1 or cfg.batch_size < cfg.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size ({cfg.batch_size}) must be >= train.micro_batch_size "
+            f"({cfg.micro_batch_size}) >= 1"
+        )
+    if cfg.epochs <= 0:
+        raise ConfigError(f"train.epochs must be > 0 (got {cfg.epochs})")
+    n = len(lengths)
+    total = max(1, round(n * cfg.epochs))
+    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(total / n))])[:total]
+    steps = [order[i : i + cfg.batch_size] for i in range(0, total, cfg.batch_size)]
+    if cfg.max_steps > 0:
+        steps = steps[: cfg.max_steps]
+    planned = []
+    for step in steps:
+        indices = step.tolist()
+        if cfg.group_by_length:
+            indices.sort(key=lambda i: lengths[i], reverse=True)
+        micro = cfg.micro_batch_size
+        planned.append([indices[j : j + micro] for j in range(0, len(indices), micro)])
+    return planned
+
+
+def collate(
+    examples: Sequence[Example], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example: (input_ids, attention_mask, labels)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def token_loss_sum(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Summed next-token cross-entropy over non-masked labels (float32 for stability)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then constant, linear or cosine decay to zero at `total`."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - progress)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ConfigError(
+        f"train.lr_schedule {cfg.lr_schedule!r} is unknown; use constant, linear or cosine"
+    )
+
+
+def train_local(
+    model: Any,
+    examples: Sequence[Example],
+    start_state: State,
+    cfg: TrainConfig,
+    seed: int,
+    pad_id: int,
+    on_step: StepCallback | None = None,
+) -> LocalResult:
+    """Train the model's adapter from `start_state` on `examples`; return the new adapter."""
+    if not examples:
+        raise ValueError("a client with no examples cannot train")
+    device = next(model.parameters()).device
+    load_adapter_state(model, start_state)
+    torch.manual_seed(seed)  # LoRA dropout
+    steps = plan_steps([len(e.input_ids) for e in examples], cfg, np.random.default_rng(seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+
+    loss_sum, target_tokens, seen_tokens = 0.0, 0, 0
+    start = time.perf_counter()
+    for step_index, micro_batches in enumerate(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step_index, len(steps), cfg)
+        step_targets = sum(examples[i].num_target_tokens for mb in micro_batches for i in mb)
+        step_tokens = 0
+        optimizer.zero_grad(set_to_none=True)
+        for micro in micro_batches:
+            ids, mask, labels = collate([examples[i] for i in micro], pad_id, device)
+            summed = token_loss_sum(model, ids, mask, labels)
+            # normalise by the whole step's target tokens: accumulation then equals one big batch
+            torch.autograd.backward(summed / max(step_targets, 1))
+            loss_sum += summed.item()
+            step_tokens += int(mask.sum())
+        if anchors:
+            proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+            torch.autograd.backward(0.5 * cfg.prox_mu * proximal)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        target_tokens += step_targets
+        seen_tokens += step_tokens
+        if on_step is not None:
+            on_step(step_index + 1, len(steps), step_tokens)
+    seconds = time.perf_counter() - start
+    model.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return LocalResult(
+        state=adapter_state(model),
+        num_samples=len(examples),
+        metrics={
+            "train_loss": loss_sum / max(target_tokens, 1),
+            "steps": float(len(steps)),
+            "tokens": float(seen_tokens),
+            "seconds": seconds,
+            "tokens_per_s": seen_tokens / seconds if seconds > 0 else 0.0,
+        },
+    )
+
+
+def iterate_batches(
+    examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Fixed-order batches (for evaluation), longest first within the data to limit padding."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id, device)

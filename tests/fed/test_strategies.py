@@ -1,0 +1,281 @@
+"""Aggregation strategies against hand-computed values on one- and two-element tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from covey.config import FedConfig
+from covey.errors import ConfigError
+from covey.fed.strategies import (
+    STRATEGIES,
+    ServerState,
+    State,
+    Strategy,
+    fedavg,
+    fedavgm,
+    fedprox,
+    get_strategy,
+    weighted_average,
+)
+
+ALL = sorted(STRATEGIES)
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def st(values: list[float], dtype: torch.dtype = torch.float32) -> State:
+    """A one-key state holding `values`."""
+    return {"w": torch.tensor(values, dtype=dtype)}
+
+
+def lora_state(seed: int, dtype: torch.dtype = torch.float32) -> State:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        A: torch.randn(2, 3, generator=g).to(dtype),
+        B: torch.randn(3, 2, generator=g).to(dtype),
+    }
+
+
+def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items()}
+
+
+def assert_state(got: dict[str, torch.Tensor], want: dict[str, list[float]]) -> None:
+    assert got.keys() == want.keys()
+    for key, values in want.items():
+        torch.testing.assert_close(
+            got[key].double(), torch.tensor(values, dtype=torch.float64), rtol=1e-6, atol=1e-7
+        )
+
+
+# ---- FedAvg / FedProx and the plain average ----
+
+
+def test_weighted_average_respects_weights() -> None:
+    # (1*[1, 2] + 3*[3, 6]) / 4 = [2.5, 5.0]
+    assert_state(weighted_average([st([1, 2]), st([3, 6])], [1, 3]), {"w": [2.5, 5.0]})
+    # only ratios matter
+    assert_state(weighted_average([st([1, 2]), st([3, 6])], [20, 60]), {"w": [2.5, 5.0]})
+
+
+@pytest.mark.parametrize("fn", [fedavg, fedprox])
+def test_fedavg_weighted_by_samples(fn: Strategy) -> None:
+    glob = st([100.0, -100.0])  # FedAvg ignores the old global values
+    states = [st([0.0, 10.0]), st([4.0, 2.0]), st([8.0, 0.0])]
+    # weights 1, 1, 2: ([0,10] + [4,2] + 2*[8,0]) / 4 = [5.0, 3.0]
+    new, server = fn(glob, states, [10, 10, 20], {}, FedConfig())
+    assert_state(new, {"w": [5.0, 3.0]})
+    assert server == {}
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_fedavg_family_equal_states_give_that_state(name: str) -> None:
+    glob = lora_state(0)
+    same = lora_state(1)
+    new, _ = get_strategy(name)(glob, [same, clone(same), clone(same)], [1, 5, 7], {}, FedConfig())
+    for key in same:
+        assert torch.equal(new[key], same[key])  # exact: offsets from identical states are 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_clients_returning_global_leave_it_unchanged(name: str) -> None:
+    glob = lora_state(0)
+    new, _ = get_strategy(name)(glob, [clone(glob), clone(glob)], [3, 4], {}, FedConfig())
+    for key in glob:
+        assert torch.equal(new[key], glob[key])  # exact: a zero pseudo-gradient takes no step
+
+
+def test_fedavgm_without_momentum_is_fedavg() -> None:
+    glob, states = lora_state(0), [lora_state(1), lora_state(2)]
+    cfg = FedConfig(server_lr=1.0, server_momentum=0.0)
+    a, _ = fedavg(glob, states, [2, 3], {}, cfg)
+    m, _ = fedavgm(glob, states, [2, 3], {}, cfg)
+    for key in glob:
+        torch.testing.assert_close(a[key], m[key])
+
+
+# ---- stateful strategies: two rounds by hand ----
+
+# Each case: strategy, cfg, round-1 client states (weights equal) and expected result/state, then a
+# round-2 delta from the new global and the expected result/state. g0 = [0, 0] (fedavgm: [1, 2]).
+# Formulas (Reddi et al. 2021, Alg. 2; Hsu et al. 2019), delta = avg - global:
+#   fedavgm:  v = mom*v + delta;                       new = g + lr*v
+#   adaptive: m = b1*m + (1-b1)*delta;  v per variant; new = g + lr*m/(sqrt(v)+tau); m0=0, v0=tau^2
+ADAPTIVE = FedConfig(server_lr=1.0, beta1=0.5, beta2=0.5, tau=1.0)
+
+CASES = [
+    pytest.param(
+        "fedavgm",
+        FedConfig(server_lr=0.5, server_momentum=0.5),
+        [1.0, 2.0],
+        [[1.0, 1.0], [5.0, 1.0]],  # avg [3, 1], delta [2, -1]
+        {"momentum.w": [2.0, -1.0]},  # v1 = delta
+        [2.0, 1.5],  # [1, 2] + 0.5*[2, -1]
+        [2.0, 0.0],  # round 2 delta
+        {"momentum.w": [3.0, -0.5]},  # 0.5*[2, -1] + [2, 0]
+        [3.5, 1.25],  # [2, 1.5] + 0.5*[3, -0.5]
+        id="fedavgm",
+    ),
+    pytest.param(
+        "fedadam",
+        ADAPTIVE,
+        [0.0, 0.0],
+        [[0.5, 6.0], [1.5, 8.0]],  # avg = delta = [1, 7]
+        # m1 = 0.5*[1, 7]; v1 = 0.5*1 + 0.5*[1, 49] = [1, 25]
+        {"m.w": [0.5, 3.5], "v.w": [1.0, 25.0]},
+        [0.5 / 2, 3.5 / 6],  # m / (sqrt(v) + 1)
+        [-1.0, 5.0],
+        # m2 = 0.5*[0.5, 3.5] + 0.5*[-1, 5]; v2 = 0.5*[1, 25] + 0.5*[1, 25]
+        {"m.w": [-0.25, 4.25], "v.w": [1.0, 25.0]},
+        [0.25 - 0.25 / 2, 3.5 / 6 + 4.25 / 6],
+        id="fedadam",
+    ),
+    pytest.param(
+        "fedyogi",
+        ADAPTIVE,
+        [0.0, 0.0],
+        [[1.0, 3.0], [1.0, 5.0]],  # delta [1, 4], delta^2 [1, 16]
+        # v1 = 1 - 0.5*[1, 16]*sign(1 - [1, 16]) = [1 - 0, 1 + 8]; m1 = [0.5, 2]
+        {"m.w": [0.5, 2.0], "v.w": [1.0, 9.0]},
+        [0.5 / 2, 2.0 / 4],
+        [2.0, 2.0],  # delta^2 [4, 4]
+        # v2 = [1, 9] - 0.5*[4, 4]*sign([1-4, 9-4]) = [1 + 2, 9 - 2]; m2 = [0.25 + 1, 1 + 1]
+        {"m.w": [1.25, 2.0], "v.w": [3.0, 7.0]},
+        [0.25 + 1.25 / (math.sqrt(3) + 1), 0.5 + 2.0 / (math.sqrt(7) + 1)],
+        id="fedyogi",
+    ),
+    pytest.param(
+        "fedadagrad",
+        ADAPTIVE,
+        [0.0, 0.0],
+        [[1.0, 3.0], [1.0, 3.0]],  # delta [1, 3]
+        # v1 = 1 + [1, 9]; m1 = 0.5*[1, 3]
+        {"m.w": [0.5, 1.5], "v.w": [2.0, 10.0]},
+        [0.5 / (math.sqrt(2) + 1), 1.5 / (math.sqrt(10) + 1)],
+        [1.0, -1.0],
+        # v2 = [2, 10] + [1, 1]; m2 = 0.5*[0.5, 1.5] + 0.5*[1, -1]
+        {"m.w": [0.75, 0.25], "v.w": [3.0, 11.0]},
+        [
+            0.5 / (math.sqrt(2) + 1) + 0.75 / (math.sqrt(3) + 1),
+            1.5 / (math.sqrt(10) + 1) + 0.25 / (math.sqrt(11) + 1),
+        ],
+        id="fedadagrad",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "cfg", "g0", "clients", "server1", "new1", "delta2", "server2", "new2"), CASES
+)
+def test_stateful_strategies_two_rounds(
+    name: str,
+    cfg: FedConfig,
+    g0: list[float],
+    clients: list[list[float]],
+    server1: dict[str, list[float]],
+    new1: list[float],
+    delta2: list[float],
+    server2: dict[str, list[float]],
+    new2: list[float],
+) -> None:
+    fn = get_strategy(name)
+    glob1, s1 = fn(st(g0), [st(c) for c in clients], [7] * len(clients), {}, cfg)
+    assert_state(glob1, {"w": new1})
+    assert_state(s1, server1)
+    assert all(t.dtype == torch.float32 for t in s1.values())
+
+    client2 = {"w": glob1["w"] + torch.tensor(delta2)}
+    glob2, s2 = fn(glob1, [client2], [3], s1, cfg)
+    assert_state(glob2, {"w": new2})
+    assert_state(s2, server2)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_state_carries_over(name: str) -> None:
+    """Round 2 with round 1's server state differs from a cold start: the state is used."""
+    fn, cfg = get_strategy(name), FedConfig(server_momentum=0.5)
+    glob1, s1 = fn(st([0.0, 0.0]), [st([1.0, -2.0])], [1], {}, cfg)
+    warm, _ = fn(glob1, [st([2.0, -1.0])], [1], s1, cfg)
+    cold, _ = fn(glob1, [st([2.0, -1.0])], [1], {}, cfg)
+    assert not torch.allclose(warm["w"], cold["w"])
+
+
+# ---- contracts shared by every strategy ----
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_dtype_preserved(name: str) -> None:
+    glob = lora_state(0, torch.bfloat16)
+    states = [lora_state(1, torch.bfloat16), lora_state(2, torch.bfloat16)]
+    fn, cfg = get_strategy(name), FedConfig()
+    new, server = fn(glob, states, [1, 2], {}, cfg)
+    new, server = fn(new, states, [1, 2], server, cfg)
+    assert {k: v.dtype for k, v in new.items()} == {A: torch.bfloat16, B: torch.bfloat16}
+    assert all(v.dtype == torch.float32 for v in server.values())
+    assert all(torch.isfinite(v).all() for v in new.values())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_not_mutated(name: str) -> None:
+    fn, cfg = get_strategy(name), FedConfig()
+    glob = lora_state(0)
+    states = [lora_state(1), lora_state(2)]
+    _, server = fn(glob, states, [1, 2], {}, cfg)
+    before = (clone(glob), [clone(s) for s in states], clone(server))
+    new, new_server = fn(glob, states, [1, 2], server, cfg)
+    for got, want in zip((glob, *states, server), (before[0], *before[1], before[2]), strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key])
+    inputs = [*glob.values(), *(t for s in states for t in s.values()), *server.values()]
+    outputs = [*new.values(), *new_server.values()]
+    assert not any(o is i for o in outputs for i in inputs), "outputs must not alias inputs"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_states_returns_inputs_unchanged(name: str) -> None:
+    glob = lora_state(0)
+    server: ServerState = {"m.x": torch.ones(1)}
+    new, new_server = get_strategy(name)(glob, [], [], server, FedConfig())
+    assert new.keys() == glob.keys() and all(new[k] is glob[k] for k in glob)
+    assert new_server == server
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("weights", [[0, 0], [1], [1, -1], [1, math.nan]])
+def test_bad_weights_raise(name: str, weights: list[float]) -> None:
+    with pytest.raises(ValueError):
+        get_strategy(name)(st([0.0]), [st([1.0]), st([2.0])], weights, {}, FedConfig())
+
+
+def test_weighted_average_rejects_mismatched_states() -> None:
+    with pytest.raises(ValueError, match="keys differ"):
+        weighted_average([st([1.0]), {"other": torch.ones(1)}], [1, 1])
+    with pytest.raises(ValueError, match="shape"):
+        weighted_average([st([1.0]), st([1.0, 2.0])], [1, 1])
+    with pytest.raises(ValueError, match="empty"):
+        weighted_average([], [])
+
+
+def test_unknown_strategy_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"fed\.strategy.*fedsgd.*fedavg, fedprox"):
+        get_strategy("fedsgd")
+
+
+@pytest.mark.parametrize(
+    ("name", "setting", "value"),
+    [
+        ("fedadam", "tau", 0.0),
+        ("fedyogi", "beta2", 1.0),
+        ("fedadagrad", "beta1", -0.1),
+        ("fedavgm", "server_momentum", 1.5),
+        ("fedadam", "server_lr", 0.0),
+    ],
+)
+def test_bad_server_settings_are_config_errors(name: str, setting: str, value: float) -> None:
+    cfg = FedConfig(strategy=name, **{setting: value})
+    with pytest.raises(ConfigError, match=rf"fed\.{setting}"):
+        get_strategy(name)(st([0.0]), [st([1.0])], [1], {}, cfg)
