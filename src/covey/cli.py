@@ -122,6 +122,12 @@ def train(
     overrides: list[str] = typer.Option(
         [], "--set", help="Override one setting: section.key=value (repeatable)."
     ),
+    attack: str | None = typer.Option(
+        None, help="Malicious participants' attack (sets attack.kind): sign_flip, noise, ..."
+    ),
+    malicious_fraction: float | None = typer.Option(
+        None, help="Share of malicious participants (sets attack.malicious_fraction)."
+    ),
     resume: bool = typer.Option(False, help="Continue run.out from its last complete round."),
     overwrite: bool = typer.Option(False, help="Delete an existing run.out first."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -133,6 +139,10 @@ def train(
     from covey.model.loading import base_model_id, load_base_model
 
     _quiet_libraries()
+    if attack is not None:
+        overrides = [*overrides, f"attack.kind={attack}"]
+    if malicious_fraction is not None:
+        overrides = [*overrides, f"attack.malicious_fraction={malicious_fraction}"]
     cfg = load_recipe(recipe, overrides)
     if resume and overwrite:
         raise CoveyError("--resume and --overwrite exclude each other; choose one")

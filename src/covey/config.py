@@ -130,6 +130,22 @@ class FedConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Malicious participants, for robustness experiments (none by default)."""
+
+    kind: str = "none"
+    """`none`, `sign_flip`, `noise`, `scale`, `free_rider` (updates), or `random_vote`,
+    `always_accept` (FLock voters)."""
+    malicious_fraction: float = 0.0
+    """Share of participants that are malicious (rounded up to whole participants)."""
+    strength: float = 4.0
+    """sign_flip: the flipped delta is multiplied by this; noise: noise std in units of the
+    honest delta's std; scale: the delta is multiplied by this (model replacement)."""
+    seed: int = 0
+    """Which participants are malicious (a seeded choice)."""
+
+
+@dataclass
 class EvalConfig:
     """Evaluation on the held-out test set after every round (and before the first)."""
 
@@ -173,6 +189,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunSettings = field(default_factory=RunSettings)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

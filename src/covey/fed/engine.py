@@ -26,6 +26,7 @@ from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, load_records
 from covey.errors import ConfigError
 from covey.fed import checkpoint
+from covey.fed.attacks import UPDATE_ATTACKS, attack_update, malicious_participants
 from covey.fed.selection import select_clients
 from covey.fed.strategies import get_strategy
 from covey.fed.validation import validate_update
@@ -151,6 +152,9 @@ def run_federated(
     config_toml = to_toml(cfg)
     pad_id = fed.tokenizer.pad_token_id
     result = RunResult(out=out)
+    # experiment ground truth: which clients attack (the server never reads this)
+    attackers = malicious_participants(len(fed.clients), cfg.attack)
+    update_attack = cfg.attack.kind if cfg.attack.kind in UPDATE_ATTACKS else None
 
     done = checkpoint.complete_rounds(out)
     if done and not resume:
@@ -195,13 +199,19 @@ def run_federated(
                 on_step=hooks.step,
             )
             train_seconds += update.metrics["seconds"]
+            attacked = client in attackers and update_attack is not None
+            if attacked:
+                seed = client_seed(cfg.run.seed, round_index, client)
+                update.state = attack_update(
+                    str(update_attack), global_state, update.state, cfg.attack.strength, seed
+                )
             verdict = validate_update(
                 update.state, global_state, update.num_samples, len(data.examples),
                 cfg.fed.max_update_norm,
             )  # fmt: skip
             if not verdict.accepted:
                 log.warning("round %d: rejected %s: %s", round_index, data.name, verdict.reason)
-                rejected.append({"client": client, "reason": verdict.reason})
+                rejected.append({"client": client, "reason": verdict.reason, "attacker": attacked})
                 continue
             accepted.append((update.state, verdict.num_samples))
             contributions.append(
@@ -209,6 +219,7 @@ def run_federated(
                     "client": client,
                     "num_samples": verdict.num_samples,
                     "update_norm": verdict.update_norm,
+                    "attacker": attacked,
                 }
                 | {k: round(v, 6) for k, v in update.metrics.items()}
             )
