@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.covey-installed
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean browser-deps
 
 setup: $(STAMP)
 
@@ -29,8 +29,15 @@ demo: $(STAMP)
 	$(BIN)/covey train examples/cpu-demo.toml --overwrite
 
 # Lint, type-check, then every test tier this machine can run (GPU tests need CUDA).
-test: $(STAMP) lint
+test: $(STAMP) lint browser-deps
 	$(BIN)/pytest -m "not gpu"
+
+# The browser tier drives Debian's Chromium (Playwright's own browser download does not work
+# offline). Installed when missing and apt-get can run (root); otherwise those tests skip.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	  || echo "chromium not installed: browser tests will skip"
 
 # The fast default tier only, for the edit-test loop.
 test-fast: $(STAMP)

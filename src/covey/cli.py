@@ -128,6 +128,9 @@ def train(
     malicious_fraction: float | None = typer.Option(
         None, help="Share of malicious participants (sets attack.malicious_fraction)."
     ),
+    consensus: str | None = typer.Option(
+        None, help="server (FedIT: a server aggregates) or flock (stake, vote, contract)."
+    ),
     resume: bool = typer.Option(False, help="Continue run.out from its last complete round."),
     overwrite: bool = typer.Option(False, help="Delete an existing run.out first."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -143,6 +146,8 @@ def train(
         overrides = [*overrides, f"attack.kind={attack}"]
     if malicious_fraction is not None:
         overrides = [*overrides, f"attack.malicious_fraction={malicious_fraction}"]
+    if consensus is not None:
+        overrides = [*overrides, f"fed.consensus={consensus}"]
     cfg = load_recipe(recipe, overrides)
     if resume and overwrite:
         raise CoveyError("--resume and --overwrite exclude each other; choose one")
@@ -157,11 +162,34 @@ def train(
         f"{len(fed.test_examples)} held-out examples, {cfg.fed.rounds} rounds of "
         f"{cfg.fed.strategy} -> {out}/"
     )
+    if cfg.fed.consensus not in ("server", "flock"):
+        raise CoveyError(f"fed.consensus {cfg.fed.consensus!r} is unknown; use server or flock")
     with _progress(quiet) as progress:
-        result = engine.run_federated(cfg, fed, resume=resume, hooks=_hooks(progress))
+        if cfg.fed.consensus == "flock":
+            if resume:
+                raise CoveyError("--resume is not supported in FLock mode; start a new run.out")
+            from covey.flock.protocol import run_flock
+
+            result = run_flock(cfg, fed, hooks=_hooks(progress))
+        else:
+            result = engine.run_federated(cfg, fed, resume=resume, hooks=_hooks(progress))
+    if cfg.fed.consensus == "flock":
+        from covey.flock.report import balances_table, flock_round_table
+
+        for record in result.records[1:]:
+            console.print(flock_round_table(record))
+        console.print(balances_table(out / "flock.json"))
     console.print(rounds_table(result.records))
     console.print(answers_table(result.records[0], result.records[-1]))
     console.print(f"final adapter: {out / 'final'}/  (metrics.jsonl, loss.png in {out}/)")
+
+
+# Serving (covey.serve.commands imports no heavy library until a command runs)
+from covey.serve import commands as serve_commands  # noqa: E402
+
+app.command("serve")(serve_commands.serve)
+app.command("generate")(serve_commands.generate)
+app.command("export")(serve_commands.export)
 
 
 def _quiet_libraries() -> None:

@@ -127,6 +127,34 @@ class FedConfig:
     """Adaptivity (epsilon) of fedadam / fedyogi / fedadagrad."""
     max_update_norm: float = 0.0
     """Reject an update whose L2 distance from the global adapter exceeds this (0 disables)."""
+    consensus: str = "server"
+    """`server`: a server aggregates every round (FedIT); `flock`: proposers, voters and a
+    contract decide (see [flock])."""
+
+
+@dataclass
+class FlockConfig:
+    """FLock mode: staking, proposer/voter rounds, rewards and slashing on an EVM contract."""
+
+    chain_url: str = ""
+    """Ethereum JSON-RPC endpoint; empty runs an embedded chain in process (eth-tester)."""
+    proposers_per_round: int = 2
+    """Participants drawn each round to train and propose an update."""
+    voters_per_round: int = 3
+    """Participants drawn each round to score the proposals on their own data and vote."""
+    stake: float = 10.0
+    """Tokens each participant stakes (FLock's demo minimum: 10)."""
+    reward_pool: float = 1000.0
+    """Tokens paid out over the task's rounds (FLock's demo: 1000)."""
+    slash_pct: int = 10
+    """Share of stake lost by rejected proposers, losing voters and non-revealers."""
+    threshold_pct: int = 51
+    """A round is accepted when accepting stake reaches this share (percent) of the voting
+    stake; 51 means a strict majority for equal stakes (a tie rejects)."""
+    voter_reward_pct: int = 20
+    """Share of a round's reward paid to the voters on the winning side."""
+    validation_examples: int = 16
+    """Examples each participant keeps out of training to score proposals with (private)."""
 
 
 @dataclass
@@ -190,6 +218,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunSettings = field(default_factory=RunSettings)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    flock: FlockConfig = field(default_factory=FlockConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

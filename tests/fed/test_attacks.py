@@ -60,7 +60,7 @@ def test_sign_flip_attack_hurts_plain_fedavg(
             "fed.rounds=2",
             "attack.kind=sign_flip",
             "attack.malicious_fraction=0.3",
-        )  # fmt: skip
+        )
     )
     flags = [c["attacker"] for c in attacked.records[-1]["clients"]]
     assert flags.count(True) == 1 and len(flags) == 3

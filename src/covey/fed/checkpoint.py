@@ -82,6 +82,23 @@ def complete_rounds(run: Path) -> list[int]:
     return sorted(found)
 
 
+def remove_stale_staging(run: Path) -> list[str]:
+    """Delete what a killed writer left: hidden `.NAME.tmp-*` / `.NAME.old-*` staging entries.
+
+    Atomic writes stage beside their target; a SIGKILL between staging and rename leaves the
+    staged copy. It never replaced anything, so removing it on resume loses nothing.
+    """
+    removed = []
+    for child in run.glob(".*"):
+        if ".tmp-" in child.name or ".old-" in child.name:
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child.name)
+    return removed
+
+
 def load_round(run: Path, index: int) -> tuple[State, State, dict[str, Any]]:
     """(adapter state, server state, record) of a saved round; checks the content hash."""
     folder = round_dir(run, index)

@@ -164,6 +164,8 @@ def run_federated(
         )
     if done:
         _check_same_config(out, cfg)
+        for name in checkpoint.remove_stale_staging(out):
+            log.info("removed %s, left by an interrupted write", name)
         global_state, server_state, _ = checkpoint.load_round(out, done[-1])
         result.records = [checkpoint.load_round(out, k)[2] for k in done]
         start = done[-1] + 1
@@ -173,8 +175,8 @@ def run_federated(
         (out / "config.toml").write_text(config_toml)
         global_state, server_state = adapter_state(fed.model), {}
         record = {"round": 0, "clients": [], "rejected": [], "train": {}}
-        record |= _evaluate(cfg, fed, global_state)
-        _save(cfg, fed, out, 0, global_state, server_state, record, config_toml, result)
+        record |= evaluate_round(cfg, fed, global_state)
+        save_round_record(cfg, fed, out, 0, global_state, server_state, record, config_toml, result)
         start = 1
 
     for round_index in range(start, cfg.fed.rounds + 1):
@@ -238,7 +240,7 @@ def run_federated(
             "train": _train_summary(contributions),
         }
         eval_started = time.perf_counter()
-        record |= _evaluate(cfg, fed, global_state)
+        record |= evaluate_round(cfg, fed, global_state)
         # "train" is the clients' step loops, "eval" the held-out forward passes and answers;
         # the rest of "round" is the engine's own overhead (selection, validation, aggregation)
         record["seconds"] = {
@@ -246,7 +248,9 @@ def run_federated(
             "train": train_seconds,
             "eval": time.perf_counter() - eval_started,
         }
-        _save(cfg, fed, out, round_index, global_state, server_state, record, config_toml, result)
+        save_round_record(
+            cfg, fed, out, round_index, global_state, server_state, record, config_toml, result
+        )
         hooks.round_end(result.records[-1])
 
     last = result.records[-1]["round"]
@@ -254,7 +258,7 @@ def run_federated(
     return result
 
 
-def _evaluate(cfg: RunConfig, fed: Federation, state: State) -> dict[str, Any]:
+def evaluate_round(cfg: RunConfig, fed: Federation, state: State) -> dict[str, Any]:
     """Held-out loss and sample answers of the adapter `state`."""
     load_adapter_state(fed.model, state)
     metrics = evaluate_loss(
@@ -266,7 +270,7 @@ def _evaluate(cfg: RunConfig, fed: Federation, state: State) -> dict[str, Any]:
     return {"eval": metrics | {"examples": len(fed.test_examples)}, "answers": answers}
 
 
-def _save(
+def save_round_record(
     cfg: RunConfig,
     fed: Federation,
     out: Path,

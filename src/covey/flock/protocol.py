@@ -1,0 +1,410 @@
+"""FLock rounds on the training engine: stake, draw roles, propose, vote, let the contract decide.
+
+Every participant is one of the federation's clients. Each keeps a few of its own examples out of
+training as a private validation split. Per round (`run_flock`, top to bottom):
+
+1. every participant commits and reveals a random seed; the contract draws proposers and voters;
+2. proposers train locally from the current global adapter and publish their update as
+   safetensors bytes under its CID (a content-addressed store); the digest goes on chain;
+3. voters fetch every proposal by CID (bytes that do not match their hash are refused), validate
+   it, average the valid ones (equal weights: a voter cannot check a claimed sample count), score
+   the average against the current global adapter on their own validation split, and commit,
+   then reveal, "accept" if it lowers their loss;
+4. anyone finalizes: the contract pays or slashes by the stake-weighted vote; an accepted
+   average becomes the next global adapter, a rejected round keeps the previous one.
+
+Malicious participants (`[attack]`) send attacked updates when proposing, and as voters either
+collude (accept everything, with the update attacks and `always_accept`) or vote at random
+(`random_vote`). Which participants attack is experiment ground truth recorded with each round;
+nothing in the protocol reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covey.atomic import atomic_write_bytes
+from covey.config import FedConfig, RunConfig, to_toml
+from covey.data.prompts import Example
+from covey.errors import ConfigError
+from covey.fed import checkpoint
+from covey.fed.attacks import UPDATE_ATTACKS, attack_update, malicious_participants
+from covey.fed.engine import (
+    Federation,
+    Hooks,
+    RunResult,
+    client_seed,
+    evaluate_round,
+    save_round_record,
+)
+from covey.fed.strategies import fedavg
+from covey.fed.validation import validate_update
+from covey.flock.chain import (
+    TOKEN_UNIT,
+    Chain,
+    FlockTask,
+    Outcome,
+    Phase,
+    TaskParams,
+    seed_commitment,
+    vote_commitment,
+)
+from covey.model.lora import adapter_state, load_adapter_state
+from covey.state import State
+from covey.store.cid import cid_from_digest, digest_of
+from covey.store.local import LocalStore
+from covey.store.updates import deserialize_update, serialize_update
+from covey.train.evaluate import evaluate_loss
+from covey.train.local import train_local
+
+log = logging.getLogger("covey.flock")
+SCORE_SCALE = 1_000_000
+"""Votes carry the loss improvement in micro-nats as an integer (the contract stores uint64)."""
+
+
+@dataclass
+class Participant:
+    """A client in FLock mode: its account, training examples and private validation split."""
+
+    index: int
+    address: str
+    train: list[Example]
+    validation: list[Example]
+    malicious: bool
+    initial_balance: int = 0
+
+
+@dataclass
+class FlockSetup:
+    """The chain side of a run."""
+
+    chain: Chain
+    task: FlockTask
+    participants: list[Participant]
+    store: LocalStore
+    balances: dict[str, list[int]] = field(default_factory=dict)
+
+
+def task_params(cfg: RunConfig, n: int) -> TaskParams:
+    """Contract parameters from the recipe; phases long enough for every participant's tx."""
+    blocks = 4 * n + 10  # the embedded chain mines one block per transaction
+    return TaskParams(
+        rounds=cfg.fed.rounds,
+        min_participants=n,
+        max_participants=n,
+        min_stake=int(cfg.flock.stake * TOKEN_UNIT),
+        reward_pool=int(cfg.flock.reward_pool * TOKEN_UNIT),
+        proposers_per_round=cfg.flock.proposers_per_round,
+        voters_per_round=cfg.flock.voters_per_round,
+        slash_pct=cfg.flock.slash_pct,
+        threshold_pct=cfg.flock.threshold_pct,
+        voter_reward_pct=cfg.flock.voter_reward_pct,
+        registration_blocks=blocks,
+        seed_commit_blocks=blocks,
+        seed_reveal_blocks=blocks,
+        propose_blocks=blocks,
+        vote_commit_blocks=blocks,
+        vote_reveal_blocks=blocks,
+    )
+
+
+def setup_flock(cfg: RunConfig, fed: Federation, out: Path) -> FlockSetup:
+    """Deploy token and task on the embedded chain, fund and stake every participant."""
+    if cfg.flock.chain_url:
+        raise ConfigError(
+            "flock.chain_url: the simulation drives every participant's account, which needs "
+            "the embedded chain's test accounts; leave flock.chain_url empty"
+        )
+    n = len(fed.clients)
+    if cfg.flock.proposers_per_round + cfg.flock.voters_per_round > n:
+        raise ConfigError(
+            f"flock.proposers_per_round + flock.voters_per_round must be <= the {n} participants"
+        )
+    chain = Chain.embedded(accounts=n + 1)
+    deployer, *accounts = chain.accounts
+    params = task_params(cfg, n)
+    token = chain.deploy_token(sender=deployer)
+    task = chain.deploy_task(token, params, sender=deployer)
+    attackers = malicious_participants(n, cfg.attack)
+    participants = []
+    for i, client in enumerate(fed.clients):
+        keep = min(cfg.flock.validation_examples, len(client.examples) // 4)
+        # every k-th example is private validation data, never trained on
+        step = max(1, len(client.examples) // max(keep, 1))
+        val_index = set(range(0, len(client.examples), step)[:keep]) if keep else set()
+        participants.append(
+            Participant(
+                index=i,
+                address=accounts[i],
+                train=[e for j, e in enumerate(client.examples) if j not in val_index],
+                validation=[e for j, e in enumerate(client.examples) if j in val_index]
+                or client.examples[:1],
+                malicious=i in attackers,
+            )
+        )
+    funds = 2 * params.min_stake
+    for p in participants:
+        token.transfer(p.address, funds, sender=deployer)
+        task.join(params.min_stake, sender=p.address)
+        p.initial_balance = token.balance_of(p.address) + task.stake_of(p.address)
+    task.advance_to_phase(Phase.AWAIT_START)
+    task.start(sender=deployer)
+    return FlockSetup(
+        chain=chain, task=task, participants=participants, store=LocalStore(out / "store")
+    )
+
+
+def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> RunResult:
+    """Run every round of a FLock task on the embedded chain; see the module docstring."""
+    hooks = hooks or Hooks()
+    out = Path(cfg.run.out)
+    if checkpoint.complete_rounds(out):
+        raise ConfigError(f"run.out {out} already holds a run; FLock runs start fresh")
+    out.mkdir(parents=True, exist_ok=True)
+    config_toml = to_toml(cfg)
+    (out / "config.toml").write_text(config_toml)
+    flock = setup_flock(cfg, fed, out)
+    task = flock.task
+    result = RunResult(out=out)
+    global_state: State = adapter_state(fed.model)
+    record: dict[str, Any] = {"round": 0, "clients": [], "rejected": [], "train": {}}
+    record |= evaluate_round(cfg, fed, global_state)
+    record["flock"] = _balances(flock)
+    save_round_record(cfg, fed, out, 0, global_state, {}, record, config_toml, result)
+
+    for round_index in range(1, cfg.fed.rounds + 1):
+        started = time.perf_counter()
+        proposers, voters = _draw_roles(flock, cfg.run.seed, round_index)
+        hooks.round_start(round_index, cfg.fed.rounds, [p.index for p in proposers])
+        proposals, contributions = _propose(
+            cfg, fed, flock, proposers, global_state, round_index, hooks
+        )
+        task.advance_to_phase(Phase.VOTE_COMMIT)
+        candidate, valid = _aggregate(flock, global_state)
+        votes = _vote(cfg, fed, flock, voters, global_state, candidate, round_index)
+        task.advance_to_phase(Phase.AWAIT_FINALIZE)
+        chain_round = task.current_round()
+        finalized = task.finalize(sender=flock.participants[0].address)
+        outcome = task.result(chain_round)
+        accepted = outcome.outcome == Outcome.ACCEPTED
+        if accepted and candidate is not None:
+            global_state = candidate
+        record = {
+            "round": round_index,
+            "selected": [p.index for p in proposers],
+            "clients": contributions if accepted else [],
+            "rejected": []
+            if accepted
+            else [{"client": c["client"], "reason": "voted down"} for c in contributions],
+            "train": {},
+        }
+        record |= evaluate_round(cfg, fed, global_state)
+        record["flock"] = {
+            "proposers": [p.index for p in proposers],
+            "voters": [v.index for v in voters],
+            "proposals": proposals,
+            "valid_proposals": valid,
+            "votes": votes,
+            "outcome": outcome.outcome.name.lower(),
+            "round_reward": outcome.reward / TOKEN_UNIT,
+            "paid": outcome.paid / TOKEN_UNIT,
+            "slashed": outcome.slashed / TOKEN_UNIT,
+            "rewards": _by_participant(flock, finalized.named("Rewarded")),
+            "slashes": _by_participant(flock, finalized.named("Slashed")),
+            "gas_finalize": finalized.gas_used,
+        } | _balances(flock)
+        record["seconds"] = {"round": time.perf_counter() - started}
+        save_round_record(cfg, fed, out, round_index, global_state, {}, record, config_toml, result)
+        hooks.round_end(result.records[-1])
+
+    _settle(flock)
+    summary = {
+        "participants": [
+            {"participant": p.index, "address": p.address, "attacker": p.malicious}
+            for p in flock.participants
+        ],
+        "rounds": [r["flock"] for r in result.records],
+        "settled": _balances(flock)["balances"],
+        "gas": {name: sum(g) / len(g) for name, g in flock.chain.gas.items() if g},
+    }
+    atomic_write_bytes(out / "flock.json", (json.dumps(summary, indent=2) + "\n").encode())
+    checkpoint.write_final(out, result.records[-1]["round"])
+    from covey.flock.report import plot_rewards  # matplotlib loads only when needed
+
+    plot_rewards(summary, out / "rewards.png")
+    return result
+
+
+def simulated_secret(seed: int, round_index: int, participant: int, purpose: str) -> bytes:
+    """A participant's 32-byte secret, derived from the run seed so simulations repeat exactly.
+
+    Real participants use `new_secret()` (os randomness); in one process, a seeded secret per
+    participant keeps role draws and votes reproducible without changing the protocol.
+    """
+    return hashlib.sha256(f"{seed}/{round_index}/{participant}/{purpose}".encode()).digest()
+
+
+def _draw_roles(
+    flock: FlockSetup, seed: int, round_index: int
+) -> tuple[list[Participant], list[Participant]]:
+    """Commit and reveal every participant's seed, then draw the round's roles on chain."""
+    task = flock.task
+    seeds = {}
+    for p in flock.participants:
+        seeds[p.address] = simulated_secret(seed, round_index, p.index, "seed")
+        task.commit_seed(seed_commitment(seeds[p.address], p.address), sender=p.address)
+    task.advance_to_phase(Phase.SEED_REVEAL)
+    for p in flock.participants:
+        task.reveal_seed(seeds[p.address], sender=p.address)
+    task.advance_to_phase(Phase.AWAIT_DRAW)
+    task.draw_roles(sender=flock.participants[0].address)
+    round_ = task.current_round()
+    by_address = {p.address: p for p in flock.participants}
+    proposers = [by_address[a] for a in task.proposers_of(round_)]
+    voters = [by_address[a] for a in task.voters_of(round_)]
+    return proposers, voters
+
+
+def _propose(
+    cfg: RunConfig,
+    fed: Federation,
+    flock: FlockSetup,
+    proposers: list[Participant],
+    global_state: State,
+    round_index: int,
+    hooks: Hooks,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    proposals, contributions = [], []
+    for p in proposers:
+        hooks.client_start(p.index, len(p.train))
+        seed = client_seed(cfg.run.seed, round_index, p.index)
+        if p.malicious and cfg.attack.kind == "free_rider":
+            state, metrics = global_state, {}
+        else:
+            update = train_local(
+                fed.model, p.train, global_state, cfg.train, seed, fed.tokenizer.pad_token_id,
+                on_step=hooks.step,
+            )  # fmt: skip
+            state, metrics = update.state, update.metrics
+        if p.malicious and cfg.attack.kind in UPDATE_ATTACKS:
+            state = attack_update(cfg.attack.kind, global_state, state, cfg.attack.strength, seed)
+        data = serialize_update(state, {"round": str(round_index), "proposer": p.address})
+        cid = flock.store.put(data)
+        flock.task.propose(digest_of(cid), sender=p.address)
+        proposals.append({"participant": p.index, "cid": cid, "attacker": p.malicious})
+        contributions.append(
+            {"client": p.index, "num_samples": len(p.train), "attacker": p.malicious}
+            | {k: round(v, 6) for k, v in metrics.items()}
+        )
+    return proposals, contributions
+
+
+def _aggregate(flock: FlockSetup, global_state: State) -> tuple[State | None, list[str]]:
+    """What every honest voter computes: the equal-weight average of the valid proposals."""
+    states, valid = [], []
+    for proposer, digest in flock.task.proposals(flock.task.current_round()):
+        cid = cid_from_digest(digest)
+        try:
+            state = deserialize_update(flock.store.get(cid))  # re-hashed: must match the digest
+        except Exception as e:  # a missing or corrupted blob is a rejected proposal
+            log.warning("proposal %s from %s refused: %s", cid, proposer, e)
+            continue
+        verdict = validate_update(state, global_state, 1, 1)
+        if verdict.accepted:
+            states.append(state)
+            valid.append(cid)
+        else:
+            log.warning("proposal %s from %s invalid: %s", cid, proposer, verdict.reason)
+    if not states:
+        return None, valid
+    average, _ = fedavg(global_state, states, [1.0] * len(states), {}, FedConfig())
+    return average, valid
+
+
+def _vote(
+    cfg: RunConfig,
+    fed: Federation,
+    flock: FlockSetup,
+    voters: list[Participant],
+    global_state: State,
+    candidate: State | None,
+    round_index: int,
+) -> list[dict[str, Any]]:
+    task = flock.task
+    pad = fed.tokenizer.pad_token_id
+    rng = np.random.default_rng(client_seed(cfg.run.seed, round_index, 7919))
+    ballots: list[dict[str, Any]] = []
+    salts: dict[int, bytes] = {}
+    for v in voters:
+        if candidate is None:
+            accept, score = False, 0
+        else:
+            load_adapter_state(fed.model, global_state)
+            before = evaluate_loss(fed.model, v.validation, cfg.eval.batch_size, pad)["loss"]
+            load_adapter_state(fed.model, candidate)
+            after = evaluate_loss(fed.model, v.validation, cfg.eval.batch_size, pad)["loss"]
+            accept, score = after < before, int(max(0.0, before - after) * SCORE_SCALE)
+        if v.malicious and cfg.attack.kind == "random_vote":
+            accept = bool(rng.integers(2))
+        elif v.malicious and cfg.attack.kind != "none":
+            accept = True  # colluding with the malicious proposers
+        salts[v.index] = simulated_secret(cfg.run.seed, round_index, v.index, "salt")
+        commitment = vote_commitment(accept, score, salts[v.index], v.address)
+        task.commit_vote(commitment, sender=v.address)
+        ballots.append(
+            {"participant": v.index, "accept": accept, "score": score, "attacker": v.malicious}
+        )
+    task.advance_to_phase(Phase.VOTE_REVEAL)
+    for v, b in zip(voters, ballots, strict=True):
+        task.reveal_vote(b["accept"], b["score"], salts[v.index], sender=v.address)
+    return ballots
+
+
+def _settle(flock: FlockSetup) -> None:
+    """After the last round every participant claims its rewards and withdraws its stake."""
+    for p in flock.participants:
+        if flock.task.reward_of(p.address) > 0:
+            flock.task.claim(sender=p.address)
+        if flock.task.stake_of(p.address) > 0:
+            flock.task.withdraw(sender=p.address)
+
+
+def _balances(flock: FlockSetup) -> dict[str, Any]:
+    task, token = flock.task, flock.task.token
+    return {
+        "balances": [
+            {
+                "participant": p.index,
+                "attacker": p.malicious,
+                "stake": task.stake_of(p.address) / TOKEN_UNIT,
+                "unclaimed": task.reward_of(p.address) / TOKEN_UNIT,
+                "wallet": token.balance_of(p.address) / TOKEN_UNIT,
+                "net": (
+                    token.balance_of(p.address)
+                    + task.stake_of(p.address)
+                    + task.reward_of(p.address)
+                    - p.initial_balance
+                )
+                / TOKEN_UNIT,
+            }
+            for p in flock.participants
+        ],
+        "pool": task.pool() / TOKEN_UNIT,
+    }
+
+
+def _by_participant(flock: FlockSetup, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reward or slash events as (participant index, tokens)."""
+    index = {p.address.lower(): p.index for p in flock.participants}
+    return [
+        {"participant": index[str(e["participant"]).lower()], "amount": e["amount"] / TOKEN_UNIT}
+        for e in events
+    ]

@@ -1,0 +1,101 @@
+"""FLock rounds on the tiny model and the embedded chain: honest runs learn and earn, attacks
+are voted down, attackers lose stake, and the run folder holds the protocol's record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from covey.config import RunConfig
+from covey.data.split import SplitConfig, run_split
+from covey.fed import engine
+from covey.flock.protocol import run_flock
+from covey.model.loading import base_model_id, load_base_model
+from tests.conftest import dolly_records, write_records
+from tests.fed.test_engine import tiny_config
+
+pytestmark = pytest.mark.chain
+
+
+@pytest.fixture(scope="module")
+def five_clients(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("flock-data")
+    source = write_records(root / "source.jsonl", dolly_records(per_category=12))
+    out = root / "split"
+    run_split(SplitConfig(input=str(source), out=out, clients=5, min_size=8, scheme="iid",
+                          test_per_category=2))  # fmt: skip
+    return out
+
+
+def flock_run(cfg: RunConfig) -> engine.RunResult:
+    model, tokenizer = load_base_model(cfg.model)
+    fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    return run_flock(cfg, fed)
+
+
+def config(tiny_model_dir: Path, data: Path, out: Path, *sets: str) -> RunConfig:
+    return tiny_config(
+        tiny_model_dir, data, out, "fed.consensus=flock", "fed.rounds=3",
+        "flock.proposers_per_round=2", "flock.voters_per_round=3",
+        "flock.validation_examples=4", *sets,
+    )  # fmt: skip
+
+
+def summary(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / "flock.json").read_text()))
+
+
+def test_honest_flock_run_accepts_learns_and_pays(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    result = flock_run(config(tiny_model_dir, five_clients, tmp_path / "honest"))
+    rounds = [r["flock"] for r in result.records[1:]]
+    assert [r["outcome"] for r in rounds] == ["accepted"] * 3
+    losses = [r["eval"]["loss"] for r in result.records]
+    assert losses[-1] < losses[0]
+    s = summary(tmp_path / "honest")
+    assert all(b["net"] >= 0 for b in s["settled"]) and sum(b["net"] for b in s["settled"]) > 0
+    assert all(r["proposals"] and r["proposals"][0]["cid"].startswith("bafkrei") for r in rounds)
+    for r in rounds:  # every proposal is in the content-addressed store under its CID
+        assert all((tmp_path / "honest" / "store" / p["cid"]).is_file() for p in r["proposals"])
+    assert (tmp_path / "honest" / "rewards.png").is_file()
+    assert (tmp_path / "honest" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_noise_attackers_are_voted_down_and_earn_less(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "attacked"
+    result = flock_run(
+        config(
+            tiny_model_dir,
+            five_clients,
+            out,
+            "attack.kind=noise",
+            "attack.malicious_fraction=0.2",
+            "attack.strength=100000",
+        )
+    )
+    s = summary(out)
+    attackers = {p["participant"] for p in s["participants"] if p["attacker"]}
+    assert len(attackers) == 1
+    for k, record in enumerate(result.records[1:], start=1):
+        f = record["flock"]
+        honest_voters = [v for v in f["votes"] if not v["attacker"]]
+        if set(f["proposers"]) & attackers and len(honest_voters) == len(f["votes"]):
+            assert f["outcome"] == "rejected", f"round {k}: an attacked aggregate was accepted"
+        if f["outcome"] == "rejected":  # the global adapter did not move
+            before = load_file(out / f"round_{k - 1:03d}" / "adapter_model.safetensors")
+            after = load_file(out / f"round_{k:03d}" / "adapter_model.safetensors")
+            assert all(torch.equal(before[n], after[n]) for n in before)
+        if f["outcome"] == "rejected":  # FLock: every proposer of a rejected round is slashed
+            assert {s["participant"] for s in f["slashes"]} >= set(f["proposers"])
+    assert any(r["flock"]["outcome"] == "rejected" for r in result.records[1:])
+    net = {b["participant"]: b["net"] for b in s["settled"]}
+    honest = [v for i, v in net.items() if i not in attackers]
+    assert all(net[a] < sum(honest) / len(honest) for a in attackers)

@@ -1,0 +1,198 @@
+"""The Gradio app without a browser: its data, its answer handler, and its safety settings."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from covey.errors import ConfigError
+from covey.serve.app import (
+    EMPTY_ANSWER,
+    Table,
+    _add_flock_rows,
+    build_app,
+    is_loopback,
+    launch_app,
+    load_examples,
+    parse_auth,
+    read_run_view,
+)
+from covey.serve.commands import app as commands_app
+from covey.serve.generate import GenerationSettings, ServeSession
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the run tab ------------------------------------------------------------------------------
+
+
+def test_run_view_shows_losses_and_every_clients_contribution(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    view = read_run_view(tiny_run, tmp_path)
+    assert view.loss_image == tiny_run / "loss.png"
+    assert [row[0] for row in view.losses.rows] == [0, 1, 2]
+    assert view.losses.rows[0][3] is None and isinstance(view.losses.rows[2][3], float)
+    assert [(r[0], r[1], r[5]) for r in view.contributions.rows] == [
+        (1, 0, "accepted"), (1, 1, "accepted"), (1, 2, "accepted"),
+        (2, 0, "accepted"), (2, 1, "accepted"), (2, 2, "accepted"),
+    ]  # fmt: skip
+    assert all(r[2] > 0 for r in view.contributions.rows)  # samples per client
+    assert view.flock is None and view.notes == []
+
+
+def test_run_view_shows_rejections_flock_and_plots_a_missing_figure(
+    run_copy: Path, tmp_path: Path
+) -> None:
+    (run_copy / "loss.png").unlink()
+    record_path = run_copy / "round_002" / "round.json"
+    record = json.loads(record_path.read_text())
+    record["rejected"] = [{"client": 3, "reason": "update norm 9.1 > 5.0"}]
+    record["flock"] = {
+        "participants": [
+            {"address": "0xaa", "role": "proposer", "reward": 1.5, "slashed": 0},
+            {"address": "0xbb", "role": "voter", "reward": 0, "slashed": 2.0},
+        ]
+    }
+    record_path.write_text(json.dumps(record))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    view = read_run_view(run_copy, scratch)
+    assert view.loss_image == scratch / "loss.png"
+    assert view.loss_image.read_bytes()[:4] == b"\x89PNG"
+    assert [2, 3, None, None, None, "rejected", "update norm 9.1 > 5.0"] in view.contributions.rows
+    assert view.flock is not None
+    assert view.flock.headers == ["round", "address", "role", "reward", "slashed"]
+    assert view.flock.rows == [[2, "0xaa", "proposer", 1.5, 0], [2, "0xbb", "voter", 0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    ("section", "headers", "rows"),
+    [
+        ([{"who": "a", "reward": 1}], ["round", "who", "reward"], [[4, "a", 1]]),
+        ({"0xa": {"reward": 2}}, ["round", "participant", "reward"], [[4, "0xa", 2]]),
+        ({"total_reward": 3, "slashed": ["0xb"]}, ["round", "total_reward", "slashed"],
+         [[4, 3, '["0xb"]']]),
+    ],
+)  # fmt: skip
+def test_flock_sections_of_any_shape_become_a_table(
+    section: Any, headers: list[str], rows: list[list[Any]]
+) -> None:
+    table = Table(["round"])
+    _add_flock_rows(table, 4, section)
+    assert (table.headers, table.rows) == (headers, rows)
+
+
+def test_examples_come_from_the_runs_held_out_test_set(session: ServeSession) -> None:
+    examples = load_examples(session.source.cfg, limit=4)
+    test_file = Path(session.source.cfg.data.dir) / "test.jsonl"
+    instructions = {json.loads(line)["instruction"] for line in test_file.read_text().splitlines()}
+    assert len(examples) == 4 and all(e[0] in instructions for e in examples)
+    assert len({e[0] for e in examples}) == 4
+
+
+# --- the compare tab --------------------------------------------------------------------------
+
+
+def _respond(demo: Any) -> Any:
+    (fn,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "respond"]
+    return fn
+
+
+def test_the_app_builds_with_both_panes_and_the_run_tab(
+    session: ServeSession, tmp_path: Path
+) -> None:
+    view = read_run_view(session.source.run_dir or tmp_path, tmp_path)
+    demo = build_app(session, GenerationSettings(), [["Say hi", ""]], view)
+    ids = {c.get("props", {}).get("elem_id") for c in demo.config["components"]}
+    assert {"base-chat", "tuned-chat", "instruction", "context", "send", "beams"} <= ids
+    assert "contributions" in ids
+    values = {c["props"].get("elem_id"): c["props"].get("value") for c in demo.config["components"]}
+    assert (values["temperature"], values["top-p"], values["top-k"], values["beams"],
+            values["max-new-tokens"]) == (0.1, 0.75, 40, 4, 128)  # fmt: skip
+
+
+def test_one_message_fills_the_base_pane_then_the_tuned_pane(session: ServeSession) -> None:
+    respond = _respond(build_app(session, examples=[]))
+    updates = list(respond("Name a bird.", "", [], [], 1.0, 1.0, 0, 1, 6, 3))
+    first, last = updates[0], updates[-1]
+    assert first[4:] == ("", "")  # the input boxes are cleared at once
+    settings = GenerationSettings(temperature=1.0, top_p=1.0, top_k=0, num_beams=1,
+                                  max_new_tokens=6, seed=3)  # fmt: skip
+    base_answer = session.generate("Name a bird.", "", settings, adapter=False) or EMPTY_ANSWER
+    tuned_answer = session.generate("Name a bird.", "", settings, adapter=True) or EMPTY_ANSWER
+    assert last[0] == [
+        {"role": "user", "content": "Name a bird."},
+        {"role": "assistant", "content": base_answer},
+    ]
+    assert last[1][-1] == {"role": "assistant", "content": tuned_answer}
+    assert last[2] == last[0] and last[3] == last[1]  # the histories kept for the next message
+    # while the base pane streams, the tuned pane waits
+    assert any(u[1][-1]["content"] == "…" and u[0][-1]["content"] != "…" for u in updates)
+
+
+def test_bad_controls_and_empty_messages_are_shown_as_errors(session: ServeSession) -> None:
+    import gradio as gr
+
+    respond = _respond(build_app(session))
+    with pytest.raises(gr.Error, match="Type an instruction"):
+        list(respond("  ", "", [], [], 0.1, 0.75, 40, 4, 8, -1))
+    with pytest.raises(gr.Error, match="top-p"):
+        list(respond("Hi", "", [], [], 0.1, 0.0, 40, 4, 8, -1))
+
+
+# --- safety -----------------------------------------------------------------------------------
+
+
+def test_auth_comes_only_from_a_well_formed_variable() -> None:
+    assert parse_auth(None) is None and parse_auth("") is None
+    assert parse_auth("ada:s3cr:et") == ("ada", "s3cr:et")
+    for bad in ("ada", ":pw", "ada:"):
+        with pytest.raises(ConfigError, match="COVEY_SERVE_AUTH must be user:password"):
+            parse_auth(bad)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+
+
+def test_serve_flags_are_checked_before_any_model_loads(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COVEY_SERVE_AUTH", "no-colon")
+    result = CliRunner().invoke(commands_app, ["serve", "--run", str(tiny_run)])
+    assert isinstance(result.exception, ConfigError) and "COVEY_SERVE_AUTH" in str(result.exception)
+    monkeypatch.delenv("COVEY_SERVE_AUTH")
+    result = CliRunner().invoke(commands_app, ["serve", "--run", str(tiny_run), "--round", "5"])
+    assert isinstance(result.exception, ConfigError)
+    result = CliRunner().invoke(commands_app, ["serve", "--run", str(tiny_run), "--beams", "0"])
+    assert isinstance(result.exception, ConfigError)
+    assert "--auth" not in CliRunner().invoke(commands_app, ["serve", "--help"]).output
+
+
+def test_the_server_binds_loopback_and_requires_the_login(session: ServeSession) -> None:
+    demo = build_app(session)
+    local_url, share_url = launch_app(demo, port=free_port(), auth=("ada", "pw-123"))
+    try:
+        assert local_url.startswith("http://127.0.0.1:") and share_url is None
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(local_url + "config", timeout=30)
+        assert refused.value.code == 401
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        wrong = urllib.parse.urlencode({"username": "ada", "password": "nope"}).encode()
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(local_url + "login", data=wrong, timeout=30)
+        right = urllib.parse.urlencode({"username": "ada", "password": "pw-123"}).encode()
+        assert opener.open(local_url + "login", data=right, timeout=30).status == 200
+        assert opener.open(local_url + "config", timeout=30).status == 200
+    finally:
+        demo.close()
