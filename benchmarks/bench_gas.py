@@ -1,9 +1,11 @@
 """Gas of every FlockTask call on the embedded EVM, and of a round at the participant cap.
 
 Fills a task to the hard cap (64 participants, 16 proposers + 48 voters per round, so every
-loop runs at its longest) and plays two rounds: one accepted (a third of the voters lose and
-are slashed, everyone else is paid) and one rejected (every proposer and two thirds of the
-voters are slashed). Records the gas of each call from the chain client's gas log, and compares
+loop runs at its longest) and plays three rounds, every ballot judging all 16 proposals: one
+accepted (two thirds of the voters accept everything: a third lose every verdict and are
+slashed), one rejected (every proposer and two thirds of the voters are slashed) and one mixed
+(each voter accepts a random half of the proposals: some are accepted, and nearly every voter
+is both paid and partly slashed, the most writes a finalize makes). Records the gas of each call from the chain client's gas log, and compares
 the largest calls (draw_roles, finalize) with a 30M block gas limit. Writes
 benchmarks/results/gas.json.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from covey.flock.chain import (
     MAX_PARTICIPANTS,
+    accept_mask,
     TOKEN_UNIT,
     Chain,
     FlockTask,
@@ -38,8 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK_GAS_LIMIT = 30_000_000
 
 
-def play_round(task: FlockTask, people: list[str], accept_share: float) -> dict[str, int]:
-    """All commit and reveal seeds, all proposers propose, all voters vote; returns gas."""
+def play_round(task: FlockTask, people: list[str], ballot: str) -> dict[str, int]:
+    """All commit and reveal seeds, all proposers propose, all voters vote; returns gas.
+
+    ballot: `accept` (2/3 of the voters accept everything), `reject` (1/3 do), or `mixed` (each
+    voter accepts a seeded random half of the proposals, so each agrees with some verdicts).
+    """
     r = task.current_round()
     seeds = {p: new_secret() for p in people}
     for p in people:
@@ -53,13 +61,22 @@ def play_round(task: FlockTask, people: list[str], accept_share: float) -> dict[
         task.propose(new_secret(), sender=p)
     task.advance_to_phase(Phase.VOTE_COMMIT)
     voters = task.voters_of(r)
-    n_accept = round(len(voters) * accept_share)
-    ballots = {v: (i < n_accept, 1000 + i, new_secret()) for i, v in enumerate(voters)}
-    for v, (accept, score, salt) in ballots.items():
-        task.commit_vote(vote_commitment(accept, score, salt, v), sender=v)
+    n_prop = len(task.proposers_of(r))
+    every = (1 << n_prop) - 1
+
+    def verdicts(k: int) -> int:
+        if ballot == "mixed":
+            coin = random.Random(f"{r}/{k}")
+            return accept_mask([coin.random() < 0.5 for _ in range(n_prop)])
+        share = 2 / 3 if ballot == "accept" else 1 / 3
+        return every if k < round(len(voters) * share) else 0
+
+    ballots = {v: (verdicts(k), 1000 + k, new_secret()) for k, v in enumerate(voters)}
+    for v, (accepts, score, salt) in ballots.items():
+        task.commit_vote(vote_commitment(accepts, score, salt, v), sender=v)
     task.advance_to_phase(Phase.VOTE_REVEAL)
-    for v, (accept, score, salt) in ballots.items():
-        task.reveal_vote(accept, score, salt, sender=v)
+    for v, (accepts, score, salt) in ballots.items():
+        task.reveal_vote(accepts, score, salt, sender=v)
     task.advance_to_phase(Phase.AWAIT_FINALIZE)
     final = task.finalize()
     return {
@@ -68,6 +85,7 @@ def play_round(task: FlockTask, people: list[str], accept_share: float) -> dict[
         "rewarded": len(final.named("Rewarded")),
         "slashed": len(final.named("Slashed")),
         "outcome": int(task.result(r).outcome),
+        "accepted_proposals": bin(task.result(r).accepted).count("1"),
     }
 
 
@@ -85,7 +103,7 @@ def main() -> None:
     for p in people:
         token.transfer(p, 1000 * TOKEN_UNIT, sender=creator)
     params = TaskParams(
-        rounds=2,
+        rounds=3,
         min_participants=n,
         max_participants=n,
         proposers_per_round=n_prop,
@@ -102,12 +120,10 @@ def main() -> None:
         task.join((10 + i) * TOKEN_UNIT, sender=p)  # distinct stakes, so pro rata shares differ
     task.advance_to_phase(Phase.AWAIT_START)
     task.start()
-    rounds = {
-        "accepted": play_round(task, people, accept_share=2 / 3),
-        "rejected": play_round(task, people, accept_share=1 / 3),
-    }
-    assert rounds["accepted"]["outcome"] == Outcome.ACCEPTED
-    assert rounds["rejected"]["outcome"] == Outcome.REJECTED
+    rounds = {kind: play_round(task, people, kind) for kind in ("accept", "reject", "mixed")}
+    assert rounds["accept"]["outcome"] == Outcome.ACCEPTED
+    assert rounds["reject"]["outcome"] == Outcome.REJECTED
+    assert rounds["mixed"]["outcome"] == Outcome.ACCEPTED
     for p in people:
         if task.reward_of(p):
             task.claim(sender=p)

@@ -147,12 +147,14 @@ class FlockConfig:
     reward_pool: float = 1000.0
     """Tokens paid out over the task's rounds (FLock's demo: 1000)."""
     slash_pct: int = 10
-    """Share of stake lost by rejected proposers, losing voters and non-revealers."""
+    """Share of stake lost by rejected proposers and non-revealers; a voter loses the part of it
+    matching the share of verdicts it voted against. Whether cheating pays depends on this
+    against the reward per round (reward_pool / rounds): set them together."""
     threshold_pct: int = 51
-    """A round is accepted when accepting stake reaches this share (percent) of the voting
-    stake; 51 means a strict majority for equal stakes (a tie rejects)."""
+    """A proposal is accepted when the stake accepting it reaches this share (percent) of the
+    revealed vote stake; 51 means a strict majority for equal stakes (a tie rejects)."""
     voter_reward_pct: int = 20
-    """Share of a round's reward paid to the voters on the winning side."""
+    """Share of a round's reward paid to the voters, by stake times verdicts they got right."""
     validation_examples: int = 16
     """Examples each participant keeps out of training to score proposals with (private)."""
 

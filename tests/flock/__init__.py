@@ -96,9 +96,9 @@ class RoundPlan:
     withhold_seed: set[str] = field(default_factory=set)
     skip_seed: set[str] = field(default_factory=set)
     skip_propose: set[str] = field(default_factory=set)
-    votes: Mapping[str, tuple[bool, int]] | None = (
-        None  # voter -> (accept, score); None: all accept
-    )
+    votes: Mapping[str, tuple[bool | int, int]] | None = None
+    """voter -> (verdicts, score), verdicts a bit mask over the round's proposers or a bool for
+    all of them; None: everyone accepts everything."""
     skip_vote_commit: set[str] = field(default_factory=set)
     skip_vote_reveal: set[str] = field(default_factory=set)
 
@@ -139,16 +139,21 @@ def propose_and_vote(task: FlockTask, plan: RoundPlan | None = None) -> TxResult
             task.propose(digest_of(f"{r}/{who}"), sender=who)
     voters = task.voters_of(r)
     votes = plan.votes if plan.votes is not None else {v: (True, 900) for v in voters}
+    every = (1 << len(task.proposers_of(r))) - 1
+    masks = {
+        who: (every if accept is True else 0 if accept is False else accept, score)
+        for who, (accept, score) in votes.items()
+    }
     if task.proposal_count(r):
         task.advance_to_phase(Phase.VOTE_COMMIT)
-        for who, (accept, score) in votes.items():
+        for who, (mask, score) in masks.items():
             if who not in plan.skip_vote_commit:
                 salt = fixed_salt(r, who)
-                task.commit_vote(vote_commitment(accept, score, salt, who), sender=who)
+                task.commit_vote(vote_commitment(mask, score, salt, who), sender=who)
         task.advance_to_phase(Phase.VOTE_REVEAL)
-        for who, (accept, score) in votes.items():
+        for who, (mask, score) in masks.items():
             if who not in plan.skip_vote_commit | plan.skip_vote_reveal:
-                task.reveal_vote(accept, score, fixed_salt(r, who), sender=who)
+                task.reveal_vote(mask, score, fixed_salt(r, who), sender=who)
     task.advance_to_phase(Phase.AWAIT_FINALIZE)
     return task.finalize()
 

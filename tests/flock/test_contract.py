@@ -110,9 +110,19 @@ def test_happy_path_full_task(w: World) -> None:
         expected = {proposers[0]: reward - voter_budget}
         expected |= {v: voter_budget * weights[v] // sum(weights.values()) for v in voters}
         assert rewards(final) == expected
-        assert task.result(r) == RoundResult(Outcome.ACCEPTED, reward, sum(expected.values()), 0)
-        assert task.tally(r).accept_stake == sum(weights.values())
+        paid = sum(expected.values())
+        assert task.result(r) == RoundResult(Outcome.ACCEPTED, reward, paid, 0, accepted=1)
+        assert task.tally(r).revealed_stake == sum(weights.values())
         assert task.tally(r).score_sum == 900 * len(voters)
+        assert final.named("ProposalJudged") == [
+            {
+                "round": r,
+                "proposer": proposers[0],
+                "accept_stake": sum(weights.values()),
+                "reject_stake": 0,
+                "accepted": True,
+            }
+        ]
         assert task.proposals(r) == [(proposers[0], digest_of(f"{r}/{proposers[0]}"))]
         for who, amount in expected.items():
             earned[who] += amount
@@ -154,10 +164,10 @@ def test_every_transaction_emits_an_event(w: World) -> None:
     results.append(task.propose(digest_of("x"), sender=proposer))
     task.advance_to_phase(Phase.VOTE_COMMIT)
     for v in task.voters_of(r):
-        c = vote_commitment(True, 7, fixed_salt(r, v), v)
+        c = vote_commitment(1, 7, fixed_salt(r, v), v)
         results.append(task.commit_vote(c, sender=v))
     task.advance_to_phase(Phase.VOTE_REVEAL)
-    results += [task.reveal_vote(True, 7, fixed_salt(r, v), sender=v) for v in task.voters_of(r)]
+    results += [task.reveal_vote(1, 7, fixed_salt(r, v), sender=v) for v in task.voters_of(r)]
     task.advance_to_phase(Phase.AWAIT_FINALIZE)
     results.append(task.finalize())
     results.append(task.claim(sender=proposer))
@@ -201,9 +211,11 @@ def test_accepted_round_pays_proposers_pro_rata_and_winning_voters(w: World) -> 
     assert task.pool() == 1000 * T - paid + result.slashed
     for who in by_stake[:2]:
         assert task.stake_of(who) == stakes[who] - stakes[who] // 10
-    tally = task.tally(0)
-    assert (tally.accept_count, tally.reject_count) == (1, 2)
-    assert tally.accept_stake == stakes[by_stake[2]]
+    assert result.accepted == 0b11  # both proposals
+    assert task.tally(0).revealed_count == 3
+    for judged in final.named("ProposalJudged"):
+        assert judged["accept_stake"] == stakes[by_stake[2]]
+        assert judged["reject_stake"] == stakes[by_stake[0]] + stakes[by_stake[1]]
 
 
 def test_rejected_round_slashes_proposers_and_pays_reject_voters(w: World) -> None:
@@ -231,6 +243,82 @@ def test_rejected_round_slashes_proposers_and_pays_reject_voters(w: World) -> No
     assert task.pool() == 1000 * T - voter_budget + slashed
     assert task.total_staked() == sum(stakes.values()) - slashed
     assert contract_holdings(task) == w.token.balance_of(task.address)
+
+
+def test_each_proposal_is_judged_on_its_own(w: World) -> None:
+    """A mixed round: the good proposal is paid, the bad one slashed; each voter is paid by
+    weight x verdicts it got right and slashed for the share it got wrong."""
+    task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
+    people = w.people[:5]
+    stakes = dict(zip(people, DOUBLING, strict=False))
+    join_all(task, stakes)
+    start(task)
+    seed_and_draw(task, people)
+    proposers, voters = task.proposers_of(0), task.voters_of(0)
+    small, middle, big = sorted(voters, key=stakes.__getitem__)
+    # big (outweighing both others) accepts proposal 0 and rejects 1: that is the verdict.
+    # middle accepts both (right on 0, wrong on 1); small accepts only 1 (wrong on both).
+    votes = {big: (0b01, 900), middle: (0b11, 500), small: (0b10, 100)}
+    final = propose_and_vote(task, RoundPlan(votes=votes))
+
+    result = task.result(0)
+    assert result.outcome == Outcome.ACCEPTED
+    assert result.accepted == 0b01
+    assert result.accepted_proposers(proposers) == [proposers[0]]
+    reward = 1000 * T // 2
+    voter_budget = reward * 20 // 100
+    agreement = stakes[big] * 2 + stakes[middle] * 1  # small got none right
+    assert rewards(final) == {
+        proposers[0]: reward - voter_budget,  # the only accepted proposal takes the whole part
+        big: voter_budget * stakes[big] * 2 // agreement,
+        middle: voter_budget * stakes[middle] * 1 // agreement,
+    }
+    assert slashes(final) == {
+        proposers[1]: (stakes[proposers[1]] // 10, SlashReason.PROPOSAL_REJECTED),
+        middle: (stakes[middle] * 10 * 1 // (100 * 2), SlashReason.LOSING_VOTE),  # half a slash
+        small: (stakes[small] // 10, SlashReason.LOSING_VOTE),  # wrong on both: a full slash
+    }
+    judged = {e["proposer"]: e for e in final.named("ProposalJudged")}
+    assert judged[proposers[0]]["accept_stake"] == stakes[big] + stakes[middle]
+    assert judged[proposers[1]]["accept_stake"] == stakes[middle] + stakes[small]
+    assert [judged[p]["accepted"] for p in proposers] == [True, False]
+    assert task.vote_of(0, middle).accepts == 0b11
+    assert contract_holdings(task) == w.token.balance_of(task.address)
+
+
+def test_verdicts_on_silent_proposers_are_ignored_and_extra_bits_refused(w: World) -> None:
+    task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
+    people = w.people[:5]
+    join_all(task, dict.fromkeys(people, 10 * T))
+    start(task)
+    seed_and_draw(task, people)
+    proposers, voters = task.proposers_of(0), task.voters_of(0)
+    task.propose(digest_of("only"), sender=proposers[0])  # proposers[1] stays silent
+    task.advance_to_phase(Phase.VOTE_COMMIT)
+    too_wide = voters[0]
+    masks = {too_wide: 0b111, voters[1]: 0b11, voters[2]: 0b01}  # bit 2: no such proposer
+    for v, mask in masks.items():
+        task.commit_vote(vote_commitment(mask, 1, fixed_salt(0, v), v), sender=v)
+    task.advance_to_phase(Phase.VOTE_REVEAL)
+    with pytest.raises(ContractRevert, match="reveal_vote: accepts has bits beyond"):
+        task.reveal_vote(0b111, 1, fixed_salt(0, too_wide), sender=too_wide)
+    for v in voters[1:]:
+        task.reveal_vote(masks[v], 1, fixed_salt(0, v), sender=v)
+    task.advance_to_phase(Phase.AWAIT_FINALIZE)
+    final = task.finalize()
+    assert task.result(0).accepted == 0b01
+    # both revealed voters were right on the one submitted proposal: paid alike, not slashed
+    reward = 1000 * T // 2
+    voter_budget = reward * 20 // 100
+    assert rewards(final) == {
+        proposers[0]: reward - voter_budget,
+        voters[1]: voter_budget // 2,
+        voters[2]: voter_budget // 2,
+    }
+    assert slashes(final) == {
+        proposers[1]: (T, SlashReason.NO_PROPOSAL),
+        too_wide: (T, SlashReason.VOTE_NOT_REVEALED),
+    }
 
 
 def test_non_revealers_and_no_shows_are_slashed(w: World) -> None:
@@ -285,7 +373,7 @@ def test_no_proposals_closes_voting_and_slashes_only_proposers(w: World) -> None
     task.advance_to_phase(Phase.VOTE_COMMIT)
     voter = task.voters_of(0)[0]
     with pytest.raises(ContractRevert, match="commit_vote: no proposals this round"):
-        task.commit_vote(vote_commitment(True, 1, fixed_salt(0, voter), voter), sender=voter)
+        task.commit_vote(vote_commitment(1, 1, fixed_salt(0, voter), voter), sender=voter)
     task.advance_to_phase(Phase.AWAIT_FINALIZE)
     final = task.finalize()
     assert task.result(0).outcome == Outcome.NO_PROPOSALS
@@ -367,22 +455,22 @@ def test_reveal_with_wrong_salt_or_from_another_address_fails(w: World) -> None:
     outsider = next(p for p in people if task.role_of(r, p) == Role.NONE)
     task.propose(digest_of("u"), sender=proposer)
     task.advance_to_phase(Phase.VOTE_COMMIT)
-    task.commit_vote(vote_commitment(True, 5, fixed_salt(r, v1), v1), sender=v1)
-    task.commit_vote(vote_commitment(False, 6, fixed_salt(r, v2), v2), sender=v2)
+    task.commit_vote(vote_commitment(1, 5, fixed_salt(r, v1), v1), sender=v1)
+    task.commit_vote(vote_commitment(0, 6, fixed_salt(r, v2), v2), sender=v2)
     task.advance_to_phase(Phase.VOTE_REVEAL)
     mismatch = "reveal_vote: vote does not match commitment"
     with pytest.raises(ContractRevert, match=mismatch):
-        task.reveal_vote(True, 5, fixed_salt(r, v2), sender=v1)  # wrong salt
+        task.reveal_vote(1, 5, fixed_salt(r, v2), sender=v1)  # wrong salt
     with pytest.raises(ContractRevert, match=mismatch):
-        task.reveal_vote(False, 5, fixed_salt(r, v1), sender=v1)  # flipped vote
+        task.reveal_vote(0, 5, fixed_salt(r, v1), sender=v1)  # flipped vote
     with pytest.raises(ContractRevert, match=mismatch):
-        task.reveal_vote(True, 6, fixed_salt(r, v1), sender=v1)  # another score
+        task.reveal_vote(1, 6, fixed_salt(r, v1), sender=v1)  # another score
     with pytest.raises(ContractRevert, match=mismatch):
-        task.reveal_vote(True, 5, fixed_salt(r, v1), sender=v2)  # v1's opening, sent by v2
+        task.reveal_vote(1, 5, fixed_salt(r, v1), sender=v2)  # v1's opening, sent by v2
     with pytest.raises(ContractRevert, match="reveal_vote: no vote committed"):
-        task.reveal_vote(True, 5, fixed_salt(r, v1), sender=outsider)
-    assert task.tally(r).accept_count + task.tally(r).reject_count == 0
-    task.reveal_vote(True, 5, fixed_salt(r, v1), sender=v1)
+        task.reveal_vote(1, 5, fixed_salt(r, v1), sender=outsider)
+    assert task.tally(r).revealed_count == 0
+    task.reveal_vote(1, 5, fixed_salt(r, v1), sender=v1)
     assert task.vote_of(r, v1).revealed and task.vote_of(r, v1).weight == 10 * T
 
 
@@ -413,14 +501,14 @@ def test_double_actions_fail(w: World) -> None:
         task.propose(digest_of("b"), sender=proposer)
     voter = task.voters_of(0)[0]
     task.advance_to_phase(Phase.VOTE_COMMIT)
-    task.commit_vote(vote_commitment(True, 1, fixed_salt(0, voter), voter), sender=voter)
+    task.commit_vote(vote_commitment(1, 1, fixed_salt(0, voter), voter), sender=voter)
     with pytest.raises(ContractRevert, match="commit_vote: already voted"):
-        task.commit_vote(vote_commitment(False, 1, fixed_salt(0, voter), voter), sender=voter)
+        task.commit_vote(vote_commitment(0, 1, fixed_salt(0, voter), voter), sender=voter)
     task.advance_to_phase(Phase.VOTE_REVEAL)
-    task.reveal_vote(True, 1, fixed_salt(0, voter), sender=voter)
+    task.reveal_vote(1, 1, fixed_salt(0, voter), sender=voter)
     with pytest.raises(ContractRevert, match="reveal_vote: already revealed"):
-        task.reveal_vote(True, 1, fixed_salt(0, voter), sender=voter)
-    assert task.tally(0).accept_count == 1
+        task.reveal_vote(1, 1, fixed_salt(0, voter), sender=voter)
+    assert task.tally(0).revealed_count == 1
 
 
 # ---------------------------------------------------------------- phases, roles, cap
@@ -434,7 +522,7 @@ CALLS = {
     "draw_roles": (),
     "propose": (b"\x03" * 32,),
     "commit_vote": (b"\x04" * 32,),
-    "reveal_vote": (True, 1, b"\x05" * 32),
+    "reveal_vote": (1, 1, b"\x05" * 32),
     "finalize": (),
     "withdraw": (),
 }
@@ -528,7 +616,7 @@ def test_roles_gate_propose_and_vote(w: World) -> None:
     task.propose(digest_of("p"), sender=proposer)
     task.advance_to_phase(Phase.VOTE_COMMIT)
     with pytest.raises(ContractRevert, match="commit_vote: not a voter this round"):
-        task.commit_vote(vote_commitment(True, 1, b"s" * 32, proposer), sender=proposer)
+        task.commit_vote(vote_commitment(1, 1, b"s" * 32, proposer), sender=proposer)
     with pytest.raises(ContractRevert, match="commit_seed: only in SEED_COMMIT"):
         task.commit_seed(b"\x01" * 32, sender=voter)
 

@@ -40,6 +40,8 @@ PARAMS = replace(
     rounds=2,
     min_participants=3,
     max_participants=4,
+    proposers_per_round=2,  # ballots judge two proposals: partial verdicts, partial slashes
+    voters_per_round=1,
     registration_blocks=12,
     seed_commit_blocks=6,
     seed_reveal_blocks=6,
@@ -47,6 +49,7 @@ PARAMS = replace(
     vote_commit_blocks=4,
     vote_reveal_blocks=4,
 )
+ALL_ACCEPT = (1 << PARAMS.proposers_per_round) - 1  # a ballot accepting every proposal
 PEOPLE = 5  # one more than max_participants, so the cap gets hit
 
 _world: World | None = None
@@ -113,7 +116,7 @@ class FlockMachine(RuleBasedStateMachine):
         self.proposers: list[str] = []
         self.voters: list[str] = []
         self.proposed: set[str] = set()
-        self.ballots: dict[str, tuple[bool, int, bytes]] = {}
+        self.ballots: dict[str, tuple[int, int, bytes]] = {}
         self.opened: set[str] = set()
 
     # ------------------------------------------------------------ the model's phase
@@ -212,7 +215,7 @@ class FlockMachine(RuleBasedStateMachine):
     @rule(
         noise=st.integers(0, 2),
         absent=st.sets(person, max_size=1),
-        accepts=st.lists(st.booleans(), min_size=PEOPLE, max_size=PEOPLE),
+        accepts=st.lists(st.integers(0, ALL_ACCEPT), min_size=PEOPLE, max_size=PEOPLE),
         action=st.sampled_from(ACTIONS),
         i=person,
         j=person,
@@ -224,7 +227,7 @@ class FlockMachine(RuleBasedStateMachine):
         self,
         noise: int,
         absent: set[int],
-        accepts: list[bool],
+        accepts: list[int],
         action: str,
         i: int,
         j: int,
@@ -242,7 +245,7 @@ class FlockMachine(RuleBasedStateMachine):
         else:
             self.advance(absent, accepts)
 
-    def advance(self, absent: set[int], accepts: list[bool]) -> None:
+    def advance(self, absent: set[int], accepts: list[int]) -> None:
         """Move the task on: first everyone (but the `absent`) does this phase's action, then
         the next call advances past it (mining to its end, or start/draw_roles/finalize)."""
         phase = self.phase()
@@ -261,7 +264,7 @@ class FlockMachine(RuleBasedStateMachine):
             self.acted.add((self.round, phase))
             self.everyone_acts(phase, absent, accepts)
 
-    def everyone_acts(self, phase: Phase, absent: set[int], accepts: list[bool]) -> None:
+    def everyone_acts(self, phase: Phase, absent: set[int], accepts: list[int]) -> None:
         for i, who in enumerate(self.people):
             if i in absent or self.phase() != phase:
                 continue
@@ -294,7 +297,8 @@ class FlockMachine(RuleBasedStateMachine):
         elif action == "propose":
             self.propose(i)
         elif action == "commit_vote":
-            self.commit_vote(i, flag, score)
+            # a ballot with a bit beyond the proposers now and then: committing works, revealing not
+            self.commit_vote(i, score % (2 * (ALL_ACCEPT + 1)), score)
         elif action == "reveal_vote":
             self.reveal_vote(i, j if other else i, wrong_salt=flag, flip=score % 2 == 1)
         elif action == "claim":
@@ -370,23 +374,23 @@ class FlockMachine(RuleBasedStateMachine):
         if ok:
             self.proposed.add(who)
 
-    def commit_vote(self, i: int, accept: bool, score: int) -> None:
+    def commit_vote(self, i: int, accepts: int, score: int) -> None:
         who = self.people[i]
-        salt = digest_of(f"salt {self.round} {who} {accept} {score}")
+        salt = digest_of(f"salt {self.round} {who} {accepts} {score}")
         ok = (
             self.phase() == Phase.VOTE_COMMIT
             and who in self.voters
             and bool(self.proposed)
             and who not in self.ballots  # a second vote must fail
         )
-        self.attempt(ok, "commit_vote", vote_commitment(accept, score, salt, who), sender=who)
+        self.attempt(ok, "commit_vote", vote_commitment(accepts, score, salt, who), sender=who)
         if ok:
-            self.ballots[who] = (accept, score, salt)
+            self.ballots[who] = (accepts, score, salt)
 
     def reveal_vote(self, i: int, j: int, wrong_salt: bool, flip: bool) -> None:
-        """Open i's ballot, sent by j, possibly with the wrong salt or the other vote."""
+        """Open i's ballot, sent by j, possibly with the wrong salt or another verdict."""
         owner, sender = self.people[i], self.people[j]
-        accept, score, salt = self.ballots.get(owner, (True, 0, digest_of("none")))
+        accepts, score, salt = self.ballots.get(owner, (ALL_ACCEPT, 0, digest_of("none")))
         if wrong_salt:
             salt = digest_of(f"wrong {salt.hex()}")
         ok = (
@@ -396,8 +400,9 @@ class FlockMachine(RuleBasedStateMachine):
             and owner not in self.opened
             and not wrong_salt
             and not flip
+            and accepts <= ALL_ACCEPT
         )
-        self.attempt(ok, "reveal_vote", accept != flip, score, salt, sender=sender)
+        self.attempt(ok, "reveal_vote", accepts ^ flip, score, salt, sender=sender)
         if ok:
             self.opened.add(owner)
 
@@ -437,7 +442,7 @@ class FlockMachine(RuleBasedStateMachine):
     def tallies_count_each_voter_once(self) -> None:
         if self.stage == "round" and self.opened:
             tally = self.task.tally(self.round)
-            assert tally.accept_count + tally.reject_count == len(self.opened)
+            assert tally.revealed_count == len(self.opened)
 
     def teardown(self) -> None:
         """Per account: wallet + stake + unclaimed = funds + credited - slashed; supply kept."""

@@ -9,11 +9,13 @@ method, and record the gas of every transaction in `Chain.gas` (function name ->
 The protocol (see FlockTask.vy's header for the full rules): participants stake and join;
 each round they commit and then reveal a random seed, the XOR of the revealed seeds drives a
 Fisher-Yates draw of proposers and voters; proposers submit the sha2-256 digest of their
-update's CID; voters commit to (accept, score, salt) and then reveal; `finalize` (anyone, after
-the reveal window) settles the round by stake-weighted vote: its reward (pool / rounds left)
-goes voter_reward_pct% (default 20) to the voters on the winning side and, if accepted, the
-rest to the proposers, both pro rata to stake; rejected proposers, losing voters and anyone who
-did not reveal lose slash_pct% of their stake to the pool. Rewards are pulled with `claim`;
+update's CID; voters commit to (accepts, score, salt) and then reveal, where bit i of `accepts`
+is their verdict on the proposal of `proposers_of(round)[i]`; `finalize` (anyone, after the
+reveal window) judges each proposal by stake-weighted vote (FLock's rule per proposal): the
+round's reward (pool / rounds left) goes voter_reward_pct% (default 20) to the voters, by
+weight times the verdicts they agreed with, and the rest to the accepted proposers pro rata to
+stake; rejected proposers and anyone who did not reveal lose slash_pct% of their stake to the
+pool, a voter the share of that for the verdicts it voted against. Rewards are pulled with `claim`;
 stakes come back with `withdraw` after the last round (or `exit` while holding no role).
 
 Trust assumptions, in short:
@@ -180,17 +182,15 @@ class TaskParams:
 class Vote:
     commitment: bytes
     revealed: bool
-    accept: bool
+    accepts: int  # bit i: accept the proposal of proposers_of(round)[i]
     score: int
     weight: int
 
 
 @dataclass(frozen=True)
 class Tally:
-    accept_stake: int
-    reject_stake: int
-    accept_count: int
-    reject_count: int
+    revealed_stake: int  # the vote weight every proposal is judged against
+    revealed_count: int
     score_sum: int
 
 
@@ -200,6 +200,11 @@ class RoundResult:
     reward: int  # the round's reward budget: pool / rounds left, at finalize
     paid: int  # rewards credited in the round (the rest stays in the pool)
     slashed: int  # all the round's slashes, seed withholders' at the draw included
+    accepted: int  # bit i: the proposal of proposers_of(round)[i] was accepted
+
+    def accepted_proposers(self, proposers: Sequence[str]) -> list[str]:
+        """The proposers (from `FlockTask.proposers_of(round)`) whose proposal was accepted."""
+        return [p for i, p in enumerate(proposers) if self.accepted >> i & 1]
 
 
 @dataclass(frozen=True)
@@ -233,12 +238,20 @@ def seed_commitment(seed: bytes, participant: str) -> bytes:
     return keccak(abi_encode(["bytes32", "address"], [seed, to_checksum_address(participant)]))
 
 
-def vote_commitment(accept: bool, score: int, salt: bytes, voter: str) -> bytes:
-    """keccak256(abi_encode(accept, score, salt, voter)), what commit_vote expects."""
+def accept_mask(verdicts: Sequence[bool]) -> int:
+    """A ballot's `accepts`: bit i set when verdicts[i] (the proposal of proposers_of(round)[i])."""
+    return sum(1 << i for i, accept in enumerate(verdicts) if accept)
+
+
+def vote_commitment(accepts: int, score: int, salt: bytes, voter: str) -> bytes:
+    """keccak256(abi_encode(accepts, score, salt, voter)), what commit_vote expects.
+
+    `accepts` is a bit mask over the round's proposers in draw order (see `accept_mask`).
+    """
     return keccak(
         abi_encode(
-            ["bool", "uint64", "bytes32", "address"],
-            [accept, score, salt, to_checksum_address(voter)],
+            ["uint256", "uint64", "bytes32", "address"],
+            [accepts, score, salt, to_checksum_address(voter)],
         )
     )
 
@@ -729,15 +742,16 @@ class FlockTask(_Bound):
         return int(self._call("proposal_count", round_))
 
     def vote_of(self, round_: int, who: str) -> Vote:
-        c, revealed, accept, score, weight = self._call("vote_of", round_, to_checksum_address(who))
-        return Vote(bytes(c), bool(revealed), bool(accept), int(score), int(weight))
+        vote = self._call("vote_of", round_, to_checksum_address(who))
+        c, revealed, accepts, score, weight = vote
+        return Vote(bytes(c), bool(revealed), int(accepts), int(score), int(weight))
 
     def tally(self, round_: int) -> Tally:
         return Tally(*(int(x) for x in self._call("tally", round_)))
 
     def result(self, round_: int) -> RoundResult:
-        outcome, reward, paid, slashed = self._call("result", round_)
-        return RoundResult(Outcome(outcome), int(reward), int(paid), int(slashed))
+        outcome, reward, paid, slashed, accepted = self._call("result", round_)
+        return RoundResult(Outcome(outcome), int(reward), int(paid), int(slashed), int(accepted))
 
     # ---------------------------------------------------------------- transactions
 
@@ -768,9 +782,10 @@ class FlockTask(_Bound):
         return self._tx("commit_vote", commitment, sender=sender)
 
     def reveal_vote(
-        self, accept: bool, score: int, salt: bytes, *, sender: str | None = None
+        self, accepts: int, score: int, salt: bytes, *, sender: str | None = None
     ) -> TxResult:
-        return self._tx("reveal_vote", accept, score, salt, sender=sender)
+        """Open a committed vote: `accepts` bit i judges the proposal of proposers_of(round)[i]."""
+        return self._tx("reveal_vote", accepts, score, salt, sender=sender)
 
     def finalize(self, *, sender: str | None = None) -> TxResult:
         return self._tx("finalize", sender=sender)

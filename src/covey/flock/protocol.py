@@ -6,12 +6,19 @@ training as a private validation split. Per round (`run_flock`, top to bottom):
 1. every participant commits and reveals a random seed; the contract draws proposers and voters;
 2. proposers train locally from the current global adapter and publish their update as
    safetensors bytes under its CID (a content-addressed store); the digest goes on chain;
-3. voters fetch every proposal by CID (bytes that do not match their hash are refused), validate
-   it, average the valid ones (equal weights: a voter cannot check a claimed sample count), score
-   the average against the current global adapter on their own validation split, and commit,
-   then reveal, "accept" if it lowers their loss;
-4. anyone finalizes: the contract pays or slashes by the stake-weighted vote; an accepted
-   average becomes the next global adapter, a rejected round keeps the previous one.
+3. voters fetch every proposal by CID (bytes that do not match their hash are refused),
+   validate it, score it against the current global adapter on their own validation split, and
+   commit, then reveal, one ballot with a verdict per proposal: accept if it lowers their loss
+   (an invalid or missing proposal is rejected);
+4. anyone finalizes: the contract judges each proposal by stake-weighted vote, pays the accepted
+   proposers and the voters, slashes the rejected proposers and the voters in proportion to the
+   verdicts they voted against. The equal-weight average of the accepted proposals becomes the
+   next global adapter (equal weights: nobody can check a claimed sample count); a round with
+   none accepted keeps the previous one.
+
+FLock votes once per round on the aggregate, so one bad proposal sinks every honest one in its
+round; judging each proposal is the same rule with one proposer per round, and keeps the honest
+work of a mixed round.
 
 Malicious participants (`[attack]`) send attacked updates when proposing, and as voters either
 collude (accept everything, with the update attacks and `always_accept`) or vote at random
@@ -51,9 +58,9 @@ from covey.flock.chain import (
     TOKEN_UNIT,
     Chain,
     FlockTask,
-    Outcome,
     Phase,
     TaskParams,
+    accept_mask,
     seed_commitment,
     vote_commitment,
 )
@@ -188,22 +195,35 @@ def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> Ru
             cfg, fed, flock, proposers, global_state, round_index, hooks
         )
         task.advance_to_phase(Phase.VOTE_COMMIT)
-        candidate, valid = _aggregate(flock, global_state)
-        votes = _vote(cfg, fed, flock, voters, global_state, candidate, round_index)
+        candidates = _fetch(flock, proposers, global_state)
+        votes = _vote(cfg, fed, flock, voters, global_state, candidates, round_index)
         task.advance_to_phase(Phase.AWAIT_FINALIZE)
         chain_round = task.current_round()
         finalized = task.finalize(sender=flock.participants[0].address)
         outcome = task.result(chain_round)
-        accepted = outcome.outcome == Outcome.ACCEPTED
-        if accepted and candidate is not None:
-            global_state = candidate
+        accepted = [
+            c for i, c in enumerate(candidates) if outcome.accepted >> i & 1 and c is not None
+        ]
+        if accepted:
+            global_state, _ = fedavg(global_state, accepted, [1.0] * len(accepted), {}, FedConfig())
+        judged = {str(e["proposer"]).lower(): e for e in finalized.named("ProposalJudged")}
+        for proposal in proposals:
+            verdict = judged.get(proposal["address"].lower())
+            proposal["valid"] = candidates[proposal["position"]] is not None
+            proposal["accepted"] = bool(verdict and verdict["accepted"])
+            if verdict:
+                proposal["accept_stake"] = verdict["accept_stake"] / TOKEN_UNIT
+                proposal["reject_stake"] = verdict["reject_stake"] / TOKEN_UNIT
+        won = {p["participant"] for p in proposals if p["accepted"]}
         record = {
             "round": round_index,
             "selected": [p.index for p in proposers],
-            "clients": contributions if accepted else [],
-            "rejected": []
-            if accepted
-            else [{"client": c["client"], "reason": "voted down"} for c in contributions],
+            "clients": [c for c in contributions if c["client"] in won],
+            "rejected": [
+                {"client": c["client"], "reason": "voted down"}
+                for c in contributions
+                if c["client"] not in won
+            ],
             "train": {},
         }
         record |= evaluate_round(cfg, fed, global_state)
@@ -211,7 +231,6 @@ def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> Ru
             "proposers": [p.index for p in proposers],
             "voters": [v.index for v in voters],
             "proposals": proposals,
-            "valid_proposals": valid,
             "votes": votes,
             "outcome": outcome.outcome.name.lower(),
             "round_reward": outcome.reward / TOKEN_UNIT,
@@ -299,7 +318,15 @@ def _propose(
         data = serialize_update(state, {"round": str(round_index), "proposer": p.address})
         cid = flock.store.put(data)
         flock.task.propose(digest_of(cid), sender=p.address)
-        proposals.append({"participant": p.index, "cid": cid, "attacker": p.malicious})
+        proposals.append(
+            {
+                "participant": p.index,
+                "address": p.address,
+                "position": proposers.index(p),
+                "cid": cid,
+                "attacker": p.malicious,
+            }
+        )
         contributions.append(
             {"client": p.index, "num_samples": len(p.train), "attacker": p.malicious}
             | {k: round(v, 6) for k, v in metrics.items()}
@@ -307,26 +334,30 @@ def _propose(
     return proposals, contributions
 
 
-def _aggregate(flock: FlockSetup, global_state: State) -> tuple[State | None, list[str]]:
-    """What every honest voter computes: the equal-weight average of the valid proposals."""
-    states, valid = [], []
-    for proposer, digest in flock.task.proposals(flock.task.current_round()):
-        cid = cid_from_digest(digest)
-        try:
-            state = deserialize_update(flock.store.get(cid))  # re-hashed: must match the digest
-        except Exception as e:  # a missing or corrupted blob is a rejected proposal
-            log.warning("proposal %s from %s refused: %s", cid, proposer, e)
-            continue
-        verdict = validate_update(state, global_state, 1, 1)
-        if verdict.accepted:
-            states.append(state)
-            valid.append(cid)
-        else:
-            log.warning("proposal %s from %s invalid: %s", cid, proposer, verdict.reason)
-    if not states:
-        return None, valid
-    average, _ = fedavg(global_state, states, [1.0] * len(states), {}, FedConfig())
-    return average, valid
+def _fetch(
+    flock: FlockSetup, proposers: list[Participant], global_state: State
+) -> list[State | None]:
+    """What every voter sees: each drawn proposer's update, in draw order (the order of the
+    ballot's bits), or None when it did not propose, its bytes do not match the digest on chain,
+    or it fails validation."""
+    digests = dict(flock.task.proposals(flock.task.current_round()))
+    candidates: list[State | None] = []
+    for p in proposers:
+        digest = next((d for a, d in digests.items() if a.lower() == p.address.lower()), None)
+        state: State | None = None
+        if digest is not None:
+            cid = cid_from_digest(digest)
+            try:
+                state = deserialize_update(flock.store.get(cid))  # re-hashed: must match
+            except Exception as e:  # a missing or corrupted blob is a rejected proposal
+                log.warning("proposal %s from %s refused: %s", cid, p.address, e)
+            if state is not None:
+                verdict = validate_update(state, global_state, 1, 1)
+                if not verdict.accepted:
+                    log.warning("proposal %s from %s invalid: %s", cid, p.address, verdict.reason)
+                    state = None
+        candidates.append(state)
+    return candidates
 
 
 def _vote(
@@ -335,36 +366,51 @@ def _vote(
     flock: FlockSetup,
     voters: list[Participant],
     global_state: State,
-    candidate: State | None,
+    candidates: list[State | None],
     round_index: int,
 ) -> list[dict[str, Any]]:
+    """Each voter scores every proposal on its own validation split, then commits and reveals
+    one ballot: accept what lowers its loss. The score is its mean gain over what it accepts."""
     task = flock.task
+    if task.proposal_count(task.current_round()) == 0:
+        return []  # the contract closes voting on a round without proposals
     pad = fed.tokenizer.pad_token_id
     rng = np.random.default_rng(client_seed(cfg.run.seed, round_index, 7919))
     ballots: list[dict[str, Any]] = []
     salts: dict[int, bytes] = {}
     for v in voters:
-        if candidate is None:
-            accept, score = False, 0
-        else:
-            load_adapter_state(fed.model, global_state)
-            before = evaluate_loss(fed.model, v.validation, cfg.eval.batch_size, pad)["loss"]
-            load_adapter_state(fed.model, candidate)
+        load_adapter_state(fed.model, global_state)
+        before = evaluate_loss(fed.model, v.validation, cfg.eval.batch_size, pad)["loss"]
+        gains: list[float | None] = []
+        for state in candidates:
+            if state is None:
+                gains.append(None)
+                continue
+            load_adapter_state(fed.model, state)
             after = evaluate_loss(fed.model, v.validation, cfg.eval.batch_size, pad)["loss"]
-            accept, score = after < before, int(max(0.0, before - after) * SCORE_SCALE)
+            gains.append(before - after)
+        verdicts = [g is not None and g > 0 for g in gains]
         if v.malicious and cfg.attack.kind == "random_vote":
-            accept = bool(rng.integers(2))
+            verdicts = [bool(rng.integers(2)) for _ in candidates]
         elif v.malicious and cfg.attack.kind != "none":
-            accept = True  # colluding with the malicious proposers
+            verdicts = [True] * len(candidates)  # colluding with the malicious proposers
+        accepted_gains = [g for g, ok in zip(gains, verdicts, strict=True) if ok and g]
+        score = int(max(0.0, float(np.mean(accepted_gains))) * SCORE_SCALE) if accepted_gains else 0
         salts[v.index] = simulated_secret(cfg.run.seed, round_index, v.index, "salt")
-        commitment = vote_commitment(accept, score, salts[v.index], v.address)
-        task.commit_vote(commitment, sender=v.address)
+        mask = accept_mask(verdicts)
+        task.commit_vote(vote_commitment(mask, score, salts[v.index], v.address), sender=v.address)
         ballots.append(
-            {"participant": v.index, "accept": accept, "score": score, "attacker": v.malicious}
+            {
+                "participant": v.index,
+                "accepts": verdicts,
+                "gains": [None if g is None else round(g, 6) for g in gains],
+                "score": score,
+                "attacker": v.malicious,
+            }
         )
     task.advance_to_phase(Phase.VOTE_REVEAL)
     for v, b in zip(voters, ballots, strict=True):
-        task.reveal_vote(b["accept"], b["score"], salts[v.index], sender=v.address)
+        task.reveal_vote(accept_mask(b["accepts"]), b["score"], salts[v.index], sender=v.address)
     return ballots
 
 

@@ -35,10 +35,12 @@ def flock_round_table(record: dict[str, Any]) -> Table:
     """Roles, votes, outcome, rewards and slashes of one FLock round."""
     f = record["flock"]
     table = Table(title=f"FLock round {record['round']}: {f['outcome']}")
-    for name in ("participant", "role", "attacker", "vote", "reward", "slash", "net"):
+    for name in ("participant", "role", "attacker", "vote / verdict", "reward", "slash", "net"):
         table.add_column(name, justify="right")
     roles = {i: "proposer" for i in f["proposers"]} | {i: "voter" for i in f["voters"]}
-    votes = {v["participant"]: ("accept" if v["accept"] else "reject") for v in f["votes"]}
+    # a ballot judges every proposal, in the order of f["proposers"]: + accept, - reject
+    votes = {v["participant"]: "".join("+" if a else "-" for a in v["accepts"]) for v in f["votes"]}
+    verdicts = {p["participant"]: ("rejected", "accepted")[p["accepted"]] for p in f["proposals"]}
     rewards = {r["participant"]: r["amount"] for r in f["rewards"]}
     slashes = {s["participant"]: s["amount"] for s in f["slashes"]}
     for b in f["balances"]:
@@ -47,7 +49,7 @@ def flock_round_table(record: dict[str, Any]) -> Table:
             str(i),
             roles.get(i, "-"),
             "yes" if b["attacker"] else "",
-            votes.get(i, "-"),
+            votes.get(i) or verdicts.get(i, "-"),
             f"{rewards[i]:.2f}" if i in rewards else "",
             f"{slashes[i]:.2f}" if i in slashes else "",
             f"{b['net']:+.2f}",

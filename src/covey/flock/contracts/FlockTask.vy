@@ -24,23 +24,33 @@
         PROPOSE       each proposer submits one bytes32 digest (sha2-256 of its
                       update's CID)
         VOTE_COMMIT   each voter commits
-                      keccak256(abi_encode(accept, score, salt, voter))
-        VOTE_REVEAL   reveal_vote(accept, score, salt); weight = stake at reveal
+                      keccak256(abi_encode(accepts, score, salt, voter))
+                      where bit i of `accepts` is its verdict on the
+                      proposal of proposers_of(r)[i] (1 accept, 0 reject)
+        VOTE_REVEAL   reveal_vote(accepts, score, salt); weight = stake at
+                      reveal; every revealed voter judges every proposal
         AWAIT_FINALIZE anyone calls finalize(), which settles the round
       ENDED         after the last round: withdraw() stakes, creator reclaims the
                     pool remainder
       CANCELLED     withdraw() stakes, creator reclaims the pool
 
-    Settlement (finalize): the round's reward is pool / rounds remaining
-    (this round included). Accepted when
-    accept_stake * 100 >= threshold_pct * (accept_stake + reject_stake).
-      ACCEPTED      proposers who submitted share (100 - voter_reward_pct)% of the
-                    reward pro rata to stake; accept voters share
-                    voter_reward_pct% pro rata to their vote weight; reject voters
-                    are slashed
-      REJECTED      proposers who submitted are slashed; reject voters share
-                    voter_reward_pct% pro rata; accept voters are slashed; the
+    Settlement (finalize): FLock's rule applied to each proposal. The round's
+    reward is pool / rounds remaining (this round included). With W the
+    revealed vote weight, a submitted proposal is accepted when
+    accept_weight * 100 >= threshold_pct * W (its accept_weight: the weight of
+    the voters whose bit for it is set). With one proposer per round this is
+    exactly FLock's round vote; with several, one bad proposal no longer sinks
+    the honest ones beside it.
+      ACCEPTED      at least one proposal accepted: its proposers share
+                    (100 - voter_reward_pct)% of the reward pro rata to stake;
+                    rejected proposers are slashed
+      REJECTED      every proposal rejected: their proposers are slashed; the
                     proposers' part stays in the pool
+      in both       a voter agreeing with the outcome on a of the n submitted
+                    proposals earns voter_reward_pct% of the reward in
+                    proportion to weight * a, and loses
+                    slash_pct% * (n - a) / n of its stake (n = 1: the losing
+                    side is slashed in full, as FLock)
       NO_PROPOSALS  nobody submitted: voting was closed, nothing is paid
       NO_QUORUM     no revealed vote weight: nothing is paid
     In every outcome, proposers who did not submit and voters who did not reveal
@@ -67,7 +77,8 @@
       choose windows long enough that no single producer holds them all.
     - Voters are trusted as a stake-weighted majority (FLock's assumption):
       commit-reveal hides votes until the reveal phase, so voters cannot copy
-      each other, but a colluding majority of vote weight decides the outcome.
+      each other, but a colluding majority of vote weight decides every
+      proposal's verdict.
     - The token is trusted to follow EIP-20 (use Covey's Token or a known one);
       every token call comes after the state change it pays for and functions
       that move tokens are @nonreentrant.
@@ -137,16 +148,14 @@ struct Params:
 struct Vote:
     commitment: bytes32
     revealed: bool
-    accept: bool
+    accepts: uint256  # bit i: accept the proposal of round_proposers[r][i]
     score: uint64
     weight: uint256
 
 
 struct Tally:
-    accept_stake: uint256
-    reject_stake: uint256
-    accept_count: uint256
-    reject_count: uint256
+    revealed_stake: uint256  # W: the weight every proposal is judged against
+    revealed_count: uint256
     score_sum: uint256
 
 
@@ -155,6 +164,7 @@ struct RoundResult:
     reward: uint256
     paid: uint256
     slashed: uint256
+    accepted: uint256  # bit i: the proposal of round_proposers[r][i] was accepted
 
 
 event PoolFunded:
@@ -204,9 +214,16 @@ event VoteCommitted:
 event VoteRevealed:
     round: indexed(uint256)
     voter: indexed(address)
-    accept: bool
+    accepts: uint256
     score: uint64
     weight: uint256
+
+event ProposalJudged:
+    round: indexed(uint256)
+    proposer: indexed(address)
+    accept_stake: uint256
+    reject_stake: uint256
+    accepted: bool
 
 event Slashed:
     round: indexed(uint256)
@@ -225,8 +242,8 @@ event RoundFinalized:
     reward: uint256  # pool / rounds left, at finalize
     paid: uint256  # rewards credited this round
     slashed: uint256  # every slash of the round, the draw's included
-    accept_stake: uint256
-    reject_stake: uint256
+    accepted: uint256  # bit i: the proposal of proposers_of(round)[i] was accepted
+    revealed_stake: uint256
 
 event TaskEnded:
     pool: uint256
@@ -457,12 +474,33 @@ def result(r: uint256) -> RoundResult:
 
 @internal
 def _slash(r: uint256, who: address, reason: uint256) -> uint256:
-    amount: uint256 = self.stakes[who] * params.slash_pct // 100
+    return self._slash_part(r, who, 1, 1, reason)
+
+
+@internal
+def _slash_part(r: uint256, who: address, parts: uint256, whole: uint256, reason: uint256) -> uint256:
+    """Move parts/whole of slash_pct% of the stake into the pool (a voter wrong on `parts` of
+    `whole` proposals loses that share of a full slash)."""
+    amount: uint256 = self.stakes[who] * params.slash_pct * parts // (100 * whole)
     self.stakes[who] -= amount
     self.total_staked -= amount
     self.pool += amount
     log Slashed(round=r, participant=who, amount=amount, reason=reason)
     return amount
+
+
+@internal
+@pure
+def _popcount(x: uint256) -> uint256:
+    """Set bits of x (x < 2**MAX_PARTICIPANTS: one bit per proposer)."""
+    count: uint256 = 0
+    y: uint256 = x
+    for i: uint256 in range(MAX_PARTICIPANTS):
+        if y == 0:
+            break
+        count += y & 1
+        y = y >> 1
+    return count
 
 
 @internal
@@ -574,7 +612,7 @@ def draw_roles():
     if n < need:
         self.results[r].outcome = OUTCOME_VOID
         log RoundFinalized(
-            round=r, outcome=OUTCOME_VOID, reward=0, paid=0, slashed=withheld, accept_stake=0, reject_stake=0
+            round=r, outcome=OUTCOME_VOID, reward=0, paid=0, slashed=withheld, accepted=0, revealed_stake=0
         )
         self._next_round()
         return
@@ -619,7 +657,7 @@ def propose(digest: bytes32):
 
 @external
 def commit_vote(commitment: bytes32):
-    """@notice Commit keccak256(abi_encode(accept, score, salt, sender)) (once)."""
+    """@notice Commit keccak256(abi_encode(accepts, score, salt, sender)) (once)."""
     assert self._phase() == PHASE_VOTE_COMMIT, "commit_vote: only in VOTE_COMMIT"
     r: uint256 = self.current_round
     assert self.roles[r][msg.sender] == ROLE_VOTER, "commit_vote: not a voter this round"
@@ -631,105 +669,143 @@ def commit_vote(commitment: bytes32):
 
 
 @external
-def reveal_vote(accept: bool, score: uint64, salt: bytes32):
-    """@notice Open the committed vote; it counts with the voter's current stake."""
+def reveal_vote(accepts: uint256, score: uint64, salt: bytes32):
+    """
+    @notice Open the committed vote; it counts with the voter's current stake.
+    @param accepts bit i set: accept the proposal of proposers_of(round)[i]; bits of
+           proposers that did not submit are ignored, bits beyond them are refused
+    """
     assert self._phase() == PHASE_VOTE_REVEAL, "reveal_vote: only in VOTE_REVEAL"
     r: uint256 = self.current_round
     vote: Vote = self.votes[r][msg.sender]
     assert vote.commitment != empty(bytes32), "reveal_vote: no vote committed"
     assert not vote.revealed, "reveal_vote: already revealed"
-    assert keccak256(abi_encode(accept, score, salt, msg.sender)) == vote.commitment, (
+    assert keccak256(abi_encode(accepts, score, salt, msg.sender)) == vote.commitment, (
         "reveal_vote: vote does not match commitment"
+    )
+    assert accepts >> len(self.round_proposers[r]) == 0, (
+        "reveal_vote: accepts has bits beyond the round's proposers"
     )
     weight: uint256 = self.stakes[msg.sender]
     self.votes[r][msg.sender] = Vote(
-        commitment=vote.commitment, revealed=True, accept=accept, score=score, weight=weight
+        commitment=vote.commitment, revealed=True, accepts=accepts, score=score, weight=weight
     )
     t: Tally = self.tallies[r]
-    if accept:
-        t.accept_stake += weight
-        t.accept_count += 1
-    else:
-        t.reject_stake += weight
-        t.reject_count += 1
+    t.revealed_stake += weight
+    t.revealed_count += 1
     t.score_sum += convert(score, uint256)
     self.tallies[r] = t
-    log VoteRevealed(round=r, voter=msg.sender, accept=accept, score=score, weight=weight)
+    log VoteRevealed(round=r, voter=msg.sender, accepts=accepts, score=score, weight=weight)
 
 
 @external
 def finalize():
-    """@notice Settle the round (anyone, after VOTE_REVEAL): pay, slash, open the next."""
+    """@notice Settle the round (anyone, after VOTE_REVEAL): judge, pay, slash, open the next."""
     assert self._phase() == PHASE_AWAIT_FINALIZE, "finalize: only in AWAIT_FINALIZE"
     r: uint256 = self.current_round
     reward: uint256 = self.pool // (params.rounds - r)
-    t: Tally = self.tallies[r]
-    total: uint256 = t.accept_stake + t.reject_stake
-    submitted: uint256 = self.proposal_count[r]
+    total: uint256 = self.tallies[r].revealed_stake
+    proposers: DynArray[address, MAX_PARTICIPANTS] = self.round_proposers[r]
+    voters: DynArray[address, MAX_PARTICIPANTS] = self.round_voters[r]
+    n_prop: uint256 = len(proposers)
 
+    # which proposals were submitted, and the weight accepting each (voters x proposers,
+    # both bounded by MAX_PARTICIPANTS, in memory)
+    submitted: uint256 = 0  # bit mask
+    n_submitted: uint256 = 0
+    for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
+        if self.digests[r][proposers[i]] != empty(bytes32):
+            submitted |= 1 << i
+            n_submitted += 1
+    accept_weight: uint256[MAX_PARTICIPANTS] = empty(uint256[MAX_PARTICIPANTS])
+    for v: address in voters:
+        vote: Vote = self.votes[r][v]
+        if vote.revealed:
+            for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
+                if (vote.accepts >> i) & 1 == 1:
+                    accept_weight[i] += vote.weight
+
+    accepted: uint256 = 0  # bit mask
+    accepted_stake: uint256 = 0
     outcome: uint256 = OUTCOME_REJECTED
-    if submitted == 0:
+    if n_submitted == 0:
         outcome = OUTCOME_NO_PROPOSALS
     elif total == 0:
         outcome = OUTCOME_NO_QUORUM
-    elif t.accept_stake * 100 >= params.threshold_pct * total:
-        outcome = OUTCOME_ACCEPTED
+    else:
+        for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
+            if (submitted >> i) & 1 == 1:
+                ok: bool = accept_weight[i] * 100 >= params.threshold_pct * total
+                if ok:
+                    accepted |= 1 << i
+                    accepted_stake += self.stakes[proposers[i]]
+                log ProposalJudged(
+                    round=r,
+                    proposer=proposers[i],
+                    accept_stake=accept_weight[i],
+                    reject_stake=total - accept_weight[i],
+                    accepted=ok,
+                )
+        if accepted != 0:
+            outcome = OUTCOME_ACCEPTED
     decided: bool = outcome == OUTCOME_ACCEPTED or outcome == OUTCOME_REJECTED
 
     voter_budget: uint256 = 0
-    winning_stake: uint256 = t.reject_stake
     if decided:
         voter_budget = reward * params.voter_reward_pct // 100
-    if outcome == OUTCOME_ACCEPTED:
-        winning_stake = t.accept_stake
     proposer_budget: uint256 = 0
     if outcome == OUTCOME_ACCEPTED:
         proposer_budget = reward - voter_budget
 
-    proposers: DynArray[address, MAX_PARTICIPANTS] = self.round_proposers[r]
-    submitted_stake: uint256 = 0
-    for p: address in proposers:
-        if self.digests[r][p] != empty(bytes32):
-            submitted_stake += self.stakes[p]
-
     paid: uint256 = 0
     slashed: uint256 = self.results[r].slashed  # seed withholders, slashed at the draw
-    for p: address in proposers:
-        if self.digests[r][p] == empty(bytes32):
+    for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
+        p: address = proposers[i]
+        if (submitted >> i) & 1 == 0:
             slashed += self._slash(r, p, SLASH_NO_PROPOSAL)
-        elif outcome == OUTCOME_ACCEPTED:
-            if submitted_stake > 0:
-                share: uint256 = proposer_budget * self.stakes[p] // submitted_stake
+        elif (accepted >> i) & 1 == 1:
+            if accepted_stake > 0:
+                share: uint256 = proposer_budget * self.stakes[p] // accepted_stake
                 self._reward(r, p, share)
                 paid += share
-        elif outcome == OUTCOME_REJECTED:
+        elif decided:
             slashed += self._slash(r, p, SLASH_PROPOSAL_REJECTED)
 
-    for v: address in self.round_voters[r]:
+    # a voter's agreements: submitted proposals where its bit equals the verdict
+    agreement_weight: uint256 = 0
+    if decided:
+        for v: address in voters:
+            vote: Vote = self.votes[r][v]
+            if vote.revealed:
+                agreed: uint256 = n_submitted - self._popcount((vote.accepts ^ accepted) & submitted)
+                agreement_weight += vote.weight * agreed
+    for v: address in voters:
         vote: Vote = self.votes[r][v]
         if not vote.revealed:
-            if submitted > 0:
+            if n_submitted > 0:
                 slashed += self._slash(r, v, SLASH_VOTE_NOT_REVEALED)
         elif decided:
-            if vote.accept == (outcome == OUTCOME_ACCEPTED):
-                if winning_stake > 0:
-                    share: uint256 = voter_budget * vote.weight // winning_stake
-                    self._reward(r, v, share)
-                    paid += share
-            else:
-                slashed += self._slash(r, v, SLASH_LOSING_VOTE)
+            wrong: uint256 = self._popcount((vote.accepts ^ accepted) & submitted)
+            if wrong < n_submitted and agreement_weight > 0:
+                share: uint256 = voter_budget * vote.weight * (n_submitted - wrong) // agreement_weight
+                self._reward(r, v, share)
+                paid += share
+            if wrong > 0:
+                slashed += self._slash_part(r, v, wrong, n_submitted, SLASH_LOSING_VOTE)
 
     # slashes were added to the pool as they happened; payments leave it here
     self.pool -= paid
-    self.results[r] = RoundResult(outcome=outcome, reward=reward, paid=paid, slashed=slashed)
+    self.results[r] = RoundResult(
+        outcome=outcome, reward=reward, paid=paid, slashed=slashed, accepted=accepted
+    )
     log RoundFinalized(
         round=r,
         outcome=outcome,
         reward=reward,
         paid=paid,
         slashed=slashed,
-        accept_stake=t.accept_stake,
-        reject_stake=t.reject_stake,
+        accepted=accepted,
+        revealed_stake=total,
     )
     self._next_round()
 
