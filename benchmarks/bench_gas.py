@@ -4,9 +4,9 @@ Fills a task to the hard cap (64 participants, 16 proposers + 48 voters per roun
 loop runs at its longest) and plays three rounds, every ballot judging all 16 proposals: one
 accepted (two thirds of the voters accept everything: a third lose every verdict and are
 slashed), one rejected (every proposer and two thirds of the voters are slashed) and one mixed
-(each voter accepts a random half of the proposals: some are accepted, and nearly every voter
-is both paid and partly slashed, the most writes a finalize makes). Records the gas of each call from the chain client's gas log, and compares
-the largest calls (draw_roles, finalize) with a 30M block gas limit. Writes
+(each voter accepts a random half of the proposals: some are accepted, and most voters are
+both paid and partly slashed). Records the gas of each call from the chain client's gas log and
+compares the largest calls (draw_roles, finalize) with a 30M block gas limit. Writes
 benchmarks/results/gas.json.
 
     .venv/bin/python benchmarks/bench_gas.py [--participants 64 --proposers 16]
@@ -26,13 +26,13 @@ from pathlib import Path
 
 from covey.flock.chain import (
     MAX_PARTICIPANTS,
-    accept_mask,
     TOKEN_UNIT,
     Chain,
     FlockTask,
     Outcome,
     Phase,
     TaskParams,
+    accept_mask,
     new_secret,
     seed_commitment,
     vote_commitment,

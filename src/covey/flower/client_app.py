@@ -1,0 +1,225 @@
+"""The Flower ClientApp: one SuperNode is one Covey client, training with `train_local`.
+
+The server sends the resolved recipe with every message, so a SuperNode needs no recipe of its
+own; it needs the base model (same `model.base`, or its own path via `model-base`) and its data.
+
+SuperNode `--node-config` keys:
+- `data-file`: the client's `client_<i>.jsonl` from `covey data split` (required in deployment).
+- `client-index`: the client's index `i` (default: taken from the `client_<i>.jsonl` name). It
+  seeds local training exactly as the in-process engine seeds client `i`.
+- `model-base`: this machine's path of the base model (default: the recipe's `model.base`).
+- `device`: `cpu`, `cuda` or `cuda:N` for this node (default: the recipe's `model.device`).
+
+In Flower's simulation there is no node config but `partition-id`: partition `i` reads
+`<data.dir>/client_<i>.jsonl` and is client `i`.
+
+Flower may start a fresh process per message (deployment) or keep one per worker (simulation);
+the model and the tokenized data are cached per process, so a kept process loads them once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from covey.config import RunConfig, load_recipe
+from covey.errors import ConfigError
+
+log = logging.getLogger("covey.flower")
+
+app = ClientApp()
+
+META = "covey"
+"""Name of the ConfigRecord with Covey's fields in every message."""
+GLOBAL = "global"
+"""Name of the ArrayRecord holding the global adapter (server -> client)."""
+UPDATE = "update"
+"""Name of the ArrayRecord holding the trained adapter (client -> server)."""
+METRICS = "metrics"
+"""Name of the MetricRecord with the local training metrics (client -> server)."""
+
+_CLIENT_FILE = re.compile(r"client_(\d+)\.jsonl$")
+_cache: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Which client this node is, from its node config (or simulation partition)."""
+
+    data_file: Path
+    index: int
+
+
+def client_spec(node_config: dict[str, Any], cfg: RunConfig) -> ClientSpec:
+    """Resolve `data-file` and `client-index` (see the module docstring)."""
+    raw_file = node_config.get("data-file")
+    partition = node_config.get("partition-id")
+    if raw_file is None and partition is not None:
+        raw_file = str(Path(cfg.data.dir) / f"client_{int(partition)}.jsonl")
+    if not isinstance(raw_file, str) or not raw_file:
+        raise ConfigError(
+            "this SuperNode has no data-file in its node config; start it with "
+            "--node-config 'data-file=\"/path/client_0.jsonl\" client-index=0'"
+        )
+    data_file = Path(raw_file).expanduser()
+    raw_index = node_config.get("client-index")
+    if raw_index is None:
+        match = _CLIENT_FILE.search(data_file.name)
+        if match is None:
+            raise ConfigError(
+                f"data-file {data_file}: cannot tell the client index from the name; add "
+                "client-index=<i> to the node config"
+            )
+        raw_index = int(match.group(1))
+    if isinstance(raw_index, bool) or not isinstance(raw_index, int) or raw_index < 0:
+        raise ConfigError(f"client-index must be an integer >= 0, got {raw_index!r}")
+    if not data_file.is_file():
+        raise ConfigError(f"data-file {data_file}: no such file on this SuperNode")
+    return ClientSpec(data_file=data_file, index=raw_index)
+
+
+def meta_int(record: ConfigRecord, key: str) -> int:
+    """An integer field of a ConfigRecord (bool is not an integer here)."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def recipe_from(message: Message) -> RunConfig:
+    """The run's resolved recipe, sent by the server as TOML text."""
+    meta = message.content.config_records[META]
+    text = meta["recipe"]
+    if not isinstance(text, str):
+        raise ValueError("message carries no recipe")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.toml"
+        path.write_text(text, encoding="utf-8")
+        return load_recipe(path)
+
+
+def _local_config(cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
+    """This node's view of `[model]`: its own path and device for the same base model."""
+    model = cfg.model
+    base = node_config.get("model-base")
+    device = node_config.get("device")
+    if isinstance(base, str) and base:
+        model = dataclasses.replace(model, base=base)
+    if isinstance(device, str) and device:
+        model = dataclasses.replace(model, device=device)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _model(cfg: RunConfig) -> tuple[Any, Any]:
+    """The base model wrapped with the run's LoRA settings, cached per process."""
+    key = json.dumps(["model", dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora)])
+    if key not in _cache:
+        from covey.model.loading import load_base_model
+        from covey.model.lora import wrap_with_lora
+
+        _cache.clear()  # one model per process: a new recipe replaces the old one
+        model, tokenizer = load_base_model(cfg.model)
+        _cache[key] = (wrap_with_lora(model, cfg.lora), tokenizer)
+    model_and_tokenizer: tuple[Any, Any] = _cache[key]
+    return model_and_tokenizer
+
+
+def _examples(cfg: RunConfig, spec: ClientSpec, tokenizer: Any) -> list[Any]:
+    """The client's tokenized examples, cached per process and file version."""
+    stat = spec.data_file.stat()
+    key = json.dumps(
+        ["examples", str(spec.data_file.resolve()), stat.st_mtime_ns, stat.st_size,
+         dataclasses.asdict(cfg.prompt), dataclasses.asdict(cfg.model)]
+    )  # fmt: skip
+    if key not in _cache:
+        from covey.data.prompts import tokenize_records
+        from covey.data.records import load_records
+
+        records = load_records(spec.data_file).records
+        if not records:
+            raise ConfigError(f"data-file {spec.data_file}: no records")
+        tokenized = tokenize_records(records, tokenizer, cfg.prompt)
+        if all(e.num_target_tokens == 0 for e in tokenized):
+            raise ConfigError(
+                f"{spec.data_file.name}: prompt.cutoff_len = {cfg.prompt.cutoff_len} cuts off "
+                "every response; raise prompt.cutoff_len"
+            )
+        _cache[key] = tokenized
+    examples: list[Any] = _cache[key]
+    return examples
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Tell the server which client this node is and how many records it holds."""
+    from covey.data.records import load_records
+
+    cfg = recipe_from(message)
+    spec = client_spec(dict(context.node_config), cfg)
+    count = len(load_records(spec.data_file).records)
+    meta = ConfigRecord(
+        {"client-index": spec.index, "num-examples": count, "data-file": spec.data_file.name}
+    )
+    return Message(RecordDict({META: meta}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of local training from the global adapter in the message."""
+    from covey.fed.engine import client_seed
+    from covey.flower.codec import cast_like, decode, encode, wire_dtype
+    from covey.model.lora import adapter_state
+    from covey.train.local import train_local
+
+    cfg = recipe_from(message)
+    meta = message.content.config_records[META]
+    spec = client_spec(dict(context.node_config), cfg)
+    expected = meta.get("client-index")
+    if expected is not None and expected != spec.index:
+        raise ConfigError(
+            f"the server addressed client {expected!r}, but this node is client {spec.index}"
+        )
+    round_index = meta_int(meta, "round")
+    wire = wire_dtype(str(meta.get("wire-dtype", "float32")))
+    model, tokenizer = _model(_local_config(cfg, dict(context.node_config)))
+    examples = _examples(cfg, spec, tokenizer)
+    reference = adapter_state(model)
+    received = decode(message.content.array_records[GLOBAL])
+    if received.keys() != reference.keys():
+        raise ValueError("the global adapter does not match this node's LoRA layout")
+    start = cast_like(received, reference, wire)
+    result = train_local(
+        model,
+        examples,
+        start,
+        cfg.train,
+        client_seed(cfg.run.seed, round_index, spec.index),
+        tokenizer.pad_token_id,
+    )
+    attack = meta.get("attack", "")
+    if isinstance(attack, str) and attack:  # a robustness experiment: this client is malicious
+        from covey.fed.attacks import attack_update
+
+        seed = client_seed(cfg.run.seed, round_index, spec.index)
+        result.state = attack_update(attack, start, result.state, cfg.attack.strength, seed)
+    log.info(
+        "round %d: client %d trained on %d examples, loss %.4f",
+        round_index, spec.index, result.num_samples, result.metrics["train_loss"],
+    )  # fmt: skip
+    content = RecordDict(
+        {
+            UPDATE: encode(result.state, wire),
+            METRICS: MetricRecord({k: float(v) for k, v in result.metrics.items()}),
+            META: ConfigRecord({"client-index": spec.index, "num-samples": result.num_samples}),
+        }
+    )
+    return Message(content, reply_to=message)
