@@ -58,9 +58,7 @@ def run(data: Path, out: Path, base: str, fraction: float, rounds: int, device: 
         "eval.sample_instructions=1",
         "eval.max_new_tokens=8",
     ]
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, *settings], capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-c", CHILD, *settings], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

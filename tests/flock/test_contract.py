@@ -213,6 +213,7 @@ def test_accepted_round_pays_proposers_pro_rata_and_winning_voters(w: World) -> 
         assert task.stake_of(who) == stakes[who] - stakes[who] // 10
     assert result.accepted == 0b11  # both proposals
     assert task.tally(0).revealed_count == 3
+    assert len(final.named("ProposalJudged")) == 2
     for judged in final.named("ProposalJudged"):
         assert judged["accept_stake"] == stakes[by_stake[2]]
         assert judged["reject_stake"] == stakes[by_stake[0]] + stakes[by_stake[1]]
@@ -284,6 +285,79 @@ def test_each_proposal_is_judged_on_its_own(w: World) -> None:
     assert [judged[p]["accepted"] for p in proposers] == [True, False]
     assert task.vote_of(0, middle).accepts == 0b11
     assert contract_holdings(task) == w.token.balance_of(task.address)
+
+
+@pytest.mark.parametrize("threshold", [50, 51])
+def test_threshold_per_proposal_and_a_rejected_round_with_split_ballots(
+    w: World, threshold: int
+) -> None:
+    """Two voters of equal stake: one accepts both proposals, the other only the first. The
+    second proposal has exactly half the weight: accepted at threshold 50, rejected at 51."""
+    task = w.task(
+        proposers_per_round=2, voters_per_round=2, min_participants=4, threshold_pct=threshold
+    )
+    people = w.people[:4]
+    join_all(task, dict.fromkeys(people, 10 * T))
+    start(task)
+    seed_and_draw(task, people)
+    proposers, (both, first_only) = task.proposers_of(0), task.voters_of(0)
+    final = propose_and_vote(task, RoundPlan(votes={both: (0b11, 1), first_only: (0b01, 1)}))
+    result = task.result(0)
+    reward = 1000 * T // 2
+    voter_budget = reward * 20 // 100
+    if threshold == 50:  # equality accepts: both accepted, first_only wrong on one of two
+        assert result.accepted == 0b11
+        assert result.accepted_proposers(proposers) == proposers
+        agreement = 10 * T * 2 + 10 * T * 1
+        assert rewards(final) == {
+            proposers[0]: (reward - voter_budget) // 2,
+            proposers[1]: (reward - voter_budget) // 2,
+            both: voter_budget * 10 * T * 2 // agreement,
+            first_only: voter_budget * 10 * T * 1 // agreement,
+        }
+        assert slashes(final) == {first_only: (10 * T * 10 // 200, SlashReason.LOSING_VOTE)}
+    else:  # 5 < 51% of 10: the second is rejected; now `both` is wrong on one of two
+        assert result.accepted == 0b01
+        assert result.accepted_proposers(proposers) == [proposers[0]]
+        agreement = 10 * T * 1 + 10 * T * 2
+        assert rewards(final) == {
+            proposers[0]: reward - voter_budget,
+            both: voter_budget * 10 * T * 1 // agreement,
+            first_only: voter_budget * 10 * T * 2 // agreement,
+        }
+        assert slashes(final) == {
+            proposers[1]: (T, SlashReason.PROPOSAL_REJECTED),
+            both: (10 * T * 10 // 200, SlashReason.LOSING_VOTE),
+        }
+    assert contract_holdings(task) == w.token.balance_of(task.address)
+
+
+def test_a_rejected_round_pays_only_voters_by_their_right_verdicts(w: World) -> None:
+    """Everything rejected: proposers slashed; voters paid by right verdicts (2 + 2 + 1 parts,
+    equal weights), and the one right on one of two loses half a slash."""
+    task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
+    people = w.people[:5]
+    join_all(task, dict.fromkeys(people, 10 * T))
+    start(task)
+    seed_and_draw(task, people)
+    proposers, (a, b, c) = task.proposers_of(0), task.voters_of(0)
+    final = propose_and_vote(task, RoundPlan(votes={a: (0, 1), b: (0, 1), c: (0b10, 1)}))
+    result = task.result(0)
+    assert result.outcome == Outcome.REJECTED and result.accepted == 0
+    voter_budget = (1000 * T // 2) * 20 // 100
+    agreement = 10 * T * (2 + 2 + 1)
+    assert rewards(final) == {
+        a: voter_budget * 10 * T * 2 // agreement,
+        b: voter_budget * 10 * T * 2 // agreement,
+        c: voter_budget * 10 * T * 1 // agreement,
+    }
+    assert slashes(final) == {
+        proposers[0]: (T, SlashReason.PROPOSAL_REJECTED),
+        proposers[1]: (T, SlashReason.PROPOSAL_REJECTED),
+        c: (T // 2, SlashReason.LOSING_VOTE),
+    }
+    # the proposers' part of the reward stays in the pool
+    assert task.pool() == 1000 * T - result.paid + result.slashed
 
 
 def test_verdicts_on_silent_proposers_are_ignored_and_extra_bits_refused(w: World) -> None:

@@ -38,10 +38,12 @@ T = TOKEN_UNIT
 PARAMS = replace(
     SMALL,
     rounds=2,
-    min_participants=3,
-    max_participants=4,
-    proposers_per_round=2,  # ballots judge two proposals: partial verdicts, partial slashes
-    voters_per_round=1,
+    min_participants=4,
+    max_participants=5,
+    # two voters (unequal stakes) judging two proposals: split verdicts, voters both paid and
+    # partly slashed, ties settled by threshold_pct
+    proposers_per_round=2,
+    voters_per_round=2,
     registration_blocks=12,
     seed_commit_blocks=6,
     seed_reveal_blocks=6,
@@ -50,7 +52,7 @@ PARAMS = replace(
     vote_reveal_blocks=4,
 )
 ALL_ACCEPT = (1 << PARAMS.proposers_per_round) - 1  # a ballot accepting every proposal
-PEOPLE = 5  # one more than max_participants, so the cap gets hit
+PEOPLE = 6  # one more than max_participants, so the cap gets hit
 
 _world: World | None = None
 

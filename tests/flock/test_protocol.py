@@ -14,11 +14,15 @@ from safetensors.torch import load_file
 from covey.config import RunConfig
 from covey.data.split import SplitConfig, run_split
 from covey.fed import engine
-from covey.flock.protocol import run_flock
+from covey.flock.chain import TOKEN_UNIT
+from covey.flock.protocol import FlockSetup, Participant, _fetch, run_flock
 from covey.model.loading import base_model_id, load_base_model
-from covey.store.updates import deserialize_update
+from covey.store.cid import digest_of as cid_digest
+from covey.store.local import LocalStore
+from covey.store.updates import deserialize_update, serialize_update
 from tests.conftest import dolly_records, write_records
 from tests.fed.test_engine import tiny_config
+from tests.flock import World, join_all, seed_and_draw, start
 
 pytestmark = pytest.mark.chain
 
@@ -121,3 +125,39 @@ def test_noise_attackers_are_voted_down_and_earn_less(
     net = {b["participant"]: b["net"] for b in s["settled"]}
     assert all(net[a] < 0 for a in attackers)  # attackers end with less than they staked
     assert all(v > 0 for i, v in net.items() if i not in attackers)
+
+
+def test_voters_see_proposals_in_draw_order_and_refuse_bad_ones(tmp_path: Path) -> None:
+    """Ballot bit i is proposers_of(round)[i]: a silent proposer, bytes that do not match their
+    CID and an update of the wrong shape leave a None in their place, the rest line up."""
+    world = World.create(accounts=7)
+    task = world.task(proposers_per_round=4, voters_per_round=2, min_participants=6)
+    people = world.people[:6]
+    join_all(task, dict.fromkeys(people, 10 * TOKEN_UNIT))
+    start(task)
+    seed_and_draw(task, people)
+    store = LocalStore(tmp_path / "store")
+    global_state = {"w": torch.zeros(2, 2)}
+    good, tampered, misshapen, silent = task.proposers_of(0)
+    published = {
+        good: {"w": torch.ones(2, 2)},
+        tampered: {"w": torch.full((2, 2), 2.0)},
+        misshapen: {"w": torch.ones(3, 2)},
+    }
+    for who, state in published.items():
+        cid = store.put(serialize_update(state))
+        task.propose(cid_digest(cid), sender=who)
+        if who == tampered:  # replaced after publishing: the digest on chain no longer matches
+            (store.root / cid).write_bytes(serialize_update({"w": torch.full((2, 2), 9.0)}))
+    participants = [
+        Participant(index=i, address=a, train=[], validation=[], malicious=False)
+        for i, a in enumerate(people)
+    ]
+    flock = FlockSetup(chain=world.chain, task=task, participants=participants, store=store)
+    by_address = {p.address: p for p in participants}
+    drawn = [by_address[a] for a in task.proposers_of(0)]
+    candidates = _fetch(flock, drawn, global_state)
+    assert len(candidates) == 4
+    assert candidates[0] is not None and torch.equal(candidates[0]["w"], torch.ones(2, 2))
+    assert candidates[1:] == [None, None, None]  # tampered, misshapen, silent
+    assert silent not in published

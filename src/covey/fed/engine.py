@@ -260,14 +260,26 @@ def run_federated(
 
 def evaluate_round(cfg: RunConfig, fed: Federation, state: State) -> dict[str, Any]:
     """Held-out loss and sample answers of the adapter `state`."""
-    load_adapter_state(fed.model, state)
-    metrics = evaluate_loss(
-        fed.model, fed.test_examples, cfg.eval.batch_size, fed.tokenizer.pad_token_id
+    return evaluate_adapter(
+        cfg, fed.model, fed.tokenizer, state, fed.test_examples, fed.sample_records
     )
+
+
+def evaluate_adapter(
+    cfg: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    state: State,
+    test_examples: list[Example],
+    sample_records: list[Record],
+) -> dict[str, Any]:
+    """The round record's `eval` and `answers` for `state`, as every engine reports them."""
+    load_adapter_state(model, state)
+    metrics = evaluate_loss(model, test_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
     answers = generate_answers(
-        fed.model, fed.tokenizer, fed.sample_records, cfg.prompt.template, cfg.eval.max_new_tokens
+        model, tokenizer, sample_records, cfg.prompt.template, cfg.eval.max_new_tokens
     )
-    return {"eval": metrics | {"examples": len(fed.test_examples)}, "answers": answers}
+    return {"eval": metrics | {"examples": len(test_examples)}, "answers": answers}
 
 
 def save_round_record(

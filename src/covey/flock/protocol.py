@@ -58,7 +58,9 @@ from covey.flock.chain import (
     TOKEN_UNIT,
     Chain,
     FlockTask,
+    Outcome,
     Phase,
+    RoundResult,
     TaskParams,
     accept_mask,
     seed_commitment,
@@ -201,11 +203,6 @@ def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> Ru
         chain_round = task.current_round()
         finalized = task.finalize(sender=flock.participants[0].address)
         outcome = task.result(chain_round)
-        accepted = [
-            c for i, c in enumerate(candidates) if outcome.accepted >> i & 1 and c is not None
-        ]
-        if accepted:
-            global_state, _ = fedavg(global_state, accepted, [1.0] * len(accepted), {}, FedConfig())
         judged = {str(e["proposer"]).lower(): e for e in finalized.named("ProposalJudged")}
         for proposal in proposals:
             verdict = judged.get(proposal["address"].lower())
@@ -214,13 +211,22 @@ def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> Ru
             if verdict:
                 proposal["accept_stake"] = verdict["accept_stake"] / TOKEN_UNIT
                 proposal["reject_stake"] = verdict["reject_stake"] / TOKEN_UNIT
-        won = {p["participant"] for p in proposals if p["accepted"]}
+        # an update joins the global adapter when the contract accepted it and it is valid here
+        # (a colluding majority could accept one that does not even load)
+        merged = [p for p in proposals if p["accepted"] and p["valid"]]
+        if merged:
+            states = [candidates[p["position"]] for p in merged]
+            global_state, _ = fedavg(
+                global_state, [s for s in states if s is not None], [1.0] * len(merged), {},
+                FedConfig(),
+            )  # fmt: skip
+        won = {p["participant"] for p in merged}
         record = {
             "round": round_index,
             "selected": [p.index for p in proposers],
             "clients": [c for c in contributions if c["client"] in won],
             "rejected": [
-                {"client": c["client"], "reason": "voted down"}
+                {"client": c["client"], "reason": _why_not_merged(c["client"], proposals, outcome)}
                 for c in contributions
                 if c["client"] not in won
             ],
@@ -260,6 +266,15 @@ def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> Ru
 
     plot_rewards(summary, out / "rewards.png")
     return result
+
+
+def _why_not_merged(client: int, proposals: list[dict[str, Any]], outcome: RoundResult) -> str:
+    proposal = next(p for p in proposals if p["participant"] == client)
+    if proposal["accepted"]:
+        return "accepted on chain but invalid here (not merged)"
+    if outcome.outcome == Outcome.NO_QUORUM:
+        return "no quorum: no vote was revealed"
+    return "voted down" if proposal["valid"] else "invalid, voted down"
 
 
 def simulated_secret(seed: int, round_index: int, participant: int, purpose: str) -> bytes:

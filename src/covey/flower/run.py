@@ -862,6 +862,18 @@ def run_command(
     _report(run_app(home, config, echo=True), out)
 
 
+def _on_this_machine(
+    recipe: Path | None, overrides: list[str]
+) -> tuple[list[str], list[Path], Path, str]:
+    """What `local` and `simulate` need: absolute overrides, the client files of data.dir,
+    Flower's state folder (`<run.out>/flower`) and run.out."""
+    from covey.config import load_recipe
+
+    sets = absolute_overrides(recipe, overrides)
+    cfg = load_recipe(recipe, sets)
+    return sets, client_files(Path(cfg.data.dir)), Path(cfg.run.out) / "flower", cfg.run.out
+
+
 @flower_app.command("local")
 def local_command(
     recipe: Path | None = _RECIPE,
@@ -871,12 +883,7 @@ def local_command(
     round_timeout: float = typer.Option(3600.0, help="Seconds a round waits for replies."),
 ) -> None:
     """A real deployment on this machine: SuperLink + one SuperNode per client file, then stop."""
-    from covey.config import load_recipe
-
-    sets = absolute_overrides(recipe, overrides)
-    cfg = load_recipe(recipe, sets)
-    files = client_files(Path(cfg.data.dir))
-    home = Path(cfg.run.out) / "flower"
+    sets, files, home, out = _on_this_machine(recipe, overrides)
     certs = make_certificates(home / "certs") if tls else None
     # N ClientApps share this machine's cores: one torch thread pool each would oversubscribe
     threads = str(max(1, (os.cpu_count() or 1) // len(files)))
@@ -889,7 +896,7 @@ def local_command(
             round_timeout=round_timeout,
         )  # fmt: skip
         typer.echo(f"SuperLink {federation.address}, {len(files)} SuperNodes; state in {home}/")
-        _report(run_app(home / "cli", config, echo=True), cfg.run.out)
+        _report(run_app(home / "cli", config, echo=True), out)
     finally:
         federation.stop()
 
@@ -902,15 +909,10 @@ def simulate_command(
     cpus_per_client: int = typer.Option(1, help="Ray CPUs per ClientApp (parallelism)."),
 ) -> None:
     """Flower's simulation runtime (Ray) on this machine, one virtual SuperNode per client."""
-    from covey.config import load_recipe
-
-    sets = absolute_overrides(recipe, overrides)
-    cfg = load_recipe(recipe, sets)
-    files = client_files(Path(cfg.data.dir))
-    home = Path(cfg.run.out) / "flower"
+    sets, files, home, out = _on_this_machine(recipe, overrides)
     result = simulate(home, run_config(recipe, sets, wire_dtype=wire_dtype, min_nodes=len(files)),
                       len(files), cpus_per_client=cpus_per_client, echo=True)  # fmt: skip
-    _report(result, cfg.run.out)
+    _report(result, out)
 
 
 def simulate(

@@ -522,21 +522,11 @@ def _collect(
 
 def _evaluate(cfg: RunConfig, server: ServerSide, state: State) -> dict[str, Any]:
     """Held-out loss and sample answers of the adapter `state` (as the engine reports them)."""
-    from covey.model.lora import load_adapter_state
-    from covey.train.evaluate import evaluate_loss, generate_answers
+    from covey.fed.engine import evaluate_adapter
 
-    load_adapter_state(server.model, state)
-    metrics = evaluate_loss(
-        server.model, server.test_examples, cfg.eval.batch_size, server.tokenizer.pad_token_id
+    return evaluate_adapter(
+        cfg, server.model, server.tokenizer, state, server.test_examples, server.sample_records
     )
-    answers = generate_answers(
-        server.model,
-        server.tokenizer,
-        server.sample_records,
-        cfg.prompt.template,
-        cfg.eval.max_new_tokens,
-    )
-    return {"eval": metrics | {"examples": len(server.test_examples)}, "answers": answers}
 
 
 def _save(

@@ -41,14 +41,14 @@
     the voters whose bit for it is set). With one proposer per round this is
     exactly FLock's round vote; with several, one bad proposal no longer sinks
     the honest ones beside it.
-      ACCEPTED      at least one proposal accepted: its proposers share
+      ACCEPTED      at least one proposal accepted: the accepted proposers share
                     (100 - voter_reward_pct)% of the reward pro rata to stake;
                     rejected proposers are slashed
       REJECTED      every proposal rejected: their proposers are slashed; the
                     proposers' part stays in the pool
-      in both       a voter agreeing with the outcome on a of the n submitted
-                    proposals earns voter_reward_pct% of the reward in
-                    proportion to weight * a, and loses
+      in both       a voter whose bits match the verdicts on a of the n
+                    submitted proposals earns voter_reward_pct% of the reward
+                    in proportion to weight * a, and loses
                     slash_pct% * (n - a) / n of its stake (n = 1: the losing
                     side is slashed in full, as FLock)
       NO_PROPOSALS  nobody submitted: voting was closed, nothing is paid
@@ -673,7 +673,8 @@ def reveal_vote(accepts: uint256, score: uint64, salt: bytes32):
     """
     @notice Open the committed vote; it counts with the voter's current stake.
     @param accepts bit i set: accept the proposal of proposers_of(round)[i]; bits of
-           proposers that did not submit are ignored, bits beyond them are refused
+           proposers that did not submit are ignored; bits at or above
+           len(proposers_of(round)) are refused
     """
     assert self._phase() == PHASE_VOTE_REVEAL, "reveal_vote: only in VOTE_REVEAL"
     r: uint256 = self.current_round
