@@ -157,6 +157,9 @@ class FlockConfig:
     """Share of a round's reward paid to the voters, by stake times verdicts they got right."""
     validation_examples: int = 16
     """Examples each participant keeps out of training to score proposals with (private)."""
+    harm_z: float = 2.0
+    """A voter rejects a proposal that raises its validation loss by at least this many standard
+    errors (paired over its examples); 0: accept only a strict improvement (FLock's rule)."""
 
 
 @dataclass

@@ -86,6 +86,11 @@ def test_noise_attackers_are_voted_down_and_earn_less(
             "attack.kind=noise",
             "attack.malicious_fraction=0.2",
             "attack.strength=100000",
+            # On this random tiny model even a huge perturbation moves the loss on a voter's 4
+            # examples by only ~0.01, inside the noise that flock.harm_z tolerates; the strict
+            # rule sees it. (tests/flock/test_judge.py covers the tolerant rule; the robustness
+            # benchmark runs it on SmolLM2, where attacked updates are far outside the noise.)
+            "flock.harm_z=0",
             # a slash (10% of 10) outweighs what a voter can earn in a round (20% of 1 token)
             "flock.reward_pool=3",
         )

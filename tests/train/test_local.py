@@ -121,3 +121,22 @@ def test_lr_schedules() -> None:
     assert [round(lr_at(s, 6, warm), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     cosine = TrainConfig(lr=1.0, lr_schedule="cosine")
     assert lr_at(0, 4, cosine) == 1.0 and abs(lr_at(2, 4, cosine) - 0.5) < 1e-9
+
+
+def test_example_losses_are_per_example_in_order_and_agree_with_the_mean(setup: tuple) -> None:
+    from covey.train.evaluate import example_losses
+
+    model, tokenizer, examples, _ = setup
+    pad = tokenizer.pad_token_id
+    losses = example_losses(model, examples, 3, pad)
+    assert losses.shape == (len(examples),) and not losses.isnan().any()
+    # the order follows the input, whatever the batching (longest first inside)
+    reversed_losses = example_losses(model, examples[::-1], 5, pad)
+    torch.testing.assert_close(reversed_losses, losses.flip(0))
+    # token-weighted, they give evaluate_loss's mean
+    tokens = torch.tensor([sum(t != -100 for t in e.labels[1:]) for e in examples]).double()
+    mean = float((losses * tokens).sum() / tokens.sum())
+    assert mean == pytest.approx(evaluate_loss(model, examples, 4, pad)["loss"], rel=1e-5)
+    # an example whose target was cut off entirely has no loss
+    cut = replace(examples[0], labels=[-100] * len(examples[0].labels))
+    assert example_losses(model, [cut, examples[1]], 2, pad)[0].isnan()

@@ -8,8 +8,8 @@ training as a private validation split. Per round (`run_flock`, top to bottom):
    safetensors bytes under its CID (a content-addressed store); the digest goes on chain;
 3. voters fetch every proposal by CID (bytes that do not match their hash are refused),
    validate it, score it against the current global adapter on their own validation split, and
-   commit, then reveal, one ballot with a verdict per proposal: accept if it lowers their loss
-   (an invalid or missing proposal is rejected);
+   commit, then reveal, one ballot with a verdict per proposal: accept unless it makes their
+   examples significantly worse (`judge`; an invalid or missing proposal is rejected);
 4. anyone finalizes: the contract judges each proposal by stake-weighted vote, pays the accepted
    proposers and the voters, slashes the rejected proposers and the voters in proportion to the
    verdicts they voted against. The equal-weight average of the accepted proposals becomes the
@@ -31,12 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from covey.atomic import atomic_write_bytes
 from covey.config import FedConfig, RunConfig, to_toml
@@ -71,7 +73,7 @@ from covey.state import State
 from covey.store.cid import cid_from_digest, digest_of
 from covey.store.local import LocalStore
 from covey.store.updates import deserialize_update, serialize_update
-from covey.train.evaluate import evaluate_loss
+from covey.train.evaluate import example_losses
 from covey.train.local import train_local
 
 log = logging.getLogger("covey.flock")
@@ -133,6 +135,8 @@ def setup_flock(cfg: RunConfig, fed: Federation, out: Path) -> FlockSetup:
             "the embedded chain's test accounts; leave flock.chain_url empty"
         )
     n = len(fed.clients)
+    if cfg.flock.harm_z < 0:
+        raise ConfigError(f"flock.harm_z must be >= 0 (got {cfg.flock.harm_z})")
     if cfg.flock.proposers_per_round + cfg.flock.voters_per_round > n:
         raise ConfigError(
             f"flock.proposers_per_round + flock.voters_per_round must be <= the {n} participants"
@@ -375,6 +379,38 @@ def _fetch(
     return candidates
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """A voter's view of one proposal: loss changes on its own validation examples."""
+
+    gain: float
+    """Mean loss decrease per example (positive: the proposal helps)."""
+    harm_z: float
+    """The mean loss increase in standard errors of the paired per-example differences."""
+    accept: bool
+
+
+def judge(before: torch.Tensor, after: torch.Tensor, harm_z: float) -> Judgement:
+    """Accept unless the proposal makes these examples significantly worse.
+
+    A paired test over the voter's examples: with d the per-example loss increase, reject when
+    mean(d) >= harm_z * stderr(d). An honest update trained on other data moves a voter's loss
+    by a little either way, most of all late in training when the gains are small, and requiring
+    a strict improvement would slash honest proposers for that noise; an attacked update raises
+    the loss on nearly every example and is rejected at any sensible harm_z. harm_z = 0 is the
+    strict rule: accept only a lower mean loss. Examples without target tokens are skipped.
+    """
+    keep = ~(before.isnan() | after.isnan())
+    diff = (after - before)[keep].double()
+    if diff.numel() == 0:
+        return Judgement(gain=0.0, harm_z=0.0, accept=False)
+    mean = float(diff.mean())
+    stderr = float(diff.std(unbiased=True)) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
+    z = mean / stderr if stderr > 0 else 0.0  # one example, or all equal: no spread to test
+    accept = mean < 0 if harm_z == 0 or stderr == 0 else mean < harm_z * stderr
+    return Judgement(gain=-mean, harm_z=z, accept=accept)
+
+
 def _vote(
     cfg: RunConfig,
     fed: Federation,
@@ -385,7 +421,8 @@ def _vote(
     round_index: int,
 ) -> list[dict[str, Any]]:
     """Each voter scores every proposal on its own validation split, then commits and reveals
-    one ballot: accept what lowers its loss. The score is its mean gain over what it accepts."""
+    one ballot: a verdict per proposal (`judge`). The score is its mean gain over what it
+    accepts, in micro-nats."""
     task = flock.task
     if task.proposal_count(task.current_round()) == 0:
         return []  # the contract closes voting on a round without proposals
@@ -395,21 +432,22 @@ def _vote(
     salts: dict[int, bytes] = {}
     for v in voters:
         load_adapter_state(fed.model, global_state)
-        before = evaluate_loss(fed.model, v.validation, cfg.eval.batch_size, pad)["loss"]
-        gains: list[float | None] = []
+        before = example_losses(fed.model, v.validation, cfg.eval.batch_size, pad)
+        judged: list[Judgement | None] = []
         for state in candidates:
             if state is None:
-                gains.append(None)
+                judged.append(None)
                 continue
             load_adapter_state(fed.model, state)
-            after = evaluate_loss(fed.model, v.validation, cfg.eval.batch_size, pad)["loss"]
-            gains.append(before - after)
-        verdicts = [g is not None and g > 0 for g in gains]
+            after = example_losses(fed.model, v.validation, cfg.eval.batch_size, pad)
+            judged.append(judge(before, after, cfg.flock.harm_z))
+        verdicts = [j is not None and j.accept for j in judged]
+        gains = [None if j is None else j.gain for j in judged]
         if v.malicious and cfg.attack.kind == "random_vote":
             verdicts = [bool(rng.integers(2)) for _ in candidates]
         elif v.malicious and cfg.attack.kind != "none":
             verdicts = [True] * len(candidates)  # colluding with the malicious proposers
-        accepted_gains = [g for g, ok in zip(gains, verdicts, strict=True) if ok and g]
+        accepted_gains = [g for g, ok in zip(gains, verdicts, strict=True) if ok and g is not None]
         score = int(max(0.0, float(np.mean(accepted_gains))) * SCORE_SCALE) if accepted_gains else 0
         salts[v.index] = simulated_secret(cfg.run.seed, round_index, v.index, "salt")
         mask = accept_mask(verdicts)
@@ -419,6 +457,7 @@ def _vote(
                 "participant": v.index,
                 "accepts": verdicts,
                 "gains": [None if g is None else round(g, 6) for g in gains],
+                "harm_z": [None if j is None else round(j.harm_z, 3) for j in judged],
                 "score": score,
                 "attacker": v.malicious,
             }

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from covey.data.prompts import Example, build_prompt
+from covey.data.prompts import IGNORE_INDEX, Example, build_prompt
 from covey.data.records import Record
-from covey.train.local import iterate_batches, token_loss_sum
+from covey.train.local import collate
 
 
 @torch.no_grad()
@@ -22,16 +23,46 @@ def evaluate_loss(
     Evaluation examples are tokenized with the prompt masked, so this is the loss on the
     reference responses only, whatever `train_on_inputs` says for training.
     """
+    sums, counts = _loss_sums(model, examples, batch_size, pad_id)
+    tokens = int(counts.sum())
+    loss = float(sums.sum()) / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(tokens)}
+
+
+@torch.no_grad()
+def example_losses(
+    model: Any, examples: Sequence[Example], batch_size: int, pad_id: int
+) -> torch.Tensor:
+    """Each example's mean loss over its target tokens, in the examples' order (NaN for an
+    example whose target was cut off entirely): for paired comparisons of two adapters."""
+    sums, counts = _loss_sums(model, examples, batch_size, pad_id)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
+
+
+def _loss_sums(
+    model: Any, examples: Sequence[Example], batch_size: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, in the examples' order: summed target-token loss (float64) and its token
+    count. Batches are formed longest first to limit padding."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
-    for ids, mask, labels in iterate_batches(examples, batch_size, pad_id, device):
-        total += token_loss_sum(model, ids, mask, labels).item()
-        tokens += int((labels[:, 1:] != -100).sum())
+    sums = torch.zeros(len(examples), dtype=torch.float64)
+    counts = torch.zeros(len(examples), dtype=torch.float64)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask, labels = collate([examples[i] for i in rows], pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        target = labels[:, 1:]
+        per_token = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )  # fmt: skip
+        sums[rows] = per_token.sum(dim=1).double().cpu()
+        counts[rows] = (target != IGNORE_INDEX).sum(dim=1).double().cpu()
     model.train(was_training)
-    loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(tokens)}
+    return sums, counts
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,12 +181,3 @@ def train_local(
             "tokens_per_s": seen_tokens / seconds if seconds > 0 else 0.0,
         },
     )
-
-
-def iterate_batches(
-    examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Fixed-order batches (for evaluation), longest first within the data to limit padding."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
-    for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id, device)
