@@ -72,6 +72,15 @@ def test_honest_flock_run_accepts_learns_and_pays(
         assert all((tmp_path / "honest" / "store" / p["cid"]).is_file() for p in r["proposals"])
     assert (tmp_path / "honest" / "rewards.png").is_file()
     assert (tmp_path / "honest" / "final" / "adapter_model.safetensors").is_file()
+    # `covey serve`'s run tab reads the same record: one row per participant and round
+    from covey.serve.app import read_run_view
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    view = read_run_view(tmp_path / "honest", scratch)
+    assert view.flock is not None and len(view.flock.rows) == 3 * 5
+    assert {row[2] for row in view.flock.rows} == {"proposer", "voter"}
+    assert sum(row[5] or 0 for row in view.flock.rows) > 0  # rewards paid
 
 
 def test_noise_attackers_are_voted_down_and_earn_less(

@@ -16,8 +16,6 @@ from typer.testing import CliRunner
 from covey.errors import ConfigError
 from covey.serve.app import (
     EMPTY_ANSWER,
-    Table,
-    _add_flock_rows,
     build_app,
     is_loopback,
     launch_app,
@@ -60,11 +58,23 @@ def test_run_view_shows_rejections_flock_and_plots_a_missing_figure(
     record_path = run_copy / "round_002" / "round.json"
     record = json.loads(record_path.read_text())
     record["rejected"] = [{"client": 3, "reason": "update norm 9.1 > 5.0"}]
-    record["flock"] = {
-        "participants": [
-            {"address": "0xaa", "role": "proposer", "reward": 1.5, "slashed": 0},
-            {"address": "0xbb", "role": "voter", "reward": 0, "slashed": 2.0},
-        ]
+    record["flock"] = {  # the shape covey.flock.protocol writes (trimmed to what is shown)
+        "proposers": [0, 1],
+        "voters": [2],
+        "proposals": [
+            {"participant": 0, "accepted": True, "attacker": False},
+            {"participant": 1, "accepted": False, "attacker": True},
+        ],
+        "votes": [{"participant": 2, "accepts": [True, False], "attacker": False}],
+        "outcome": "accepted",
+        "rewards": [{"participant": 0, "amount": 8.0}, {"participant": 2, "amount": 2.0}],
+        "slashes": [{"participant": 1, "amount": 10.0}],
+        "balances": [
+            {"participant": 0, "attacker": False, "net": 8.0},
+            {"participant": 1, "attacker": True, "net": -10.0},
+            {"participant": 2, "attacker": False, "net": 2.0},
+            {"participant": 3, "attacker": False, "net": 0.0},
+        ],
     }
     record_path.write_text(json.dumps(record))
     scratch = tmp_path / "scratch"
@@ -74,25 +84,15 @@ def test_run_view_shows_rejections_flock_and_plots_a_missing_figure(
     assert view.loss_image.read_bytes()[:4] == b"\x89PNG"
     assert [2, 3, None, None, None, "rejected", "update norm 9.1 > 5.0"] in view.contributions.rows
     assert view.flock is not None
-    assert view.flock.headers == ["round", "address", "role", "reward", "slashed"]
-    assert view.flock.rows == [[2, "0xaa", "proposer", 1.5, 0], [2, "0xbb", "voter", 0, 2.0]]
-
-
-@pytest.mark.parametrize(
-    ("section", "headers", "rows"),
-    [
-        ([{"who": "a", "reward": 1}], ["round", "who", "reward"], [[4, "a", 1]]),
-        ({"0xa": {"reward": 2}}, ["round", "participant", "reward"], [[4, "0xa", 2]]),
-        ({"total_reward": 3, "slashed": ["0xb"]}, ["round", "total_reward", "slashed"],
-         [[4, 3, '["0xb"]']]),
-    ],
-)  # fmt: skip
-def test_flock_sections_of_any_shape_become_a_table(
-    section: Any, headers: list[str], rows: list[list[Any]]
-) -> None:
-    table = Table(["round"])
-    _add_flock_rows(table, 4, section)
-    assert (table.headers, table.rows) == (headers, rows)
+    assert view.flock.headers == [
+        "round", "participant", "role", "attacker", "ballot / verdict", "reward", "slash", "net",
+    ]  # fmt: skip
+    assert view.flock.rows == [
+        [2, 0, "proposer", "", "accepted", 8.0, None, 8.0],
+        [2, 1, "proposer", "yes", "rejected", None, 10.0, -10.0],
+        [2, 2, "voter", "", "+-", 2.0, None, 2.0],
+        [2, 3, "-", "", "-", None, None, 0.0],
+    ]
 
 
 def test_examples_come_from_the_runs_held_out_test_set(session: ServeSession) -> None:

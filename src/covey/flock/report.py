@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt
 from rich.table import Table
 
 
 def plot_rewards(summary: dict[str, Any], path: Path) -> None:
     """Each participant's net token change after every round (malicious ones dashed, red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     rounds = summary["rounds"]
     for p in summary["participants"]:
@@ -31,28 +32,51 @@ def plot_rewards(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def flock_round_table(record: dict[str, Any]) -> Table:
-    """Roles, votes, outcome, rewards and slashes of one FLock round."""
-    f = record["flock"]
-    table = Table(title=f"FLock round {record['round']}: {f['outcome']}")
-    for name in ("participant", "role", "attacker", "vote / verdict", "reward", "slash", "net"):
-        table.add_column(name, justify="right")
+ROUND_COLUMNS = ("participant", "role", "attacker", "ballot / verdict", "reward", "slash", "net")
+"""One row per participant and round: its role, its ballot (voters: + accept, - reject, one
+sign per proposal in draw order) or its proposal's verdict (proposers), tokens credited and
+slashed in the round, and its net change since it staked."""
+
+
+def round_rows(record: dict[str, Any]) -> list[list[Any]]:
+    """The ROUND_COLUMNS rows of one FLock round record (none for round 0, before any vote)."""
+    f = record.get("flock") or {}
+    if "proposers" not in f:
+        return []
     roles = {i: "proposer" for i in f["proposers"]} | {i: "voter" for i in f["voters"]}
-    # a ballot judges every proposal, in the order of f["proposers"]: + accept, - reject
-    votes = {v["participant"]: "".join("+" if a else "-" for a in v["accepts"]) for v in f["votes"]}
+    ballots = {v["participant"]: "".join("+-"[not a] for a in v["accepts"]) for v in f["votes"]}
     verdicts = {p["participant"]: ("rejected", "accepted")[p["accepted"]] for p in f["proposals"]}
     rewards = {r["participant"]: r["amount"] for r in f["rewards"]}
     slashes = {s["participant"]: s["amount"] for s in f["slashes"]}
+    rows = []
     for b in f["balances"]:
         i = b["participant"]
+        rows.append(
+            [
+                i,
+                roles.get(i, "-"),
+                "yes" if b["attacker"] else "",
+                ballots.get(i) or verdicts.get(i, "-"),
+                round(rewards[i], 4) if i in rewards else None,
+                round(slashes[i], 4) if i in slashes else None,
+                round(b["net"], 4),
+            ]
+        )
+    return rows
+
+
+def flock_round_table(record: dict[str, Any]) -> Table:
+    """Roles, ballots, verdicts, rewards and slashes of one FLock round."""
+    table = Table(title=f"FLock round {record['round']}: {record['flock']['outcome']}")
+    for name in ROUND_COLUMNS:
+        table.add_column(name, justify="right")
+    for row in round_rows(record):
+        *head, reward, slash, net = row
         table.add_row(
-            str(i),
-            roles.get(i, "-"),
-            "yes" if b["attacker"] else "",
-            votes.get(i) or verdicts.get(i, "-"),
-            f"{rewards[i]:.2f}" if i in rewards else "",
-            f"{slashes[i]:.2f}" if i in slashes else "",
-            f"{b['net']:+.2f}",
+            *map(str, head),
+            "" if reward is None else f"{reward:.2f}",
+            "" if slash is None else f"{slash:.2f}",
+            f"{net:+.2f}",
         )
     return table
 

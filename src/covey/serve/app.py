@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from covey.config import RunConfig
 from covey.errors import ConfigError, CoveyError
+from covey.flock.report import ROUND_COLUMNS, round_rows
 from covey.serve.generate import GenerationSettings, ServeSession
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def read_run_view(run: Path, scratch: Path) -> RunView:
     contributions = Table(
         ["round", "client", "samples", "training loss", "update norm", "status", "reason"]
     )
-    flock = Table(["round"])
+    flock = Table(["round", *ROUND_COLUMNS])
     for record in records:
         r = record.get("round")
         for c in record.get("clients") or []:
@@ -120,8 +121,7 @@ def read_run_view(run: Path, scratch: Path) -> RunView:
             contributions.rows.append(
                 [r, c.get("client"), None, None, None, "rejected", c.get("reason", "")]
             )
-        if "flock" in record:
-            _add_flock_rows(flock, r, record["flock"])
+        flock.rows += [[r, *row] for row in round_rows(record)]
     return RunView(image, losses, contributions, flock if flock.rows else None, notes)
 
 
@@ -144,43 +144,6 @@ def _read_metrics(path: Path, notes: list[str]) -> list[dict[str, Any]]:
 
 def _num(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
-
-
-def _add_flock_rows(table: Table, round_index: Any, section: Any) -> None:
-    """FLock's per-round section, whatever its exact shape: a list of participant rows, a
-    mapping participant -> fields, or a table of lists under one key (e.g. "participants")."""
-    rows: list[dict[str, Any]]
-    if isinstance(section, list):
-        rows = [r if isinstance(r, dict) else {"value": r} for r in section]
-    elif isinstance(section, dict):
-        nested = [
-            v
-            for v in section.values()
-            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
-        ]
-        if nested:
-            rows = [dict(x) for v in nested for x in v]
-        elif section and all(isinstance(v, dict) for v in section.values()):
-            rows = [{"participant": k, **v} for k, v in section.items()]
-        else:
-            rows = [section]
-    else:
-        rows = [{"value": section}]
-    for row in rows:
-        for key in row:
-            if key not in table.headers:
-                table.headers.append(str(key))
-        table.rows.append(
-            [round_index if h == "round" else _cell(row.get(h)) for h in table.headers]
-        )
-    width = len(table.headers)
-    table.rows = [r + [None] * (width - len(r)) for r in table.rows]
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return _num(value)
 
 
 def load_examples(cfg: RunConfig, limit: int = 8) -> list[list[str]]:
