@@ -44,7 +44,7 @@ PARAMS = replace(
     # partly slashed, ties settled by threshold_pct
     proposers_per_round=2,
     voters_per_round=2,
-    registration_blocks=12,
+    registration_blocks=16,  # 6 people x (approve + join) fit, so the cap gets hit
     seed_commit_blocks=6,
     seed_reveal_blocks=6,
     propose_blocks=4,
@@ -329,14 +329,15 @@ class FlockMachine(RuleBasedStateMachine):
 
     def join(self, i: int, amount: int) -> None:
         who = self.people[i]
+        # approve first: it mines a block, which can close registration before the join lands
+        if self.w.token.allowance(who, self.task.address) < amount:
+            self.w.token.approve(self.task.address, amount, sender=who)
         ok = (
             self.phase() == Phase.REGISTRATION
             and who not in self.ever_joined
             and amount >= PARAMS.min_stake
             and len(self.members) < PARAMS.max_participants
         )
-        if self.w.token.allowance(who, self.task.address) < amount:
-            self.w.token.approve(self.task.address, amount, sender=who)
         self.attempt(ok, "join", amount, sender=who, approve=False)
 
     def commit_seed(self, i: int) -> None:
