@@ -65,6 +65,8 @@ def test_honest_flock_run_accepts_learns_and_pays(
     assert all(p["accepted"] for r in rounds for p in r["proposals"])
     losses = [r["eval"]["loss"] for r in result.records]
     assert losses[-1] < losses[0]
+    # the summary table's train-loss column: the proposers' own training, every round
+    assert all(r["train"]["loss"] > 0 and r["train"]["tokens"] > 0 for r in result.records[1:])
     s = summary(tmp_path / "honest")
     assert all(b["net"] >= 0 for b in s["settled"]) and sum(b["net"] for b in s["settled"]) > 0
     assert all(r["proposals"] and r["proposals"][0]["cid"].startswith("bafkrei") for r in rounds)

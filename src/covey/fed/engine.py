@@ -237,7 +237,7 @@ def run_federated(
             "selected": selected,
             "clients": contributions,
             "rejected": rejected,
-            "train": _train_summary(contributions),
+            "train": train_summary(contributions),
         }
         eval_started = time.perf_counter()
         record |= evaluate_round(cfg, fed, global_state)
@@ -303,7 +303,8 @@ def save_round_record(
     plot_losses(result.records, out / "loss.png")
 
 
-def _train_summary(contributions: list[dict[str, Any]]) -> dict[str, float]:
+def train_summary(contributions: list[dict[str, Any]]) -> dict[str, float]:
+    """The round's training figures: sample-weighted train loss, tokens, tokens/s."""
     if not contributions:
         return {}
     samples = sum(c["num_samples"] for c in contributions)

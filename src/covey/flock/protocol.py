@@ -53,6 +53,7 @@ from covey.fed.engine import (
     client_seed,
     evaluate_round,
     save_round_record,
+    train_summary,
 )
 from covey.fed.strategies import fedavg
 from covey.fed.validation import validate_update
@@ -234,7 +235,7 @@ def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> Ru
                 for c in contributions
                 if c["client"] not in won
             ],
-            "train": {},
+            "train": train_summary(contributions),  # every proposer's training, merged or not
         }
         record |= evaluate_round(cfg, fed, global_state)
         record["flock"] = {

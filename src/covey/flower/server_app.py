@@ -308,6 +308,7 @@ def run_server(
     from covey.config import to_toml
     from covey.fed import checkpoint
     from covey.fed.attacks import UPDATE_ATTACKS, malicious_participants
+    from covey.fed.engine import train_summary
     from covey.fed.selection import select_clients
     from covey.fed.strategies import get_strategy
     from covey.flower.codec import dtype_name, encode, record_bytes, wire_dtype
@@ -411,7 +412,7 @@ def run_server(
             "clients": outcome.contributions,
             "rejected": outcome.rejected,
             "failed": outcome.failed,
-            "train": _train_summary(outcome.contributions),
+            "train": train_summary(outcome.contributions),
             "bytes": {
                 "wire_dtype": dtype_name(wire),
                 "down": down * len(messages),
@@ -550,18 +551,6 @@ def _save(
     records.append(checkpoint.load_round(out, index)[2])
     checkpoint.write_metrics(out, records)
     plot_losses(records, out / "loss.png")
-
-
-def _train_summary(contributions: list[dict[str, Any]]) -> dict[str, float]:
-    if not contributions:
-        return {}
-    samples = sum(c["num_samples"] for c in contributions)
-    return {
-        "loss": sum(c["train_loss"] * c["num_samples"] for c in contributions) / samples,
-        "tokens": float(sum(c["tokens"] for c in contributions)),
-        "tokens_per_s": sum(c["tokens"] for c in contributions)
-        / max(sum(c["seconds"] for c in contributions), 1e-9),
-    }
 
 
 def _size(n: int) -> str:
