@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def main() -> None:
         "command": "python benchmarks/bench_memory.py",
         "model": args.base,
         "device": args.device,
+        "machine": f"{len(os.sched_getaffinity(0))} CPU cores",
         "rounds": args.rounds,
         "runs": runs,
         "ratio_100_vs_2_same_work": runs["100_clients_2_selected"]["peak_rss_mb"] / base,
