@@ -178,15 +178,21 @@ def test_every_transaction_emits_an_event(w: World) -> None:
 # ---------------------------------------------------------------- settlement rules
 
 
-def test_accepted_round_pays_proposers_pro_rata_and_winning_voters(w: World) -> None:
-    """2 proposers share by stake; the accept side (by stake) shares the voters' part."""
+def two_proposers_three_voters(w: World) -> tuple[FlockTask, dict[str, int], list[str], list[str]]:
+    """Five participants with doubling stakes, roles drawn for round 0: 2 proposers, 3 voters.
+    Returns the task, the stakes and the proposers and voters in draw order."""
     task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
     people = w.people[:5]
     stakes = dict(zip(people, DOUBLING, strict=False))
     join_all(task, stakes)
     start(task)
     seed_and_draw(task, people)
-    proposers, voters = task.proposers_of(0), task.voters_of(0)
+    return task, stakes, task.proposers_of(0), task.voters_of(0)
+
+
+def test_accepted_round_pays_proposers_pro_rata_and_winning_voters(w: World) -> None:
+    """2 proposers share by stake; the accept side (by stake) shares the voters' part."""
+    task, stakes, proposers, voters = two_proposers_three_voters(w)
     by_stake = sorted(voters, key=stakes.__getitem__)
     # the two smaller voters reject, the largest accepts: it outweighs both (doubling stakes)
     votes = {by_stake[0]: (False, 100), by_stake[1]: (False, 200), by_stake[2]: (True, 800)}
@@ -221,13 +227,7 @@ def test_accepted_round_pays_proposers_pro_rata_and_winning_voters(w: World) -> 
 
 def test_rejected_round_slashes_proposers_and_pays_reject_voters(w: World) -> None:
     """Stake decides, not heads: one big reject outweighs two accepts."""
-    task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
-    people = w.people[:5]
-    stakes = dict(zip(people, DOUBLING, strict=False))
-    join_all(task, stakes)
-    start(task)
-    seed_and_draw(task, people)
-    proposers, voters = task.proposers_of(0), task.voters_of(0)
+    task, stakes, proposers, voters = two_proposers_three_voters(w)
     by_stake = sorted(voters, key=stakes.__getitem__)
     votes = {by_stake[0]: (True, 900), by_stake[1]: (True, 900), by_stake[2]: (False, 10)}
     final = propose_and_vote(task, RoundPlan(votes=votes))
@@ -249,13 +249,7 @@ def test_rejected_round_slashes_proposers_and_pays_reject_voters(w: World) -> No
 def test_each_proposal_is_judged_on_its_own(w: World) -> None:
     """A mixed round: the good proposal is paid, the bad one slashed; each voter is paid by
     weight x verdicts it got right and slashed for the share it got wrong."""
-    task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
-    people = w.people[:5]
-    stakes = dict(zip(people, DOUBLING, strict=False))
-    join_all(task, stakes)
-    start(task)
-    seed_and_draw(task, people)
-    proposers, voters = task.proposers_of(0), task.voters_of(0)
+    task, stakes, proposers, voters = two_proposers_three_voters(w)
     small, middle, big = sorted(voters, key=stakes.__getitem__)
     # big (outweighing both others) accepts proposal 0 and rejects 1: that is the verdict.
     # middle accepts both (right on 0, wrong on 1); small accepts only 1 (wrong on both).

@@ -217,13 +217,13 @@ def run_federated(
                 continue
             accepted.append((update.state, verdict.num_samples))
             contributions.append(
-                {
-                    "client": client,
-                    "num_samples": verdict.num_samples,
-                    "update_norm": verdict.update_norm,
-                    "attacker": attacked,
-                }
-                | {k: round(v, 6) for k, v in update.metrics.items()}
+                contribution(
+                    client,
+                    verdict.num_samples,
+                    attacked,
+                    update.metrics,
+                    update_norm=verdict.update_norm,
+                )
             )
         global_state, server_state = strategy(
             global_state,
@@ -301,6 +301,16 @@ def save_round_record(
     from covey.fed.report import plot_losses  # matplotlib loads only when needed
 
     plot_losses(result.records, out / "loss.png")
+
+
+def contribution(
+    client: int, num_samples: int, attacker: bool, metrics: dict[str, float], **extra: float
+) -> dict[str, Any]:
+    """One client's line in a round record: who, its sample count, and its training metrics
+    (`train_summary` and the reports read these keys)."""
+    line: dict[str, Any] = {"client": client, "num_samples": num_samples, **extra}
+    line["attacker"] = attacker
+    return line | {k: round(v, 6) for k, v in metrics.items()}
 
 
 def train_summary(contributions: list[dict[str, Any]]) -> dict[str, float]:

@@ -51,6 +51,7 @@ from covey.fed.engine import (
     Hooks,
     RunResult,
     client_seed,
+    contribution,
     evaluate_round,
     save_round_record,
     train_summary,
@@ -347,10 +348,7 @@ def _propose(
                 "attacker": p.malicious,
             }
         )
-        contributions.append(
-            {"client": p.index, "num_samples": len(p.train), "attacker": p.malicious}
-            | {k: round(v, 6) for k, v in metrics.items()}
-        )
+        contributions.append(contribution(p.index, len(p.train), p.malicious, metrics))
     return proposals, contributions
 
 

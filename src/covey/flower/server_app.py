@@ -465,6 +465,7 @@ def _collect(
     attackers: set[int],
 ) -> RoundOutcome:
     """Decode and validate each selected client's reply, in client order (as the engine)."""
+    from covey.fed.engine import contribution
     from covey.fed.validation import validate_update
     from covey.flower.codec import CodecError, cast_like, decode, record_bytes
 
@@ -510,13 +511,9 @@ def _collect(
         assert isinstance(update, dict)
         outcome.accepted.append((update, verdict.num_samples))
         outcome.contributions.append(
-            {
-                "client": client,
-                "num_samples": verdict.num_samples,
-                "update_norm": verdict.update_norm,
-                "attacker": attacked,
-            }
-            | {k: round(v, 6) for k, v in metrics.items()}
+            contribution(
+                client, verdict.num_samples, attacked, metrics, update_norm=verdict.update_norm
+            )
         )
     return outcome
 
