@@ -14,15 +14,16 @@ from safetensors.torch import load_file
 from covey.config import RunConfig
 from covey.data.split import SplitConfig, run_split
 from covey.fed import engine
-from covey.flock.chain import TOKEN_UNIT
+from covey.flock.commitments import proposal_commitment
 from covey.flock.protocol import FlockSetup, Participant, _fetch, run_flock
+from covey.flock.task import TOKEN_UNIT, Phase
 from covey.model.loading import base_model_id, load_base_model
 from covey.store.cid import digest_of as cid_digest
 from covey.store.local import LocalStore
 from covey.store.updates import deserialize_update, serialize_update
 from tests.conftest import dolly_records, write_records
 from tests.fed.test_engine import tiny_config
-from tests.flock import World, join_all, seed_and_draw, start
+from tests.flock import World, fixed_salt, join_all, seed_and_draw, start
 
 pytestmark = pytest.mark.chain
 
@@ -160,11 +161,15 @@ def test_voters_see_proposals_in_draw_order_and_refuse_bad_ones(tmp_path: Path) 
         tampered: {"w": torch.full((2, 2), 2.0)},
         misshapen: {"w": torch.ones(3, 2)},
     }
-    for who, state in published.items():
-        cid = store.put(serialize_update(state))
-        task.propose(cid_digest(cid), sender=who)
-        if who == tampered:  # replaced after publishing: the digest on chain no longer matches
-            (store.root / cid).write_bytes(serialize_update({"w": torch.full((2, 2), 9.0)}))
+    cids = {who: store.put(serialize_update(state)) for who, state in published.items()}
+    for who, cid in cids.items():
+        commitment = proposal_commitment(cid_digest(cid), fixed_salt(0, who), who)
+        task.commit_proposal(commitment, sender=who)
+    task.advance_to_phase(Phase.PROPOSE_REVEAL)
+    for who, cid in cids.items():
+        task.reveal_proposal(cid_digest(cid), fixed_salt(0, who), sender=who)
+    # replaced after publishing: the digest on chain no longer matches
+    (store.root / cids[tampered]).write_bytes(serialize_update({"w": torch.full((2, 2), 9.0)}))
     participants = [
         Participant(index=i, address=a, train=[], validation=[], malicious=False)
         for i, a in enumerate(people)

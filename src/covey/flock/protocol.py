@@ -58,29 +58,33 @@ from covey.fed.engine import (
 )
 from covey.fed.strategies import fedavg
 from covey.fed.validation import validate_update
-from covey.flock.chain import (
+from covey.flock.chain import Chain
+from covey.flock.commitments import (
+    accept_mask,
+    proposal_commitment,
+    seed_commitment,
+    vote_commitment,
+)
+from covey.flock.task import (
+    EMBEDDED_TIMING,
     TOKEN_UNIT,
-    Chain,
     FlockTask,
     Outcome,
     Phase,
     RoundResult,
     TaskParams,
-    accept_mask,
-    seed_commitment,
-    vote_commitment,
+    Token,
+    phase_windows,
 )
 from covey.model.lora import adapter_state, load_adapter_state
 from covey.state import State
-from covey.store.cid import cid_from_digest, digest_of
+from covey.store.cid import cid_for, cid_from_digest, digest_of
 from covey.store.local import LocalStore
 from covey.store.updates import deserialize_update, serialize_update
 from covey.train.evaluate import example_losses
 from covey.train.local import train_local
 
 log = logging.getLogger("covey.flock")
-SCORE_SCALE = 1_000_000
-"""Votes carry the loss improvement in micro-nats as an integer (the contract stores uint64)."""
 
 
 @dataclass
@@ -107,8 +111,10 @@ class FlockSetup:
 
 
 def task_params(cfg: RunConfig, n: int) -> TaskParams:
-    """Contract parameters from the recipe; phases long enough for every participant's tx."""
-    blocks = 4 * n + 10  # the embedded chain mines one block per transaction
+    """Contract parameters from the recipe; windows that fit every participant's transactions
+    on the embedded chain (a block per transaction). The simulation moves the phases itself, so
+    it pays no keeper fee; a missed duty costs twice a slash."""
+    slash = cfg.flock.slash_pct
     return TaskParams(
         rounds=cfg.fed.rounds,
         min_participants=n,
@@ -117,15 +123,12 @@ def task_params(cfg: RunConfig, n: int) -> TaskParams:
         reward_pool=int(cfg.flock.reward_pool * TOKEN_UNIT),
         proposers_per_round=cfg.flock.proposers_per_round,
         voters_per_round=cfg.flock.voters_per_round,
-        slash_pct=cfg.flock.slash_pct,
+        slash_pct=slash,
+        no_show_pct=min(100, max(2 * slash, slash + 1)),
         threshold_pct=cfg.flock.threshold_pct,
         voter_reward_pct=cfg.flock.voter_reward_pct,
-        registration_blocks=blocks,
-        seed_commit_blocks=blocks,
-        seed_reveal_blocks=blocks,
-        propose_blocks=blocks,
-        vote_commit_blocks=blocks,
-        vote_reveal_blocks=blocks,
+        keeper_fee=0,
+        **phase_windows(EMBEDDED_TIMING, n),
     )
 
 
@@ -146,8 +149,10 @@ def setup_flock(cfg: RunConfig, fed: Federation, out: Path) -> FlockSetup:
     chain = Chain.embedded(accounts=n + 1)
     deployer, *accounts = chain.accounts
     params = task_params(cfg, n)
-    token = chain.deploy_token(sender=deployer)
-    task = chain.deploy_task(token, params, sender=deployer)
+    store = LocalStore(out / "store")
+    bundle = store.put(to_toml(cfg).encode())  # the task bundle: the run's recipe
+    token = Token.deploy(chain, sender=deployer)
+    task = FlockTask.deploy(chain, token, params, digest_of(bundle), sender=deployer)
     attackers = malicious_participants(n, cfg.attack)
     participants = []
     for i, client in enumerate(fed.clients):
@@ -172,9 +177,7 @@ def setup_flock(cfg: RunConfig, fed: Federation, out: Path) -> FlockSetup:
         p.initial_balance = token.balance_of(p.address) + task.stake_of(p.address)
     task.advance_to_phase(Phase.AWAIT_START)
     task.start(sender=deployer)
-    return FlockSetup(
-        chain=chain, task=task, participants=participants, store=LocalStore(out / "store")
-    )
+    return FlockSetup(chain=chain, task=task, participants=participants, store=store)
 
 
 def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> RunResult:
@@ -322,7 +325,9 @@ def _propose(
     round_index: int,
     hooks: Hooks,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    proposals, contributions = [], []
+    """Each proposer trains and commits to its update's digest; once the commit window has
+    closed, the updates are published in the store and the digests revealed."""
+    proposals, contributions, blobs = [], [], []
     for p in proposers:
         hooks.client_start(p.index, len(p.train))
         seed = client_seed(cfg.run.seed, round_index, p.index)
@@ -337,8 +342,11 @@ def _propose(
         if p.malicious and cfg.attack.kind in UPDATE_ATTACKS:
             state = attack_update(cfg.attack.kind, global_state, state, cfg.attack.strength, seed)
         data = serialize_update(state, {"round": str(round_index), "proposer": p.address})
-        cid = flock.store.put(data)
-        flock.task.propose(digest_of(cid), sender=p.address)
+        cid = cid_for(data)
+        salt = simulated_secret(cfg.run.seed, round_index, p.index, "proposal")
+        commitment = proposal_commitment(digest_of(cid), salt, p.address)
+        flock.task.commit_proposal(commitment, sender=p.address)
+        blobs.append((p, data, salt))
         proposals.append(
             {
                 "participant": p.index,
@@ -349,6 +357,10 @@ def _propose(
             }
         )
         contributions.append(contribution(p.index, len(p.train), p.malicious, metrics))
+    flock.task.advance_to_phase(Phase.PROPOSE_REVEAL)
+    for p, data, salt in blobs:
+        cid = flock.store.put(data)
+        flock.task.reveal_proposal(digest_of(cid), salt, sender=p.address)
     return proposals, contributions
 
 
@@ -420,8 +432,7 @@ def _vote(
     round_index: int,
 ) -> list[dict[str, Any]]:
     """Each voter scores every proposal on its own validation split, then commits and reveals
-    one ballot: a verdict per proposal (`judge`). The score is its mean gain over what it
-    accepts, in micro-nats."""
+    one ballot: a verdict per proposal (`judge`)."""
     task = flock.task
     if task.proposal_count(task.current_round()) == 0:
         return []  # the contract closes voting on a round without proposals
@@ -446,24 +457,21 @@ def _vote(
             verdicts = [bool(rng.integers(2)) for _ in candidates]
         elif v.malicious and cfg.attack.kind != "none":
             verdicts = [True] * len(candidates)  # colluding with the malicious proposers
-        accepted_gains = [g for g, ok in zip(gains, verdicts, strict=True) if ok and g is not None]
-        score = int(max(0.0, float(np.mean(accepted_gains))) * SCORE_SCALE) if accepted_gains else 0
         salts[v.index] = simulated_secret(cfg.run.seed, round_index, v.index, "salt")
         mask = accept_mask(verdicts)
-        task.commit_vote(vote_commitment(mask, score, salts[v.index], v.address), sender=v.address)
+        task.commit_vote(vote_commitment(mask, salts[v.index], v.address), sender=v.address)
         ballots.append(
             {
                 "participant": v.index,
                 "accepts": verdicts,
                 "gains": [None if g is None else round(g, 6) for g in gains],
                 "harm_z": [None if j is None else round(j.harm_z, 3) for j in judged],
-                "score": score,
                 "attacker": v.malicious,
             }
         )
     task.advance_to_phase(Phase.VOTE_REVEAL)
     for v, b in zip(voters, ballots, strict=True):
-        task.reveal_vote(accept_mask(b["accepts"]), b["score"], salts[v.index], sender=v.address)
+        task.reveal_vote(accept_mask(b["accepts"]), salts[v.index], sender=v.address)
     return ballots
 
 
