@@ -5,19 +5,15 @@ covey.flock.keys) and its own `Chain.connect`, signing and sending its transacti
 own thread, as participants on different machines would. Windows come from `phase_windows` for
 a one-second block time; every participant waits for its phase (`wait_for_phase`), which the
 client checks against the block its transaction will land in. The anvil binary comes from
-`make anvil` (npm's @foundry-rs/anvil, installed under .tools/) or COVEY_ANVIL; the test skips
-if there is none. anvil is started on a free loopback port and killed by its PID.
+`make anvil` (npm's @foundry-rs/anvil, installed under .tools/), PATH or COVEY_ANVIL; the test
+skips if there is none. `covey.flock.devnode.run_anvil` starts it on a free loopback port and
+stops it by its PID.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +27,7 @@ from covey.flock.commitments import (
     seed_commitment,
     vote_commitment,
 )
+from covey.flock.devnode import find_anvil, run_anvil
 from covey.flock.keys import load_private_key
 from covey.flock.task import (
     TOKEN_UNIT,
@@ -46,61 +43,17 @@ from covey.flock.task import (
 
 pytestmark = pytest.mark.chain
 
-ROOT = Path(__file__).resolve().parents[2]
 T = TOKEN_UNIT
 PEOPLE = 4
 TIMING = Timing(block_time_s=1, train_s=2, judge_s=2, tx_s=2, txs_per_block=50)
 
 
-def anvil_binary() -> str | None:
-    """COVEY_ANVIL, else anvil on PATH, else the one `make anvil` installed under .tools/."""
-    if os.environ.get("COVEY_ANVIL"):
-        return os.environ["COVEY_ANVIL"]
-    found = shutil.which("anvil")
-    if found:
-        return found
-    installed = sorted(ROOT.glob(".tools/node_modules/@foundry-rs/anvil-*/bin/anvil"))
-    return str(installed[0]) if installed else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def anvil_url() -> Iterator[str]:
-    binary = anvil_binary()
-    if binary is None:
-        pytest.skip(
-            "no anvil binary: run `make anvil` (npm install @foundry-rs/anvil into .tools/)"
-        )
-    port = free_port()
-    node = subprocess.Popen(
-        [binary, "--host", "127.0.0.1", "--port", str(port), "--block-time", "1", "--silent"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                Chain.connect(url, timeout=1)
-                break
-            except Exception:
-                if node.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"anvil did not answer on port {port}") from None
-                time.sleep(0.2)
+    if find_anvil() is None:
+        pytest.skip("no anvil binary: run `make anvil` (npm's @foundry-rs/anvil, into .tools/)")
+    with run_anvil(block_time_s=1) as url:
         yield url
-    finally:
-        node.terminate()
-        try:
-            node.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
 
 
 def keyed_chain(url: str, path: Path) -> Chain:

@@ -39,8 +39,8 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractConstructor, ContractFunction
-from web3.exceptions import ContractLogicError, TimeExhausted
-from web3.types import BlockIdentifier, TxParams, TxReceipt
+from web3.exceptions import ContractLogicError, MethodUnavailable, TimeExhausted
+from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
 
 from covey.errors import ConfigError, CoveyError
 from covey.flock.keys import PrivateKey
@@ -130,6 +130,15 @@ def _revert_reason(error: Exception) -> str | None:
         return None
     prefix = "execution reverted: "
     return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _estimate_gas(call: ContractFunction | ContractConstructor, tx: TxParams) -> int:
+    """Gas estimated in the block the transaction lands in (phases depend on its number),
+    or in the node's default block where the node takes no block for eth_estimateGas."""
+    try:
+        return int(call.estimate_gas(tx, block_identifier="pending"))
+    except MethodUnavailable:
+        return int(call.estimate_gas(tx))
 
 
 def _reproducible_backend(accounts: int, gas_limit: int) -> Any:
@@ -231,6 +240,9 @@ class Chain:
                 f"chain URL {_redact(url)}: use an http(s):// URL or the path of a node's .ipc"
                 " socket"
             )
+        # web3 asks for the chain id before every transaction; it never changes for an endpoint
+        provider.cache_allowed_requests = True
+        provider.cacheable_requests = {RPCEndpoint("eth_chainId")}
         w3 = Web3(provider)
         # proof-of-authority chains (many testnets, L2s) carry long extraData in block headers
         w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
@@ -346,7 +358,7 @@ class Chain:
                     call.call(tx, block_identifier="pending")
                 tx_hash = call.transact(tx)
             else:
-                tx["gas"] = int(call.estimate_gas(tx) * GAS_HEADROOM)
+                tx["gas"] = int(_estimate_gas(call, tx) * GAS_HEADROOM)
                 if self.signer is None:
                     tx_hash = call.transact(tx)
                 else:
