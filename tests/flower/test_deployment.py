@@ -336,8 +336,12 @@ def test_a_finished_run_needs_resume_and_then_continues(
     run_server(grid, tiny(tiny_model_dir, client_data_dir, out, "fed.rounds=1"), settings())
     with pytest.raises(ConfigError, match="resume=true"):
         run_server(grid, tiny(tiny_model_dir, client_data_dir, out), settings())
+    # what a server killed while writing round 2 leaves behind; resuming removes it
+    (out / ".round_002.tmp-k1ll").mkdir()
+    (out / ".metrics.jsonl.tmp-k1ll").write_text("partial")
     records = run_server(grid, tiny(tiny_model_dir, client_data_dir, out), settings(resume=True))
     assert [r["round"] for r in records] == [0, 1, 2]
+    assert not list(out.glob(".*")), "resume left the staging entries of the killed write"
 
 
 def test_app_defaults_and_run_config_agree_with_the_settings() -> None:
