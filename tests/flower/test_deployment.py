@@ -35,19 +35,17 @@ from covey.config import RunConfig, load_recipe, to_toml
 from covey.data.split import SplitConfig, run_split
 from covey.errors import ConfigError
 from covey.flower import client_app
-from covey.flower import run as flower
+from covey.flower.certs import make_certificates
 from covey.flower.client_app import ClientSpec, client_spec
 from covey.flower.codec import decode, encode
-from covey.flower.run import LocalFederation, RunResult, Service
-from covey.flower.server_app import FlowerSettings, run_server
+from covey.flower.control import FlowerRun, run_app
+from covey.flower.deploy import LocalFederation, client_files, simulate, start_local_federation
+from covey.flower.processes import Service, ray_tmpdir
+from covey.flower.server_app import run_server
+from covey.flower.settings import FlowerSettings
 from tests.conftest import dolly_records, write_records
 from tests.fed.test_engine import run as run_engine
 from tests.fed.test_engine import tiny_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # One thread per process: several ClientApps share two cores here; the tiny model gains nothing
 # from more, and oversubscription made rounds ten times slower.
@@ -202,10 +200,7 @@ class LoopbackGrid(Grid):
 
 
 def settings(**changes: Any) -> FlowerSettings:
-    base = FlowerSettings(min_nodes=3, node_wait=2.0, round_timeout=2.0)
-    for key, value in changes.items():
-        setattr(base, key, value)
-    return base
+    return FlowerSettings(**{"min_nodes": 3, "node_wait": 2.0, "round_timeout": 2.0, **changes})
 
 
 def tiny(tiny_model_dir: Path, data_dir: Path, out: Path, *sets: str) -> RunConfig:
@@ -340,37 +335,6 @@ def test_a_finished_run_needs_resume_and_then_continues(
     assert [r["round"] for r in records] == [0, 1, 2]
 
 
-def test_app_defaults_and_run_config_agree_with_the_settings() -> None:
-    """The app's pyproject.toml declares every run-config key with FlowerSettings' defaults."""
-    project = tomllib.loads((flower.APP_DIR / "pyproject.toml").read_text())
-    declared = project["tool"]["flwr"]["app"]["config"]
-    assert FlowerSettings.from_run_config(declared) == FlowerSettings()
-    assert set(flower.run_config(None)) == set(declared)
-    components = project["tool"]["flwr"]["app"]["components"]
-    assert components == {
-        "serverapp": "covey.flower.server_app:app",
-        "clientapp": "covey.flower.client_app:app",
-    }
-
-
-def test_run_config_parsing() -> None:
-    parsed = FlowerSettings.from_run_config(
-        {"set": "fed.rounds=2; train.lr=1e-4\nrun.seed=1;", "wire-dtype": "bf16", "min-nodes": 3}
-    )
-    assert parsed.overrides == ["fed.rounds=2", "train.lr=1e-4", "run.seed=1"]
-    assert parsed.min_nodes == 3 and parsed.wire_dtype == "bf16"
-    with pytest.raises(ConfigError, match="unknown key 'rounds'"):
-        FlowerSettings.from_run_config({"rounds": 3})
-    with pytest.raises(ConfigError, match="min-nodes must be int"):
-        FlowerSettings.from_run_config({"min-nodes": "3"})
-    with pytest.raises(ConfigError, match="min-nodes must be >= 1"):
-        FlowerSettings.from_run_config({"min-nodes": 0})
-    with pytest.raises(ConfigError, match="wire-dtype"):
-        FlowerSettings.from_run_config({"wire-dtype": "int8"})
-    with pytest.raises(ConfigError, match="may not contain ';'"):
-        flower.run_config(None, ["data.dir='a;b'"])
-
-
 def test_client_spec_from_node_config(client_data_dir: Path, tmp_path: Path) -> None:
     cfg = load_recipe(None, [f"data.dir='{client_data_dir}'"])
     file_1 = client_data_dir / "client_1.jsonl"
@@ -391,20 +355,6 @@ def test_client_spec_from_node_config(client_data_dir: Path, tmp_path: Path) -> 
         client_spec({"data-file": str(file_1), "client-index": -1}, cfg)
 
 
-def test_node_config_string_and_connection_file(tmp_path: Path) -> None:
-    text = flower.node_config_string({"data-file": "/a b/client_0.jsonl", "client-index": "0"})
-    assert text == 'data-file="/a b/client_0.jsonl" client-index=0'
-    flower.write_connection(tmp_path, "10.0.0.5:8000", tmp_path / "ca.crt")
-    config = tomllib.loads((tmp_path / "config.toml").read_text())
-    assert config["superlink"]["default"] == "covey"
-    assert config["superlink"]["covey"]["address"] == "10.0.0.5:8000"
-    assert config["superlink"]["covey"]["root-certificates"] == str(tmp_path / "ca.crt")
-    env = flower.flower_env(tmp_path)
-    assert env["FLWR_HOME"] == str(tmp_path.resolve())
-    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-    assert len(env["RAY_TMPDIR"]) <= 40
-
-
 # --------------------------------------------------------------------------- flower tier
 
 
@@ -414,15 +364,15 @@ def deploy(
     files: list[Path],
     tls: bool,
 ) -> LocalFederation:
-    certs = flower.make_certificates(tmp_path / "certs") if tls else None
-    federation = flower.start_local_federation(
+    certs = make_certificates(tmp_path / "certs") if tls else None
+    federation = start_local_federation(
         tmp_path / "flower", files, tls=certs, node_auth=tls, extra_env=THREADS
     )
     started.append(federation)
     return federation
 
 
-def assert_ok(result: RunResult, federation: LocalFederation | None = None) -> None:
+def assert_ok(result: FlowerRun, federation: LocalFederation | None = None) -> None:
     if result.ok:
         return
     logs = [result.log.read_text(errors="replace")[-4000:]]
@@ -444,10 +394,10 @@ def test_deployment_matches_the_engine(
     """SuperLink + 2 SuperNodes, 2 rounds, float32 on the wire: the engine's adapter."""
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_model_dir, two_client_dir, out)
-    files = flower.client_files(two_client_dir)
+    files = client_files(two_client_dir)
     federation = deploy(tmp_path, started, files, tls=security != "insecure")
-    config = flower.run_config(recipe, min_nodes=2, node_wait=120, round_timeout=300)
-    result = flower.run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT)
+    config = FlowerSettings(str(recipe), min_nodes=2, node_wait=120, round_timeout=300)
+    result = run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT)
     assert_ok(result, federation)
     check_matches_engine(out, engine_two, clients=[0, 1])
 
@@ -460,15 +410,13 @@ def test_simulation_matches_the_engine(
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_model_dir, two_client_dir, out)
     home = tmp_path / "flower"
-    config = flower.run_config(recipe, min_nodes=2, node_wait=120, round_timeout=300)
+    config = FlowerSettings(str(recipe), min_nodes=2, node_wait=120, round_timeout=300)
     links: list[Service] = []
-    result = flower.simulate(
-        home, config, nodes=2, timeout=RUN_TIMEOUT, extra_env=THREADS, services=links
-    )
+    result = simulate(home, config, nodes=2, timeout=RUN_TIMEOUT, extra_env=THREADS, services=links)
     assert_ok(result)
     assert links and not links[0].leftovers(), "the simulation left processes (Ray?) running"
     check_matches_engine(out, engine_two, clients=[0, 1])
-    ray = flower.ray_tmpdir(home / "superlink")
+    ray = ray_tmpdir(home / "superlink")
     assert ray.is_relative_to(home.resolve()) or not ray.exists(), "Ray's /tmp folder was left"
 
 
@@ -483,14 +431,14 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_finishes(
     two within the bounded wait, and the run completes."""
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_model_dir, client_data_dir, out)
-    federation = deploy(tmp_path, started, flower.client_files(client_data_dir), tls=False)
+    federation = deploy(tmp_path, started, client_files(client_data_dir), tls=False)
     round_timeout = 150.0
-    config = flower.run_config(recipe, min_nodes=2, node_wait=120, round_timeout=round_timeout)
-    results: list[RunResult | BaseException] = []
+    config = FlowerSettings(str(recipe), min_nodes=2, node_wait=120, round_timeout=round_timeout)
+    results: list[FlowerRun | BaseException] = []
 
     def submit() -> None:
         try:
-            results.append(flower.run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT))
+            results.append(run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT))
         except BaseException as e:  # reported by the main thread
             results.append(e)
 
