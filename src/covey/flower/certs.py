@@ -1,6 +1,7 @@
 """Certificates and keys for Flower: a private CA with a SuperLink certificate, SuperNode keys.
 
-The CA's own key is never written, so certificates for new hosts mean a new CA.
+Private keys are written owner-only from their first byte (`covey.flock.keys.write_private_file`);
+the CA's own key is never written, so certificates for new hosts mean a new CA.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from covey.flock.keys import write_private_file
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,10 @@ def make_certificates(
     files = TlsFiles.in_folder(folder)
     files.ca.write_bytes(ca_cert.public_bytes(pem))
     files.cert.write_bytes(cert.public_bytes(pem))
-    files.key.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write_private_file(
+        files.key,
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
-    files.key.chmod(0o600)
     return files
 
 
@@ -111,14 +114,14 @@ def make_node_key(folder: Path, name: str = "supernode") -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(
+    write_private_file(
+        private,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    private.chmod(0o600)
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
