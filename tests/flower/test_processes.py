@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from covey.flower.control import write_connection
 from covey.flower.deploy import node_config_string
-from covey.flower.processes import flower_env
+from covey.flower.processes import flower_env, start_service
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,3 +30,25 @@ def test_node_config_string_and_connection_file(tmp_path: Path) -> None:
     assert env["FLWR_HOME"] == str(tmp_path.resolve())
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert len(env["RAY_TMPDIR"]) <= 40
+
+
+def environment_of_a_flower_process(home: Path) -> dict[str, str]:
+    """The environment a process started as Covey starts Flower's processes actually sees."""
+    code = "import json, os; print(json.dumps(dict(os.environ)))"
+    service = start_service("env", [sys.executable, "-c", code], home, flower_env(home))
+    service.process.wait(30)
+    service.stop()
+    env: dict[str, str] = json.loads(service.log.read_text())
+    return env
+
+
+def test_flower_processes_get_none_of_coveys_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COVEY_PRIVATE_KEY", "11" * 32)
+    monkeypatch.setenv("COVEY_SERVE_AUTH", "admin:hunter2")
+    monkeypatch.setenv("COVEY_SOMETHING_ELSE", "kept")
+    env = environment_of_a_flower_process(tmp_path)
+    assert "COVEY_PRIVATE_KEY" not in env and "COVEY_SERVE_AUTH" not in env
+    assert env["COVEY_SOMETHING_ELSE"] == "kept"
+    assert env["FLWR_HOME"] == str(tmp_path.resolve())

@@ -6,7 +6,8 @@ SuperExec, and with it the ServerApp, in sessions of their own), so nothing is l
 
 Every process gets `flower_env`: `FLWR_HOME` (Flower's state, FABs and config) under a folder
 we choose; runtime dependency installation off (it would install the app's dependencies anew,
-torch included); no update check or telemetry (no network).
+torch included); no update check or telemetry (no network); and none of Covey's secrets
+(`COVEY_PRIVATE_KEY`, `COVEY_SERVE_AUTH`), which no Flower process needs.
 """
 
 from __future__ import annotations
@@ -57,9 +58,18 @@ def ray_tmpdir(home: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"covey-ray-{digest}"
 
 
+def secret_env_names() -> tuple[str, ...]:
+    """Environment variables that hold Covey's secrets (a wallet key, the UI's login)."""
+    from covey.flock.keys import DEFAULT_ENV
+    from covey.serve.app import AUTH_ENV
+
+    return (DEFAULT_ENV, AUTH_ENV)
+
+
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of every Flower process Covey starts (see the module docstring)."""
-    env = dict(os.environ)
+    secrets = secret_env_names()
+    env = {k: v for k, v in os.environ.items() if k not in secrets}
     env.update(
         {
             "FLWR_HOME": str(home.resolve()),
