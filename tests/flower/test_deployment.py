@@ -14,6 +14,7 @@ finalizer, and the test checks that none is left running.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -21,8 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import torch
+import typer
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
@@ -36,11 +39,12 @@ from covey.data.split import SplitConfig, run_split
 from covey.errors import ConfigError
 from covey.flower import client_app
 from covey.flower.certs import make_certificates
+from covey.flower.cli import flower_app
 from covey.flower.client_app import ClientSpec, client_spec
 from covey.flower.codec import decode, encode
 from covey.flower.control import FlowerRun, run_app
 from covey.flower.deploy import LocalFederation, client_files, simulate, start_local_federation
-from covey.flower.processes import Service, ray_tmpdir
+from covey.flower.processes import Service, free_port, ray_tmpdir
 from covey.flower.server_app import run_server
 from covey.flower.settings import FlowerSettings
 from tests.conftest import dolly_records, write_records
@@ -499,6 +503,56 @@ def test_cli_makes_certificates_and_node_keys(tmp_path: Path) -> None:
     assert "PRIVATE KEY" in private and private.strip() not in keys.stdout + keys.stderr
     bad = covey_cli("flower", "superlink", "--home", "h", cwd=tmp_path)
     assert bad.returncode == 2 and "pass either --certs DIR or --insecure" in bad.stderr
+
+
+def superlink_option(name: str) -> click.Option:
+    group = typer.main.get_command(flower_app)
+    assert isinstance(group, click.Group)
+    return next(p for p in group.commands["superlink"].params if p.name == name)  # type: ignore[misc]
+
+
+def test_cli_superlink_defaults_to_loopback() -> None:
+    """Reachable from other machines only when asked (--host 0.0.0.0 or an address)."""
+    assert superlink_option("host").default == "127.0.0.1"
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Addresses with a TCP socket listening on `port` (Linux /proc/net/tcp and tcp6)."""
+    found = set()
+    for family, table in ((socket.AF_INET, "tcp"), (socket.AF_INET6, "tcp6")):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if int(port_hex, 16) == port and state == "0A":  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
+@pytest.mark.flower
+def test_cli_superlink_listens_on_loopback_only(tmp_path: Path) -> None:
+    """`covey flower superlink` without --host: a real SuperLink bound to 127.0.0.1 alone;
+    SIGTERM to covey stops it and its children."""
+    import subprocess
+
+    port = free_port()
+    command = [sys.executable, "-m", "covey", "flower", "superlink", "--insecure"]
+    command += ["--port", str(port), "--home", "home"]
+    output = tmp_path / "output.txt"
+    with output.open("w") as out:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while f"SuperLink on 127.0.0.1:{port}" not in output.read_text():
+            assert process.poll() is None, f"covey exited:\n{output.read_text()}"
+            assert time.monotonic() < deadline, "the SuperLink never became ready"
+            time.sleep(0.2)
+        assert listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        process.terminate()
+        process.wait(60)
+    assert processes_mentioning(str(tmp_path / "home")) == [], "the SuperLink was left running"
 
 
 def processes_mentioning(text: str) -> list[str]:

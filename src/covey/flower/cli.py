@@ -58,14 +58,16 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _foreground(service: Service) -> None:
-    """Follow a service's log until it exits, Ctrl-C or SIGTERM, then stop it (and its group).
-
-    Both signals are handled explicitly: a shell starts background jobs with SIGINT ignored,
-    and a plain SIGTERM would leave the service's own process group running.
-    """
+def _stop_on_signals() -> None:
+    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt, so that the processes a command started
+    are stopped on the way out. Both are handled explicitly: a shell starts background jobs
+    with SIGINT ignored, and a plain SIGTERM would leave Flower's process groups running."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _foreground(service: Service) -> None:
+    """Follow a service's log until it exits, Ctrl-C or SIGTERM, then stop it (and its group)."""
     shown = 0
     try:
         while service.alive():
@@ -108,7 +110,9 @@ def node_key_command(
 @flower_app.command("superlink")
 def superlink_command(
     home: Path = typer.Option(Path("runs/flower/superlink"), help="Flower state (FLWR_HOME)."),
-    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on; 0.0.0.0 (all) for SuperNodes on other machines."
+    ),
     port: int = typer.Option(SUPERLINK_PORT, help="Port of the Fleet, Control and Runtime APIs."),
     certs: Path | None = typer.Option(
         None, help="Folder from `covey flower certs` (ca.crt, server.pem, server.key)."
@@ -117,6 +121,7 @@ def superlink_command(
     node_auth: bool = typer.Option(False, help="Only registered SuperNodes may connect."),
 ) -> None:
     """Run a SuperLink in the foreground (Ctrl-C stops it with its ServerApps)."""
+    _stop_on_signals()
     if (certs is None) == (not insecure):
         raise ConfigError("pass either --certs DIR or --insecure")
     tls = None if certs is None else TlsFiles.in_folder(certs)
@@ -143,6 +148,7 @@ def supernode_command(
     home: Path = typer.Option(Path("runs/flower/supernode"), help="Flower state (FLWR_HOME)."),
 ) -> None:
     """Run a SuperNode for one client in the foreground (Ctrl-C stops it)."""
+    _stop_on_signals()
     if (root_cert is None) == (not insecure):
         raise ConfigError("pass either --root-cert ca.crt or --insecure")
     if not data_file.is_file():
@@ -203,6 +209,7 @@ def run_command(
     home: Path = typer.Option(Path("runs/flower/cli"), help="Flower CLI state (FLWR_HOME)."),
 ) -> None:
     """Run a recipe on a running SuperLink and wait for it (paths are read on the SuperLink)."""
+    _stop_on_signals()
     if (root_cert is None) == (not insecure):
         raise ConfigError("pass either --root-cert ca.crt or --insecure")
     from covey.config import load_recipe
@@ -257,6 +264,7 @@ def local_command(
     round_timeout: float = _setting("round_timeout"),
 ) -> None:
     """A real deployment on this machine: SuperLink + one SuperNode per client file, then stop."""
+    _stop_on_signals()
     sets, files, home, out = _on_this_machine(recipe, overrides)
     settings = FlowerSettings(
         recipe=recipe_location(recipe), overrides=sets, wire_dtype=wire_dtype,
@@ -283,6 +291,7 @@ def simulate_command(
     cpus_per_client: int = typer.Option(1, help="Ray CPUs per ClientApp (parallelism)."),
 ) -> None:
     """Flower's simulation runtime (Ray) on this machine, one virtual SuperNode per client."""
+    _stop_on_signals()
     sets, files, home, out = _on_this_machine(recipe, overrides)
     settings = FlowerSettings(
         recipe=recipe_location(recipe), overrides=sets, wire_dtype=wire_dtype,

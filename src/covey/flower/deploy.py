@@ -66,9 +66,13 @@ def start_superlink(
     service = start_service("superlink", command, home, flower_env(home, extra_env), cwd=cwd)
     probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     scheme = "http" if tls is None else "https"
-    wait_healthy(
-        service, f"{scheme}://{probe}:{port}/health", tls.ca if tls else None, ready_timeout
-    )
+    try:
+        wait_healthy(
+            service, f"{scheme}://{probe}:{port}/health", tls.ca if tls else None, ready_timeout
+        )
+    except BaseException:  # not ready, or interrupted while waiting: leave nothing running
+        service.stop()
+        raise
     return service
 
 
