@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
 import pytest
 
 from covey.flower.control import write_connection
-from covey.flower.deploy import node_config_string
+from covey.flower.deploy import node_config_string, ray_tempdir
 from covey.flower.processes import flower_env, start_service
 
 if sys.version_info >= (3, 11):
@@ -29,7 +31,6 @@ def test_node_config_string_and_connection_file(tmp_path: Path) -> None:
     env = flower_env(tmp_path)
     assert env["FLWR_HOME"] == str(tmp_path.resolve())
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-    assert len(env["RAY_TMPDIR"]) <= 40
 
 
 def environment_of_a_flower_process(home: Path) -> dict[str, str]:
@@ -52,3 +53,17 @@ def test_flower_processes_get_none_of_coveys_secrets(
     assert "COVEY_PRIVATE_KEY" not in env and "COVEY_SERVE_AUTH" not in env
     assert env["COVEY_SOMETHING_ELSE"] == "kept"
     assert env["FLWR_HOME"] == str(tmp_path.resolve())
+
+
+def test_rays_folder_is_fresh_owner_only_short_and_removed() -> None:
+    """Ray's temporary folder: a new unpredictable name (nobody can plant it in /tmp first),
+    mode 0700, short enough for Ray's Unix sockets, and gone afterwards."""
+    with ray_tempdir() as first, ray_tempdir() as second:
+        assert first != second
+        for folder in (first, second):
+            info = folder.stat()
+            assert folder.is_dir() and stat.S_IMODE(info.st_mode) == 0o700
+            assert info.st_uid == os.getuid()
+            assert len(str(folder)) <= 40
+        (first / "session").mkdir()
+    assert not first.exists() and not second.exists()

@@ -3,9 +3,11 @@ and Flower's simulation runtime. Each process is a `Service` (see `processes`)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,6 @@ from covey.flower.processes import (
     flower_bin,
     flower_env,
     free_port,
-    ray_tmpdir,
     start_service,
     wait_healthy,
 )
@@ -27,6 +28,7 @@ SUPERLINK_PORT = 8000
 """Flower's default SuperLink port: Fleet, Control and Runtime APIs share it (HTTP)."""
 SUPERNODE_PORT = 9094
 """Flower's default SuperNode Runtime API port; each SuperNode on one machine needs its own."""
+_RAY_DIR_MAX = 40  # Ray's socket paths under its temp folder must stay within 107 bytes
 
 
 def start_superlink(
@@ -189,6 +191,23 @@ def start_local_federation(
     return federation
 
 
+@contextlib.contextmanager
+def ray_tempdir() -> Iterator[Path]:
+    """A new folder for Ray's files, removed afterwards.
+
+    `mkdtemp` makes it owner-only (0700) under an unpredictable name, so no other user can plant
+    or read it in the shared /tmp; /tmp rather than a long TMPDIR keeps Ray's socket paths short.
+    """
+    parent = tempfile.gettempdir()
+    if len(parent) + len("/covey-ray-12345678") > _RAY_DIR_MAX:
+        parent = "/tmp"
+    folder = Path(tempfile.mkdtemp(prefix="covey-ray-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def simulate(
     home: Path,
     settings: FlowerSettings,
@@ -201,28 +220,27 @@ def simulate(
     services: list[Service] | None = None,
 ) -> FlowerRun:
     """Run the app in Flower's simulation runtime: a simulation SuperLink of our own (stopped at
-    the end), `nodes` virtual SuperNodes (partition i = client i), Ray's files in `ray_tmpdir`.
+    the end), `nodes` virtual SuperNodes (partition i = client i), Ray's files in a `ray_tempdir`.
 
     `services`, when given, receives the SuperLink (for callers that check the cleanup).
     """
     port = free_port()
-    link = start_superlink(
-        home / "superlink", port=port, simulation=True, cwd=Path.cwd(), extra_env=extra_env
-    )
-    if services is not None:
-        services.append(link)
-    try:
-        write_connection(home / "cli", f"127.0.0.1:{port}")
-        federation: dict[str, RunConfigValue] = {
-            "num-supernodes": nodes,
-            "client-resources-num-cpus": cpus_per_client,
-            "init-args-logging-level": "ERROR",
-        }
-        return run_app(
-            home / "cli", settings, federation_config=federation, timeout=timeout, echo=echo
+    with ray_tempdir() as ray:
+        env = {**(extra_env or {}), "RAY_TMPDIR": str(ray)}
+        link = start_superlink(
+            home / "superlink", port=port, simulation=True, cwd=Path.cwd(), extra_env=env
         )
-    finally:
-        link.stop()
-        ray_dir = ray_tmpdir(home / "superlink")
-        if not ray_dir.is_relative_to(home.resolve()):
-            shutil.rmtree(ray_dir, ignore_errors=True)
+        if services is not None:
+            services.append(link)
+        try:
+            write_connection(home / "cli", f"127.0.0.1:{port}")
+            federation: dict[str, RunConfigValue] = {
+                "num-supernodes": nodes,
+                "client-resources-num-cpus": cpus_per_client,
+                "init-args-logging-level": "ERROR",
+            }
+            return run_app(
+                home / "cli", settings, federation_config=federation, timeout=timeout, echo=echo
+            )
+        finally:
+            link.stop()

@@ -13,7 +13,6 @@ torch included); no update check or telemetry (no network); and none of Covey's 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -21,7 +20,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -30,8 +28,6 @@ from pathlib import Path
 from typing import IO
 
 from covey.errors import CoveyError
-
-_RAY_DIR_MAX = 40  # Ray's socket paths under its temp dir must stay within 107 bytes
 
 
 def flower_bin(name: str) -> str:
@@ -46,16 +42,6 @@ def flower_bin(name: str) -> str:
             "(or `pip install 'flwr[simulation]>=1.41'`)"
         )
     return found
-
-
-def ray_tmpdir(home: Path) -> Path:
-    """Ray's temp folder: `<home>/ray`, or a short /tmp folder named after `home` when that path
-    is too long for Ray's Unix sockets."""
-    inside = home.resolve() / "ray"
-    if len(str(inside)) <= _RAY_DIR_MAX:
-        return inside
-    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"covey-ray-{digest}"
 
 
 def secret_env_names() -> tuple[str, ...]:
@@ -76,7 +62,6 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
-            "RAY_TMPDIR": str(ray_tmpdir(home)),
             "PYTHONUNBUFFERED": "1",
             # SuperLink and SuperNode start flower-superexec, flwr-serverapp, ... by name
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
