@@ -552,6 +552,7 @@ def test_cli_superlink_listens_on_loopback_only(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(60)
+    assert_plain(output.read_text())
     assert processes_mentioning(str(tmp_path / "home")) == [], "the SuperLink was left running"
 
 
@@ -568,6 +569,13 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def assert_plain(printed: str) -> None:
+    """Output to a pipe: no escape codes, progress bars or library warnings (it is a log)."""
+    assert "\x1b[" not in printed, "ANSI escape codes"
+    assert "\r" not in printed and "Loading weights" not in printed, "a progress bar"
+    assert "FutureWarning" not in printed and "warnings.warn" not in printed
+
+
 @pytest.mark.flower
 def test_cli_local_deployment_over_tls_matches_the_engine(
     tiny_model_dir: Path, two_client_dir: Path, engine_two: Path, tmp_path: Path
@@ -579,6 +587,7 @@ def test_cli_local_deployment_over_tls_matches_the_engine(
     result = covey_cli("flower", "local", str(recipe), "--round-timeout", "300", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 SuperNodes" in result.stdout and "final adapter" in result.stdout
+    assert_plain(result.stdout + result.stderr)
     assert (out / "flower" / "certs" / "ca.crt").is_file()
     # Flower's state (certificates, logs, the SuperLink database) sits in the run folder
     check_matches_engine(out, engine_two, clients=[0, 1], extra=frozenset({"flower"}))

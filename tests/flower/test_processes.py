@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -12,7 +13,7 @@ import pytest
 
 from covey.flower.control import write_connection
 from covey.flower.deploy import node_config_string, ray_tempdir
-from covey.flower.processes import flower_env, start_service
+from covey.flower.processes import echo_new, flower_env, start_service
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,3 +68,48 @@ def test_rays_folder_is_fresh_owner_only_short_and_removed() -> None:
             assert len(str(folder)) <= 40
         (first / "session").mkdir()
     assert not first.exists() and not second.exists()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_flower_logs_are_echoed_as_plain_text_when_not_on_a_terminal(tmp_path: Path) -> None:
+    """Flower colours its log levels unconditionally; a file or pipe gets them without the
+    escape codes, a terminal as they are. Only whole lines go out (no half escape code)."""
+    log = tmp_path / "run.log"
+    log.write_bytes(b"\x1b[92mINFO \x1b[0m:      Starting\n\x1b[93mWARN")
+    piped, terminal = io.StringIO(), Terminal()
+    mark = echo_new(log, 0, piped)
+    assert piped.getvalue() == "INFO :      Starting\n"
+    assert echo_new(log, 0, terminal) == mark
+    assert terminal.getvalue() == "\x1b[92mINFO \x1b[0m:      Starting\n"
+    with log.open("ab") as f:
+        f.write(b"ING \x1b[0m: slow\n")
+    echo_new(log, mark, piped)
+    assert piped.getvalue() == "INFO :      Starting\nWARNING : slow\n"
+
+
+@pytest.mark.slow  # a child process imports torch, transformers and PEFT
+def test_model_loading_in_a_flower_process_prints_no_bars_or_warnings(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """What a ClientApp does first (load the base model, add LoRA) writes no progress bar and
+    no library FutureWarning into Flower's logs."""
+    code = (
+        "from covey.config import load_recipe\n"
+        "from covey.model.loading import load_base_model\n"
+        "from covey.model.lora import wrap_with_lora\n"
+        f"cfg = load_recipe(None, ['model.base={json.dumps(str(tiny_model_dir))}'])\n"
+        "model, _ = load_base_model(cfg.model)\n"
+        "wrap_with_lora(model, cfg.lora)\n"
+        "print('loaded')\n"
+    )
+    service = start_service("load", [sys.executable, "-c", code], tmp_path, flower_env(tmp_path))
+    service.process.wait(300)
+    service.stop()
+    text = service.log.read_text()
+    assert text.rstrip().endswith("loaded"), text
+    assert "Loading weights" not in text and "\r" not in text, text
+    assert "Warning" not in text, text

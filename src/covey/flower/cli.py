@@ -73,7 +73,7 @@ def _foreground(service: Service) -> None:
         while service.alive():
             shown = echo_new(service.log, shown)
             time.sleep(0.5)
-        echo_new(service.log, shown)
+        echo_new(service.log, shown, final=True)
     except KeyboardInterrupt:
         pass
     finally:

@@ -117,7 +117,7 @@ def run_app(
             time.sleep(0.5)
         text = stream.log.read_text(encoding="utf-8", errors="replace")
         if echo:
-            echo_new(stream.log, shown)
+            echo_new(stream.log, shown, final=True)
         match = _RUN_ID.search(text)
         if match is None:
             raise CoveyError(f"flwr run did not start a run:\n{stream.tail()}")

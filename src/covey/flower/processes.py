@@ -6,14 +6,19 @@ SuperExec, and with it the ServerApp, in sessions of their own), so nothing is l
 
 Every process gets `flower_env`: `FLWR_HOME` (Flower's state, FABs and config) under a folder
 we choose; runtime dependency installation off (it would install the app's dependencies anew,
-torch included); no update check or telemetry (no network); and none of Covey's secrets
-(`COVEY_PRIVATE_KEY`, `COVEY_SERVE_AUTH`), which no Flower process needs.
+torch included); no update check or telemetry (no network); no progress bars or the library
+FutureWarning that would fill the logs; and none of Covey's secrets (`COVEY_PRIVATE_KEY`,
+`COVEY_SERVE_AUTH`), which no Flower process needs.
+
+What Covey echoes from these logs is plain text unless it goes to a terminal: Flower colours
+its log levels unconditionally.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,9 +30,17 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TextIO
 
 from covey.errors import CoveyError
+
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars (tqdm)
+    # raised inside PEFT's get_peft_model by transformers 5.x; harmless
+    "PYTHONWARNINGS": "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+}
+"""What keeps library noise out of the logs of Flower's processes (none writes to a terminal)."""
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 def flower_bin(name: str) -> str:
@@ -56,8 +69,11 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
     """The environment of every Flower process Covey starts (see the module docstring)."""
     secrets = secret_env_names()
     env = {k: v for k, v in os.environ.items() if k not in secrets}
+    warnings = [w for w in (env.get("PYTHONWARNINGS", ""), QUIET_ENV["PYTHONWARNINGS"]) if w]
     env.update(
         {
+            **QUIET_ENV,
+            "PYTHONWARNINGS": ",".join(warnings),
             "FLWR_HOME": str(home.resolve()),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -159,12 +175,12 @@ class Service:
                     os.kill(pid, sig)
 
     def tail(self, lines: int = 40) -> str:
-        """The end of the process's log, for error messages."""
+        """The end of the process's log as plain text, for error messages."""
         try:
             text = self.log.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(plain_text(text).splitlines()[-lines:])
 
 
 def start_service(
@@ -210,10 +226,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def echo_new(log: Path, shown: int) -> int:
-    """Write the bytes of `log` after byte `shown` to stdout; return the new mark."""
+def plain_text(text: str) -> str:
+    """`text` without ANSI escape sequences (Flower colours its log levels unconditionally)."""
+    return _ANSI.sub("", text)
+
+
+def echo_new(log: Path, shown: int, out: TextIO | None = None, final: bool = False) -> int:
+    """Write the whole lines of `log` after byte `shown` to `out` (stdout); return the new mark.
+
+    Plain text unless `out` is a terminal. `final` also writes an unfinished last line.
+    """
+    out = sys.stdout if out is None else out
     data = log.read_bytes()
-    if len(data) > shown:
-        sys.stdout.write(data[shown:].decode("utf-8", errors="replace"))
-        sys.stdout.flush()
-    return len(data)
+    end = len(data) if final else data.rfind(b"\n") + 1
+    if end > shown:
+        text = data[shown:end].decode("utf-8", errors="replace")
+        out.write(text if out.isatty() else plain_text(text))
+        out.flush()
+    return max(end, shown)
