@@ -26,19 +26,16 @@ CONNECTION = "covey"
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
-def write_connection(
-    home: Path, address: str, root_certificates: Path | None = None, name: str = CONNECTION
-) -> str:
-    """Write FLWR_HOME/config.toml with one SuperLink connection (the default); return its name."""
+def write_connection(home: Path, address: str, root_certificates: Path | None = None) -> None:
+    """Write FLWR_HOME/config.toml with one SuperLink connection, `CONNECTION` (the default)."""
     home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f"default = {json.dumps(name)}", "", f"[superlink.{name}]"]
+    lines = ["[superlink]", f"default = {json.dumps(CONNECTION)}", "", f"[superlink.{CONNECTION}]"]
     lines.append(f"address = {json.dumps(address)}")
     if root_certificates is None:
         lines.append("insecure = true")
     else:
         lines.append(f"root-certificates = {json.dumps(str(root_certificates.resolve()))}")
     (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return name
 
 
 def _flwr(home: Path, args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -52,9 +49,9 @@ def _flwr(home: Path, args: list[str], timeout: float = 120.0) -> subprocess.Com
     )
 
 
-def register_supernode(home: Path, public_key: Path, connection: str = CONNECTION) -> None:
+def register_supernode(home: Path, public_key: Path) -> None:
     """Allow a SuperNode's public key on a SuperLink started with node authentication."""
-    done = _flwr(home, ["supernode", "register", str(public_key), connection])
+    done = _flwr(home, ["supernode", "register", str(public_key), CONNECTION])
     if done.returncode != 0:
         raise CoveyError(f"flwr supernode register failed:\n{done.stdout}{done.stderr}")
 
@@ -79,10 +76,8 @@ def run_app(
     home: Path,
     settings: FlowerSettings,
     *,
-    connection: str = CONNECTION,
     federation_config: Mapping[str, RunConfigValue] | None = None,
     timeout: float | None = None,
-    app_dir: Path = APP_DIR,
     echo: bool = False,
 ) -> FlowerRun:
     """Submit the Covey app with `settings` (`flwr run --stream`) and wait until it finishes.
@@ -96,7 +91,7 @@ def run_app(
         "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in settings.run_config().items()),
         encoding="utf-8",
     )
-    command = [flower_bin("flwr"), "run", str(app_dir), connection, "--run-config"]
+    command = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config"]
     command += [str(config_file), "--stream"]
     if federation_config:
         pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())
@@ -123,11 +118,11 @@ def run_app(
             raise CoveyError(f"flwr run did not start a run:\n{stream.tail()}")
         run_id = int(match.group(1))
         while True:  # the stream may end before the run's status is final
-            status, details = run_status(home, run_id, connection)
+            status, details = run_status(home, run_id)
             if status.startswith("finished"):
                 return FlowerRun(run_id, status, details, stream.log)
             if deadline is not None and time.monotonic() > deadline:
-                _flwr(home, ["stop", str(run_id), connection], timeout=60)
+                _flwr(home, ["stop", str(run_id), CONNECTION], timeout=60)
                 raise TimeoutError(f"run {run_id} not finished after {timeout:g} s ({status})")
             time.sleep(2.0)
     finally:
@@ -142,9 +137,9 @@ def _toml_value(value: RunConfigValue) -> str:
     return json.dumps(value)
 
 
-def run_status(home: Path, run_id: int, connection: str = CONNECTION) -> tuple[str, str]:
+def run_status(home: Path, run_id: int) -> tuple[str, str]:
     """(status, details) of a run, from `flwr ls --run-id`."""
-    done = _flwr(home, ["ls", connection, "--run-id", str(run_id), "--format", "json"])
+    done = _flwr(home, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
     try:
         runs = json.loads(done.stdout)["runs"]
         return str(runs[0]["status"]), str(runs[0].get("status-details", ""))

@@ -28,6 +28,8 @@ SUPERLINK_PORT = 8000
 """Flower's default SuperLink port: Fleet, Control and Runtime APIs share it (HTTP)."""
 SUPERNODE_PORT = 9094
 """Flower's default SuperNode Runtime API port; each SuperNode on one machine needs its own."""
+READY_SECONDS = 60.0
+"""How long a SuperLink may take to answer its health check after it was started."""
 _RAY_DIR_MAX = 40  # Ray's socket paths under its temp folder must stay within 107 bytes
 
 
@@ -41,7 +43,6 @@ def start_superlink(
     simulation: bool = False,
     cwd: Path | None = None,
     extra_env: Mapping[str, str] | None = None,
-    ready_timeout: float = 60.0,
 ) -> Service:
     """Start `flower-superlink` (state in `home/state.db`) and wait until it answers."""
     command = [
@@ -70,7 +71,7 @@ def start_superlink(
     scheme = "http" if tls is None else "https"
     try:
         wait_healthy(
-            service, f"{scheme}://{probe}:{port}/health", tls.ca if tls else None, ready_timeout
+            service, f"{scheme}://{probe}:{port}/health", tls.ca if tls else None, READY_SECONDS
         )
     except BaseException:  # not ready, or interrupted while waiting: leave nothing running
         service.stop()
