@@ -14,6 +14,7 @@ finalizer, and the test checks that none is left running.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import threading
@@ -37,7 +38,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from covey.config import RunConfig, load_recipe, to_toml
 from covey.data.split import SplitConfig, run_split
 from covey.errors import ConfigError
-from covey.flower import client_app
+from covey.flower import client_app, wire
 from covey.flower.certs import make_certificates
 from covey.flower.cli import flower_app
 from covey.flower.client_app import ClientSpec, client_spec
@@ -160,6 +161,7 @@ class LoopbackGrid(Grid):
         self.offline: set[int] = set()
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.answered: list[Message] = []
 
     def set_run(self, run: Any) -> None:
         self._run = run
@@ -191,6 +193,7 @@ class LoopbackGrid(Grid):
             delivered = reply if self.tamper is None else self.tamper(node - 1000, message, reply)
             if delivered is not None:
                 self.replies[message.metadata.message_id] = delivered
+                self.answered.append(delivered)
             ids.append(message.metadata.message_id)
         return ids
 
@@ -227,6 +230,37 @@ def test_round_loop_matches_the_engine_exactly(
     assert records[2]["nodes"] == {"0": 1000, "1": 1001, "2": 1002}
     queries = [m for m in grid.sent if m.metadata.message_type == "query"]
     assert len(queries) == 3, "each node is asked who it is once, not every round"
+    assert_wire_keys(grid)
+
+
+def message_keys(messages: list[Message]) -> dict[str, set[str]]:
+    """Per message type: the records, and META's fields as `META.field`."""
+    found: dict[str, set[str]] = {}
+    for message in messages:
+        keys = found.setdefault(message.metadata.message_type, set())
+        keys |= set(message.content)
+        keys |= {f"{wire.META}.{f}" for f in message.content.config_records[wire.META]}
+    return found
+
+
+def assert_wire_keys(grid: LoopbackGrid) -> None:
+    """Both sides speak covey.flower.wire: exactly the records and fields it defines."""
+
+    def meta(*fields: str) -> set[str]:
+        return {wire.META} | {f"{wire.META}.{f}" for f in fields}
+
+    sent, answered = message_keys(grid.sent), message_keys(grid.answered)
+    assert sent == {
+        "query": meta(wire.RECIPE),
+        "train": meta(wire.RECIPE, wire.ROUND, wire.CLIENT_INDEX, wire.WIRE_DTYPE, wire.ATTACK)
+        | {wire.GLOBAL},
+    }
+    assert answered == {
+        "query": meta(wire.CLIENT_INDEX, wire.NUM_EXAMPLES),
+        "train": meta(wire.CLIENT_INDEX, wire.NUM_SAMPLES) | {wire.UPDATE, wire.METRICS},
+    }
+    keys = set().union(*sent.values(), *answered.values())
+    assert all(re.fullmatch(r"[a-z_.]+", key) for key in keys), "snake_case on the wire"
 
 
 def test_simulated_attackers_match_the_engine(
@@ -257,10 +291,10 @@ def test_hostile_silent_and_failing_clients_cost_only_their_own_update(
         if client == 1:
             return None
         if client == 0:
-            update = decode(reply.content.array_records["update"])
+            update = decode(reply.content.array_records[wire.UPDATE])
             key = next(iter(update))
             update[key] = torch.zeros(3, 3)
-            reply.content["update"] = encode(update)
+            reply.content[wire.UPDATE] = encode(update)
         return reply
 
     out = tmp_path / "run"

@@ -28,8 +28,21 @@ from flwr.serverapp import Grid, ServerApp
 
 from covey.config import RunConfig, load_recipe
 from covey.errors import ConfigError
-from covey.flower.client_app import GLOBAL, META, METRICS, UPDATE, meta_int
 from covey.flower.settings import FlowerSettings
+from covey.flower.wire import (
+    ATTACK,
+    CLIENT_INDEX,
+    GLOBAL,
+    META,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_SAMPLES,
+    RECIPE,
+    ROUND,
+    UPDATE,
+    WIRE_DTYPE,
+    meta_int,
+)
 
 if TYPE_CHECKING:
     from covey.data.prompts import Example
@@ -142,7 +155,7 @@ class NodePool:
             return
         messages = [
             Message(
-                RecordDict({META: ConfigRecord({"recipe": self.recipe_toml})}),
+                RecordDict({META: ConfigRecord({RECIPE: self.recipe_toml})}),
                 node,
                 MessageType.QUERY,
                 ttl=self.settings.node_wait,
@@ -164,8 +177,8 @@ class NodePool:
             return
         try:
             meta = reply.content.config_records[META]
-            client = meta_int(meta, "client-index")
-            count = meta_int(meta, "num-examples")
+            client = meta_int(meta, CLIENT_INDEX)
+            count = meta_int(meta, NUM_EXAMPLES)
         except (KeyError, ValueError) as e:
             log.warning("node %d sent an unusable query reply (%s); not used", node, e)
             self.refused.add(node)
@@ -321,11 +334,11 @@ def run_server(
                         GLOBAL: payload,
                         META: ConfigRecord(
                             {
-                                "round": round_index,
-                                "client-index": client,
-                                "recipe": config_toml,
-                                "wire-dtype": dtype_name(wire),
-                                "attack": update_attack if client in attackers else "",
+                                ROUND: round_index,
+                                CLIENT_INDEX: client,
+                                RECIPE: config_toml,
+                                WIRE_DTYPE: dtype_name(wire),
+                                ATTACK: update_attack if client in attackers else "",
                             }
                         ),
                     }
@@ -437,7 +450,7 @@ def _collect(
             arrays = content.array_records[UPDATE]
             outcome.up_bytes += record_bytes(arrays)
             update: object = cast_like(decode(arrays), global_state, wire)
-            claimed: object = content.config_records[META].get("num-samples")
+            claimed: object = content.config_records[META].get(NUM_SAMPLES)
             metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:  # CodecError is a ValueError
             kind = "undecodable update" if isinstance(e, CodecError) else "malformed reply"
