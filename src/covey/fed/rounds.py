@@ -144,6 +144,10 @@ class Played:
     files: dict[str, bytes] = field(default_factory=dict)
     """Engine files saved inside the round folder, atomically with it (FLock: the embedded
     chain's state, to resume from)."""
+    next_state: State | None = None
+    """The next global adapter, when the engine derives it itself (FLock: from the chain, as
+    every participant does); the loop then skips `fed.strategy`, and `accepted` carries only
+    the merged updates' lines."""
 
 
 PlayRound = Callable[[int, State], Played]
@@ -390,13 +394,16 @@ def run_rounds(
     for round_index in range(folder.next_round, cfg.fed.rounds + 1):
         started = time.perf_counter()
         played = play(round_index, global_state)
-        global_state, server_state = strategy(
-            global_state,
-            [a.state for a in played.accepted],
-            [a.weight for a in played.accepted],
-            server_state,
-            cfg.fed,
-        )
+        if played.next_state is not None:
+            global_state = played.next_state
+        else:
+            global_state, server_state = strategy(
+                global_state,
+                [a.state for a in played.accepted],
+                [a.weight for a in played.accepted],
+                server_state,
+                cfg.fed,
+            )
         eval_started = time.perf_counter()
         evaluation = run_model.evaluate(cfg, global_state)
         record = RoundRecord(
