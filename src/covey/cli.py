@@ -203,6 +203,11 @@ from covey.flower.cli import flower_app  # noqa: E402
 
 app.add_typer(flower_app, name="flower")
 
+# FLock as a network (covey.flock.cli loads the chain libraries only when a command runs)
+from covey.flock.cli import flock_app  # noqa: E402
+
+app.add_typer(flock_app, name="flock")
+
 
 def _quiet_libraries() -> None:
     """Covey draws its own progress; the libraries' bars and notices would drown it."""
