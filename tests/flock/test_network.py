@@ -1,7 +1,7 @@
 """FLock as a network: one `covey flock join` process per participant on a real node (anvil).
 
 Each participant is a separate OS process with its own key file, data file, folder and HTTP
-gateway; they share only the chain and HTTP. One of them attacks (noise on its update), one is
+gateway; they share only the chain and HTTP. One of them attacks (its update sign-flipped x100), one is
 killed with SIGKILL in round 0 and started again with the same command. The task must end with
 the attacker's proposals voted down and slashed, the restarted participant carrying on from its
 folder (its committed seed still there), and every participant, and an outsider's `fetch`,
@@ -80,7 +80,7 @@ voters_per_round = 1
 validation_examples = 4
 harm_z = 0.0
 [attack]
-strength = 100000.0
+strength = 100.0
 """
     path = data.parent / "recipe.toml"
     path.write_text(text)
@@ -126,7 +126,7 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
                     data / f"client_{i}.jsonl",
                     gateway.url,
                     cfg,
-                    "noise" if i == ATTACKER else "none",
+                    "sign_flip" if i == ATTACKER else "none",
                 )
                 for i, folder in enumerate(folders)
             ]

@@ -216,8 +216,10 @@ class Participant:
         me = self.address
         if phase in FINISHED:
             return self._settle(phase)
+        if self.task.joined(me) and self._update_endpoint():
+            return True  # a restart on another address: peers must find our blobs again
         if phase == Phase.REGISTRATION:
-            return self._join() if not self.task.joined(me) else self._update_endpoint()
+            return self._join() if not self.task.joined(me) else False
         if phase in (Phase.AWAIT_START, Phase.AWAIT_DRAW, Phase.AWAIT_FINALIZE):
             return self._keep(phase)
         if not self._member():

@@ -253,8 +253,13 @@ def join_task(settings: JoinSettings) -> Path:
     with Gateway(store, host or "127.0.0.1", int(port or 0)) as gateway:
         endpoint = check_gateway_url(settings.public_url or gateway.url, "--public-url")
         log.info("%s: serving blobs at %s (announced as %s)", me, gateway.url, endpoint)
+        # before the model loads (minutes): stake while registration is open, and after a
+        # restart on another address point peers at it, so our published blobs stay reachable
         if task.phase() == Phase.REGISTRATION and not task.joined(me):
-            stake_and_join(task, me, endpoint, me[:10])  # before the model loads (minutes)
+            stake_and_join(task, me, endpoint, me[:10])
+        elif task.joined(me) and task.endpoint_of(me) != endpoint:
+            task.set_endpoint(endpoint, sender=me)
+            log.info("%s: now serving blobs at %s", me[:10], endpoint)
         run_model = task_model(cfg, bundle)
         examples = tokenize_records(records, run_model.tokenizer, cfg.prompt)
         train, validation = data_split(examples, cfg.flock.validation_examples)
