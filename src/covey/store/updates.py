@@ -10,6 +10,7 @@ fixed order (by dtype, then name), whatever order the state dict was built in.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -25,8 +26,8 @@ def serialize_update(state: State, metadata: dict[str, str] | None = None) -> by
     """Safetensors bytes of an adapter, the same for the same tensors and metadata everywhere."""
     data = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
     size = int.from_bytes(data[:_HEADER_LENGTH], "little")
-    header = json.loads(data[_HEADER_LENGTH : _HEADER_LENGTH + size])
-    canonical: dict[str, object] = {}
+    header: dict[str, Any] = json.loads(data[_HEADER_LENGTH : _HEADER_LENGTH + size])
+    canonical: dict[str, Any] = {}
     if "__metadata__" in header:
         canonical["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
     canonical.update(sorted(header.items(), key=lambda item: item[1]["data_offsets"]))
