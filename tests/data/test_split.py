@@ -172,3 +172,12 @@ def test_a_negative_seed_is_one_clear_line_not_a_traceback(tmp_path: Path) -> No
     result = run_cli("data", "split", "--seed", "-1", "--out", "o", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "--seed -1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_outside_a_terminal_is_plain_and_whole(tmp_path: Path) -> None:
+    """Piped into a log, --help kept 80 columns and cut long option names with an ellipsis."""
+    result = run_cli("data", "split", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in ("--test-per-category", "--categories-per-client", "--quantity-skew"):
+        assert option in result.stdout
+    assert "…" not in result.stdout and "\x1b[" not in result.stdout

@@ -183,3 +183,19 @@ def test_the_real_command_reports_a_missing_run_with_exit_code_2(tmp_path: Path)
     )  # fmt: skip
     assert result.returncode == 2
     assert "error:" in result.stderr and "no such folder" in result.stderr
+
+
+def test_the_real_command_writes_plain_text_to_a_log(tiny_run: Path) -> None:
+    """Off a terminal: no ANSI codes, no progress bars, no library warnings; the answers on
+    stdout, what was loaded and which preset answered on stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "covey", "generate", "--run", str(tiny_run), "--both",
+         "--max-new-tokens", "4", "Name a colour."],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("--- base model ---\n")
+    assert "generation: greedy preset" in result.stderr
+    output = result.stdout + result.stderr
+    for noise in ("\x1b[", "Loading weights", "Warning", "%|"):
+        assert noise not in output, f"{noise!r} in the output:\n{output}"
