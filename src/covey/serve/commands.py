@@ -76,6 +76,14 @@ def _settings(
     )
 
 
+def _share_the_cpu() -> None:
+    """Idle OpenMP threads sleep instead of spinning. Answering is a long chain of small steps,
+    on a CPU shared with the UI's threads or other jobs; spinning threads take the cores from
+    whoever holds the work (3x slower `covey generate` on a busy 2-core machine,
+    benchmarks/README.md). Read once when torch loads, so it must run before that."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def serve(
     run: Path | None = typer.Option(None, "--run", help=_RUN_HELP),
     round_index: int | None = typer.Option(None, "--round", help=_ROUND_HELP),
@@ -112,6 +120,7 @@ def serve(
     from covey.serve.app import AUTH_ENV, is_loopback, parse_auth, require_gradio, serve_app
     from covey.serve.generate import load_session
 
+    _share_the_cpu()
     require_gradio()
     auth = parse_auth(os.environ.get(AUTH_ENV))
     settings = _settings(
@@ -165,6 +174,7 @@ def generate(
     from covey.cli import _quiet_libraries
     from covey.serve.generate import load_session
 
+    _share_the_cpu()
     if base_only and both:
         raise ConfigError("--base-only and --both exclude each other; choose one")
     if not instruction.strip():
