@@ -40,6 +40,7 @@ DOLLY = ROOT.parent / "shared" / "data" / "dolly"
 
 def run(name: str, consensus: str, attack: str, args: argparse.Namespace, data: Path) -> dict:
     out = Path(args.tmp) / name
+    fraction = args.proposers / args.participants
     settings = [
         f"model.base='{args.base}'",
         f"data.dir='{data}'",
@@ -57,7 +58,8 @@ def run(name: str, consensus: str, attack: str, args: argparse.Namespace, data: 
         f"train.lr={args.lr}",
         f"fed.rounds={args.rounds}",
         f"fed.consensus='{consensus}'",
-        f"fed.client_fraction={args.proposers / args.participants}",
+        # FedAvg trains as many clients per round as FLock has proposers; FLock's contract draws
+        f"fed.client_fraction={fraction if consensus == 'server' else 1.0}",
         f"flock.proposers_per_round={args.proposers}",
         f"flock.voters_per_round={args.voters}",
         f"attack.kind='{attack}'",

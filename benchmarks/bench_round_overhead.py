@@ -22,6 +22,7 @@ import torch
 
 from covey.config import load_recipe
 from covey.fed import engine
+from covey.fed.rounds import Hooks
 from covey.model.loading import base_model_id, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def main() -> None:
         )
         print(rounds[-1], flush=True)
 
-    hooks = engine.Hooks(round_start=round_start, round_end=round_end)
+    hooks = Hooks(round_start=round_start, round_end=round_end)
     t1 = time.perf_counter()
     engine.run_federated(cfg, fed, hooks=hooks)
     total = time.perf_counter() - t1

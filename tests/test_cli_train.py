@@ -49,3 +49,33 @@ def test_split_then_train_writes_a_complete_run(tiny_model_dir: Path, tmp_path: 
 
     again = covey("train", str(recipe), cwd=tmp_path)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+
+    # A misspelt value, or a resume with other settings, is refused before anything is loaded or
+    # deleted, even with --overwrite: the finished run stays as it was.
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    refusals = {
+        ("--consensus", "flok", "--overwrite"): [
+            "fed.consensus = 'flok' is not one of: server, flock (did you mean 'flock'?)"
+        ],
+        ("--set", "train.lr_schedule=cosin", "--overwrite"): [
+            "--set train.lr_schedule=cosin: train.lr_schedule = 'cosin'",
+            "constant, linear, cosine",
+        ],
+        ("--set", "train.lrr=1", "--overwrite"): [
+            "--set train.lrr=1: unknown setting train.lrr (did you mean 'lr'?)"
+        ],
+        ("--set", "train.lr=0.5", "--resume"): [
+            "train.lr: 0.03 -> 0.5",
+            "train.epochs: 2.0 -> 1.0",
+        ],
+        ("--set", "fed.strategy=fedadam", "--consensus", "flock", "--overwrite"): [
+            "fed.strategy = 'fedadam' cannot combine with fed.consensus = 'flock'"
+        ],
+    }
+    for flags, messages in refusals.items():
+        refused = covey("train", str(recipe), *flags, cwd=tmp_path)
+        assert refused.returncode == 2, (flags, refused.stderr)
+        for message in messages:
+            assert message in " ".join(refused.stderr.split()), (flags, refused.stderr)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from covey.config import RunConfig, load_recipe, to_toml
+from covey.config import RunConfig, StrategyName, load_recipe, to_toml
 from covey.errors import ConfigError
+from covey.fed.strategies import STRATEGIES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +71,81 @@ def test_every_shipped_recipe_loads(recipe: Path) -> None:
     cfg = load_recipe(recipe)
     assert cfg.fed.rounds >= 1
     assert cfg.fingerprint() == load_recipe(recipe).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["fed.strategy=fedavgg"], "--set fed.strategy=fedavgg: fed.strategy = 'fedavgg' is not "
+         "one of: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad (did you mean 'fedavg'?)"),
+        (["train.lr_schedule=cosin"], "train.lr_schedule = 'cosin' is not one of: constant, "
+         "linear, cosine (did you mean 'cosine'?)"),
+        (["model.dtype=bf16"], "model.dtype = 'bf16' is not one of: auto, float32"),
+        (["model.device=gpu"], "model.device = 'gpu' is not one of: auto, cpu, cuda, cuda:N"),
+        (["train.lr=0"], "--set train.lr=0: train.lr must be > 0, got 0.0"),
+        (["train.batch_size=2"], "train.batch_size (2) must be >= train.micro_batch_size (8)"),
+        (["fed.client_fraction=1.5"], "fed.client_fraction must be in (0, 1], got 1.5"),
+        (["fed.server_momentum=1"], "fed.server_momentum must be in [0, 1), got 1.0"),
+        (["flock.threshold_pct=0"], "flock.threshold_pct must be in 1..100, got 0"),
+        (["lora.dropout=1.0"], "lora.dropout must be in [0, 1), got 1.0"),
+        (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
+        (["run.out=''"], "run.out is empty"),
+        (["fed.consensus=flock", "fed.client_fraction=0.5"], "fed.client_fraction = 0.5 cannot "
+         "combine with fed.consensus = 'flock'"),
+        (["fed.strategy=fedprox"], "train.prox_mu must be > 0 with fed.strategy = 'fedprox'"),
+        (["attack.kind=random_vote"], "attack.kind = 'random_vote' is a FLock voters' attack"),
+        (["attack.malicious_fraction=0.3"], "attack.malicious_fraction = 0.3 needs an attack.kind"),
+        (["train.lrr=1"], "--set train.lrr=1: unknown setting train.lrr (did you mean 'lr'?)"),
+    ],
+)  # fmt: skip
+def test_every_setting_is_checked_when_the_recipe_is_read(
+    overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(None, overrides)
+    assert expected in str(caught.value)
+
+
+def test_errors_name_the_recipe_file_when_it_holds_the_bad_value(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[train]\nlr_schedule = "cosin"\n')
+    with pytest.raises(ConfigError, match=r"^.*r\.toml: train\.lr_schedule = 'cosin'"):
+        load_recipe(recipe, ["train.lr=1e-3"])
+
+
+def test_settings_built_in_code_are_checked_too() -> None:
+    with pytest.raises(ConfigError, match="template = 'chatml' is not one of: alpaca, chat"):
+        dataclasses.replace(RunConfig().prompt, template="chatml")  # type: ignore[arg-type]
+
+
+def test_strategy_choices_are_the_implemented_strategies() -> None:
+    assert typing.get_args(StrategyName) == tuple(STRATEGIES)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    ("key", "bad"), [("strategy", "fedavgg"), ("lr_schedule", "cosin"), ("template", "chatt")]
+)
+def test_a_misspelt_choice_in_a_shipped_recipe_fails(
+    recipe: Path, key: str, bad: str, tmp_path: Path
+) -> None:
+    """The shipped-recipe check would catch a typo: each recipe, with one value misspelt."""
+    section = {"strategy": "fed", "lr_schedule": "train", "template": "prompt"}[key]
+    text, replaced = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {bad!r}", recipe.read_text())
+    if not replaced:
+        table = f"[{section}]\n"
+        text = text.replace(table, f"{table}{key} = {bad!r}\n") if table in text else (
+            text + f"\n{table}{key} = {bad!r}\n"
+        )  # fmt: skip
+    assert tomllib.loads(text)[section][key] == bad
+    broken = tmp_path / recipe.name
+    broken.write_text(text)
+    with pytest.raises(ConfigError, match=f"{key} = '{bad}' is not one of"):
+        load_recipe(broken)
+
+
+def test_split_writes_where_train_reads_by_default() -> None:
+    """`covey data split && covey train RECIPE` chain without flags."""
+    from covey.data.split import SplitConfig
+
+    assert str(SplitConfig().out) == RunConfig().data.dir

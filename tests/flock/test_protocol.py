@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from covey.config import RunConfig
 from covey.data.split import SplitConfig, run_split
+from covey.errors import ConfigError
 from covey.fed import engine
+from covey.fed.rounds import RunHistory
 from covey.flock.chain import TOKEN_UNIT
 from covey.flock.protocol import FlockSetup, Participant, _fetch, run_flock
 from covey.model.loading import base_model_id, load_base_model
@@ -37,10 +39,10 @@ def five_clients(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def flock_run(cfg: RunConfig) -> engine.RunResult:
+def flock_run(cfg: RunConfig, resume: bool = False) -> RunHistory:
     model, tokenizer = load_base_model(cfg.model)
     fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
-    return run_flock(cfg, fed)
+    return run_flock(cfg, fed, resume=resume)
 
 
 def config(tiny_model_dir: Path, data: Path, out: Path, *sets: str) -> RunConfig:
@@ -49,6 +51,11 @@ def config(tiny_model_dir: Path, data: Path, out: Path, *sets: str) -> RunConfig
         "flock.proposers_per_round=2", "flock.voters_per_round=3",
         "flock.validation_examples=4", *sets,
     )  # fmt: skip
+
+
+def config_for_fetch() -> RunConfig:
+    """Fetching needs only fed.max_update_norm from the recipe."""
+    return RunConfig()
 
 
 def summary(out: Path) -> dict[str, Any]:
@@ -172,8 +179,65 @@ def test_voters_see_proposals_in_draw_order_and_refuse_bad_ones(tmp_path: Path) 
     flock = FlockSetup(chain=world.chain, task=task, participants=participants, store=store)
     by_address = {p.address: p for p in participants}
     drawn = [by_address[a] for a in task.proposers_of(0)]
-    candidates = _fetch(flock, drawn, global_state)
+    candidates = _fetch(config_for_fetch(), flock, drawn, global_state)
     assert len(candidates) == 4
     assert candidates[0] is not None and torch.equal(candidates[0]["w"], torch.ones(2, 2))
     assert candidates[1:] == [None, None, None]  # tampered, misshapen, silent
+    # the recipe's update bound applies to proposals as to every engine's updates
+    bounded = config_for_fetch()
+    bounded.fed.max_update_norm = 0.5  # the good update moved the adapter by 2
+    assert _fetch(bounded, flock, drawn, global_state) == [None] * 4
     assert silent not in published
+
+
+def test_a_killed_flock_run_resumes_to_the_same_end(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    """A FLock simulation killed during round 2 resumes from round 1's folder, whose chain
+    state it restores: the same adapters, votes, payouts and balances as an uninterrupted run.
+    (The copy below is what a SIGKILL in round 2 leaves: complete rounds 0 and 1, a staging
+    folder, no final/ and no flock.json.)"""
+    import shutil
+
+    whole = tmp_path / "whole"
+    flock_run(config(tiny_model_dir, five_clients, whole, "fed.rounds=2"))
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)
+    for name in ("round_002", "final", "flock.json"):
+        path = killed / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (killed / ".round_002.tmp-x1").mkdir()
+    with pytest.raises(ConfigError, match="pass --resume"):
+        flock_run(config(tiny_model_dir, five_clients, killed, "fed.rounds=2"))
+    with pytest.raises(ConfigError, match=r"fed\.rounds: 2 -> 3"):  # the contract fixed it
+        flock_run(config(tiny_model_dir, five_clients, killed, "fed.rounds=3"), resume=True)
+    resumed = flock_run(config(tiny_model_dir, five_clients, killed, "fed.rounds=2"), resume=True)
+    assert [r["round"] for r in resumed.records] == [0, 1, 2]
+    assert not (killed / ".round_002.tmp-x1").exists()
+    for name in ("round_002/adapter_model.safetensors", "final/adapter_model.safetensors"):
+        mine_state, whole_state = load_file(killed / name), load_file(whole / name)
+        assert all(torch.equal(mine_state[k], whole_state[k]) for k in whole_state), name
+    mine, theirs = summary(killed), summary(whole)
+    for r in mine["rounds"] + theirs["rounds"]:  # MERGE-NOTE: cids equal once bytes are stable
+        for p in r.get("proposals", []):
+            p.pop("cid")
+    assert mine["rounds"] == theirs["rounds"] and mine["settled"] == theirs["settled"]
+
+
+def test_flock_records_have_every_engines_layout(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    """Rejections carry `attacker` and timings carry train/eval as in the other engines."""
+    result = flock_run(
+        config(
+            tiny_model_dir, five_clients, tmp_path / "r", "fed.rounds=1",
+            "attack.kind=noise", "attack.malicious_fraction=0.4", "attack.strength=100000",
+            "flock.harm_z=0", "flock.proposers_per_round=3", "flock.voters_per_round=2",
+        )
+    )  # fmt: skip
+    record = result.records[1]
+    assert set(record["seconds"]) >= {"round", "train", "eval", "vote"}
+    assert record["seconds"]["train"] > 0
+    for line in record["rejected"]:
+        assert set(line) == {"client", "reason", "attacker"}
+    assert record["rejected"], "no proposal was rejected: the attack did not reach the vote"

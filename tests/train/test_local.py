@@ -107,13 +107,13 @@ def test_plan_steps_epochs_and_cap() -> None:
 
 
 def test_bad_train_settings() -> None:
-    rng = np.random.default_rng(0)
-    with pytest.raises(ConfigError, match=r"train\.batch_size"):
-        plan_steps([1, 2], TrainConfig(batch_size=2, micro_batch_size=4), rng)
-    with pytest.raises(ConfigError, match=r"train\.epochs"):
-        plan_steps([1, 2], TrainConfig(epochs=0), rng)
-    with pytest.raises(ConfigError, match=r"train\.lr_schedule"):
-        lr_at(1, 10, TrainConfig(lr_schedule="exp"))
+    """Refused when the config is made, before any step (a recipe adds the train. prefix)."""
+    with pytest.raises(ConfigError, match=r"batch_size \(2\) must be >= train\.micro_batch_size"):
+        TrainConfig(batch_size=2, micro_batch_size=4)
+    with pytest.raises(ConfigError, match=r"epochs must be > 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match=r"lr_schedule = 'exp' is not one of"):
+        TrainConfig(lr_schedule="exp")  # type: ignore[arg-type]
 
 
 def test_lr_schedules() -> None:

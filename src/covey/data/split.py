@@ -26,6 +26,7 @@ import numpy as np
 
 from covey import __version__
 from covey.atomic import atomic_directory, check_output_dir
+from covey.config import DEFAULT_DATA_DIR
 from covey.data.partition import (
     Scheme,
     check_min_size,
@@ -53,8 +54,9 @@ class SplitConfig:
 
     input: str = BUNDLED_SAMPLE
     """A .json/.jsonl/.csv/.parquet file or a Hugging Face dataset id."""
-    out: Path = Path("runs/data")
-    """Output folder; replaced atomically, refused if non-empty unless `overwrite`."""
+    out: Path = Path(DEFAULT_DATA_DIR)
+    """Output folder (by default where `covey train` looks: `data.dir`'s default); replaced
+    atomically, refused if non-empty unless `overwrite`."""
     clients: int = 4
     """Number of clients."""
     scheme: Scheme = Scheme.dirichlet

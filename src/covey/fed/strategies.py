@@ -108,22 +108,6 @@ def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State
     return {k: (first[k].to(torch.float32) + offset[k]).to(first[k].dtype) for k in first}
 
 
-def _check_cfg(cfg: FedConfig, *fields: str) -> None:
-    """Range checks for the server hyper-parameters a strategy uses; they name the setting."""
-    for name in fields:
-        value = getattr(cfg, name)
-        if name in ("server_lr", "tau"):
-            ok = math.isfinite(value) and value > 0
-            want = "> 0"
-        else:  # server_momentum, beta1, beta2
-            ok = 0.0 <= value < 1.0
-            want = "in [0, 1)"
-        if not ok:
-            raise ConfigError(
-                f"fed.{name} must be {want} for fed.strategy={cfg.strategy!r}, got {value!r}"
-            )
-
-
 def _unchanged(global_state: State, server_state: ServerState) -> tuple[State, ServerState]:
     return dict(global_state), dict(server_state)
 
@@ -179,7 +163,6 @@ def fedavgm(
     """
     if not states:
         return _unchanged(global_state, server_state)
-    _check_cfg(cfg, "server_lr", "server_momentum")
     mean_delta = _mean_offset(states, weights, global_state)
     new_state: State = {}
     new_server: ServerState = {}
@@ -216,8 +199,6 @@ def _adaptive(
     """Algorithm 2 of Reddi et al. 2021; `kind` picks the second-moment update."""
     if not states:
         return _unchanged(global_state, server_state)
-    fields = ("server_lr", "tau", "beta1") + (("beta2",) if kind != "adagrad" else ())
-    _check_cfg(cfg, *fields)
     b1, b2, tau, lr = cfg.beta1, cfg.beta2, cfg.tau, cfg.server_lr
     mean_delta = _mean_offset(states, weights, global_state)
     new_state: State = {}

@@ -41,22 +41,22 @@ import numpy as np
 import torch
 
 from covey.atomic import atomic_write_bytes
-from covey.config import FedConfig, RunConfig, to_toml
+from covey.config import RunConfig
 from covey.data.prompts import Example
-from covey.errors import ConfigError
+from covey.errors import ConfigError, DataError
 from covey.fed import checkpoint
 from covey.fed.attacks import UPDATE_ATTACKS, attack_update, malicious_participants
-from covey.fed.engine import (
-    Federation,
+from covey.fed.engine import Federation, client_seed
+from covey.fed.rounds import (
+    Accepted,
     Hooks,
-    RunResult,
-    client_seed,
-    contribution,
-    evaluate_round,
-    save_round_record,
-    train_summary,
+    Played,
+    RunFolder,
+    RunHistory,
+    client_line,
+    rejection,
+    run_rounds,
 )
-from covey.fed.strategies import fedavg
 from covey.fed.validation import validate_update
 from covey.flock.chain import (
     TOKEN_UNIT,
@@ -70,7 +70,8 @@ from covey.flock.chain import (
     seed_commitment,
     vote_commitment,
 )
-from covey.model.lora import adapter_state, load_adapter_state
+from covey.flock.snapshot import dump_embedded, restore_embedded
+from covey.model.lora import load_adapter_state
 from covey.state import State
 from covey.store.cid import cid_from_digest, digest_of
 from covey.store.local import LocalStore
@@ -81,6 +82,9 @@ from covey.train.local import train_local
 log = logging.getLogger("covey.flock")
 SCORE_SCALE = 1_000_000
 """Votes carry the loss improvement in micro-nats as an integer (the contract stores uint64)."""
+CHAIN_STATE = "chain_state.bin"
+"""The embedded chain as it was when the round was saved (`covey.flock.snapshot`), so that a
+killed simulation resumes from its last complete round like any run."""
 
 
 @dataclass
@@ -129,25 +133,31 @@ def task_params(cfg: RunConfig, n: int) -> TaskParams:
     )
 
 
-def setup_flock(cfg: RunConfig, fed: Federation, out: Path) -> FlockSetup:
-    """Deploy token and task on the embedded chain, fund and stake every participant."""
+def check_flock(cfg: RunConfig, participants: int) -> None:
+    """What the simulation needs beyond the recipe's own rules (run before anything loads)."""
     if cfg.flock.chain_url:
         raise ConfigError(
             "flock.chain_url: the simulation drives every participant's account, which needs "
             "the embedded chain's test accounts; leave flock.chain_url empty"
         )
-    n = len(fed.clients)
-    if cfg.flock.harm_z < 0:
-        raise ConfigError(f"flock.harm_z must be >= 0 (got {cfg.flock.harm_z})")
-    if cfg.flock.proposers_per_round + cfg.flock.voters_per_round > n:
+    if cfg.flock.proposers_per_round + cfg.flock.voters_per_round > participants:
         raise ConfigError(
-            f"flock.proposers_per_round + flock.voters_per_round must be <= the {n} participants"
+            "flock.proposers_per_round + flock.voters_per_round must be <= the "
+            f"{participants} participants (client files in data.dir)"
         )
+
+
+def setup_flock(
+    cfg: RunConfig, fed: Federation, out: Path, resume_from: tuple[bytes, str] | None = None
+) -> FlockSetup:
+    """Deploy token and task on the embedded chain, fund and stake every participant; or, with
+    `resume_from` (a saved chain state and the task's address), continue from there."""
+    n = len(fed.clients)
+    check_flock(cfg, n)
     chain = Chain.embedded(accounts=n + 1)
     deployer, *accounts = chain.accounts
     params = task_params(cfg, n)
-    token = chain.deploy_token(sender=deployer)
-    task = chain.deploy_task(token, params, sender=deployer)
+    funds = 2 * params.min_stake
     attackers = malicious_participants(n, cfg.attack)
     participants = []
     for i, client in enumerate(fed.clients):
@@ -163,13 +173,23 @@ def setup_flock(cfg: RunConfig, fed: Federation, out: Path) -> FlockSetup:
                 validation=[e for j, e in enumerate(client.examples) if j in val_index]
                 or client.examples[:1],
                 malicious=i in attackers,
+                initial_balance=funds,
             )
         )
-    funds = 2 * params.min_stake
+    if resume_from is not None:
+        state, task_address = resume_from
+        restore_embedded(chain, state)
+        return FlockSetup(
+            chain=chain,
+            task=chain.task(task_address),
+            participants=participants,
+            store=LocalStore(out / "store"),
+        )
+    token = chain.deploy_token(sender=deployer)
+    task = chain.deploy_task(token, params, sender=deployer)
     for p in participants:
         token.transfer(p.address, funds, sender=deployer)
         task.join(params.min_stake, sender=p.address)
-        p.initial_balance = token.balance_of(p.address) + task.stake_of(p.address)
     task.advance_to_phase(Phase.AWAIT_START)
     task.start(sender=deployer)
     return FlockSetup(
@@ -177,105 +197,116 @@ def setup_flock(cfg: RunConfig, fed: Federation, out: Path) -> FlockSetup:
     )
 
 
-def run_flock(cfg: RunConfig, fed: Federation, hooks: Hooks | None = None) -> RunResult:
-    """Run every round of a FLock task on the embedded chain; see the module docstring."""
+def run_flock(
+    cfg: RunConfig,
+    fed: Federation,
+    hooks: Hooks | None = None,
+    resume: bool = False,
+    folder: RunFolder | None = None,
+) -> RunHistory:
+    """Run (or resume) every round of a FLock task on the embedded chain; see the module
+    docstring. The rounds go through the shared loop; the contract decides what is merged."""
     hooks = hooks or Hooks()
-    out = Path(cfg.run.out)
-    if checkpoint.complete_rounds(out):
-        raise ConfigError(f"run.out {out} already holds a run; FLock runs start fresh")
-    out.mkdir(parents=True, exist_ok=True)
-    config_toml = to_toml(cfg)
-    (out / "config.toml").write_text(config_toml)
-    flock = setup_flock(cfg, fed, out)
-    task = flock.task
-    result = RunResult(out=out)
-    global_state: State = adapter_state(fed.model)
-    record: dict[str, Any] = {"round": 0, "clients": [], "rejected": [], "train": {}}
-    record |= evaluate_round(cfg, fed, global_state)
-    record["flock"] = _balances(flock)
-    save_round_record(cfg, fed, out, 0, global_state, {}, record, config_toml, result)
+    folder = folder or RunFolder.check(cfg, resume)
+    saved = None
+    if folder.done:
+        last = checkpoint.round_dir(folder.out, folder.done[-1])
+        first = checkpoint.round_dir(folder.out, folder.done[0]) / checkpoint.ROUND_RECORD
+        if not (last / CHAIN_STATE).is_file():
+            raise ConfigError(f"{last / CHAIN_STATE}: missing; this FLock run cannot be resumed")
+        saved = ((last / CHAIN_STATE).read_bytes(), json.loads(first.read_text())["flock"]["task"])
+    flock = setup_flock(cfg, fed, folder.out, saved)
 
-    for round_index in range(1, cfg.fed.rounds + 1):
-        started = time.perf_counter()
-        proposers, voters = _draw_roles(flock, cfg.run.seed, round_index)
-        hooks.round_start(round_index, cfg.fed.rounds, [p.index for p in proposers])
-        proposals, contributions = _propose(
-            cfg, fed, flock, proposers, global_state, round_index, hooks
-        )
-        task.advance_to_phase(Phase.VOTE_COMMIT)
-        candidates = _fetch(flock, proposers, global_state)
-        votes = _vote(cfg, fed, flock, voters, global_state, candidates, round_index)
-        task.advance_to_phase(Phase.AWAIT_FINALIZE)
-        chain_round = task.current_round()
-        finalized = task.finalize(sender=flock.participants[0].address)
-        outcome = task.result(chain_round)
-        judged = {str(e["proposer"]).lower(): e for e in finalized.named("ProposalJudged")}
-        for proposal in proposals:
-            verdict = judged.get(proposal["address"].lower())
-            proposal["valid"] = candidates[proposal["position"]] is not None
-            proposal["accepted"] = bool(verdict and verdict["accepted"])
-            if verdict:
-                proposal["accept_stake"] = verdict["accept_stake"] / TOKEN_UNIT
-                proposal["reject_stake"] = verdict["reject_stake"] / TOKEN_UNIT
-        # an update joins the global adapter when the contract accepted it and it is valid here
-        # (a colluding majority could accept one that does not even load)
-        merged = [p for p in proposals if p["accepted"] and p["valid"]]
-        if merged:
-            states = [candidates[p["position"]] for p in merged]
-            global_state, _ = fedavg(
-                global_state, [s for s in states if s is not None], [1.0] * len(merged), {},
-                FedConfig(),
-            )  # fmt: skip
-        won = {p["participant"] for p in merged}
-        record = {
-            "round": round_index,
-            "selected": [p.index for p in proposers],
-            "clients": [c for c in contributions if c["client"] in won],
-            "rejected": [
-                {"client": c["client"], "reason": _why_not_merged(c["client"], proposals, outcome)}
-                for c in contributions
-                if c["client"] not in won
-            ],
-            "train": train_summary(contributions),  # every proposer's training, merged or not
-        }
-        record |= evaluate_round(cfg, fed, global_state)
-        record["flock"] = {
-            "proposers": [p.index for p in proposers],
-            "voters": [v.index for v in voters],
-            "proposals": proposals,
-            "votes": votes,
-            "outcome": outcome.outcome.name.lower(),
-            "round_reward": outcome.reward / TOKEN_UNIT,
-            "paid": outcome.paid / TOKEN_UNIT,
-            "slashed": outcome.slashed / TOKEN_UNIT,
-            "rewards": _by_participant(flock, finalized.named("Rewarded")),
-            "slashes": _by_participant(flock, finalized.named("Slashed")),
-            "gas_finalize": finalized.gas_used,
-        } | _balances(flock)
-        record["seconds"] = {"round": time.perf_counter() - started}
-        save_round_record(cfg, fed, out, round_index, global_state, {}, record, config_toml, result)
-        hooks.round_end(result.records[-1])
+    def play(round_index: int, global_state: State) -> Played:
+        played = play_round(cfg, fed, flock, round_index, global_state, hooks)
+        played.files[CHAIN_STATE] = dump_embedded(flock.chain)
+        return played
 
+    history = run_rounds(
+        cfg, folder, fed.run_model, play, hooks,
+        baseline={"flock": {"task": flock.task.address} | _balances(flock)},
+        baseline_files={CHAIN_STATE: dump_embedded(flock.chain)},
+    )  # fmt: skip
     _settle(flock)
     summary = {
         "participants": [
             {"participant": p.index, "address": p.address, "attacker": p.malicious}
             for p in flock.participants
         ],
-        "rounds": [r["flock"] for r in result.records],
+        "rounds": [r["flock"] for r in history.records],
         "settled": _balances(flock)["balances"],
         "gas": {name: sum(g) / len(g) for name, g in flock.chain.gas.items() if g},
     }
-    atomic_write_bytes(out / "flock.json", (json.dumps(summary, indent=2) + "\n").encode())
-    checkpoint.write_final(out, result.records[-1]["round"])
+    atomic_write_bytes(folder.out / "flock.json", (json.dumps(summary, indent=2) + "\n").encode())
     from covey.flock.report import plot_rewards  # matplotlib loads only when needed
 
-    plot_rewards(summary, out / "rewards.png")
-    return result
+    plot_rewards(summary, folder.out / "rewards.png")
+    return history
 
 
-def _why_not_merged(client: int, proposals: list[dict[str, Any]], outcome: RoundResult) -> str:
-    proposal = next(p for p in proposals if p["participant"] == client)
+def play_round(
+    cfg: RunConfig,
+    fed: Federation,
+    flock: FlockSetup,
+    round_index: int,
+    global_state: State,
+    hooks: Hooks,
+) -> Played:
+    """One FLock round: draw roles, propose, vote, finalize; the accepted and valid proposals
+    are handed to the loop with equal weights (nobody can check a claimed sample count)."""
+    task = flock.task
+    proposers, voters = _draw_roles(flock, cfg.run.seed, round_index)
+    hooks.round_start(round_index, cfg.fed.rounds, [p.index for p in proposers])
+    proposals, lines = _propose(cfg, fed, flock, proposers, global_state, round_index, hooks)
+    task.advance_to_phase(Phase.VOTE_COMMIT)
+    vote_started = time.perf_counter()
+    candidates = _fetch(cfg, flock, proposers, global_state)
+    votes = _vote(cfg, fed, flock, voters, global_state, candidates, round_index)
+    vote_seconds = time.perf_counter() - vote_started
+    task.advance_to_phase(Phase.AWAIT_FINALIZE)
+    chain_round = task.current_round()
+    finalized = task.finalize(sender=flock.participants[0].address)
+    outcome = task.result(chain_round)
+    judged = {str(e["proposer"]).lower(): e for e in finalized.named("ProposalJudged")}
+    for proposal in proposals:
+        verdict = judged.get(proposal["address"].lower())
+        proposal["valid"] = candidates[proposal["position"]] is not None
+        proposal["accepted"] = bool(verdict and verdict["accepted"])
+        if verdict:
+            proposal["accept_stake"] = verdict["accept_stake"] / TOKEN_UNIT
+            proposal["reject_stake"] = verdict["reject_stake"] / TOKEN_UNIT
+    played = Played(
+        selected=[p.index for p in proposers],
+        trained=lines,
+        train_seconds=sum(line.get("seconds", 0.0) for line in lines),
+        seconds={"vote": vote_seconds},
+    )
+    for proposal, line in zip(proposals, lines, strict=True):
+        state = candidates[proposal["position"]]
+        # an update joins the global adapter when the contract accepted it and it is valid
+        # here (a colluding majority could accept one that does not even load)
+        if proposal["accepted"] and state is not None:
+            played.accepted.append(Accepted(state, 1.0, line))
+        else:
+            reason = _why_not_merged(proposal, outcome)
+            played.rejected.append(rejection(line["client"], reason, line["attacker"]))
+    played.engine["flock"] = {
+        "proposers": [p.index for p in proposers],
+        "voters": [v.index for v in voters],
+        "proposals": proposals,
+        "votes": votes,
+        "outcome": outcome.outcome.name.lower(),
+        "round_reward": outcome.reward / TOKEN_UNIT,
+        "paid": outcome.paid / TOKEN_UNIT,
+        "slashed": outcome.slashed / TOKEN_UNIT,
+        "rewards": _by_participant(flock, finalized.named("Rewarded")),
+        "slashes": _by_participant(flock, finalized.named("Slashed")),
+        "gas_finalize": finalized.gas_used,
+    } | _balances(flock)
+    return played
+
+
+def _why_not_merged(proposal: dict[str, Any], outcome: RoundResult) -> str:
     if proposal["accepted"]:
         return "accepted on chain but invalid here (not merged)"
     if outcome.outcome == Outcome.NO_QUORUM:
@@ -322,7 +353,9 @@ def _propose(
     round_index: int,
     hooks: Hooks,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    proposals, contributions = [], []
+    """Each proposer trains (or attacks), publishes its update by CID and proposes its digest:
+    (proposal entries, client lines)."""
+    proposals, lines = [], []
     for p in proposers:
         hooks.client_start(p.index, len(p.train))
         seed = client_seed(cfg.run.seed, round_index, p.index)
@@ -330,7 +363,7 @@ def _propose(
             state, metrics = global_state, {}
         else:
             update = train_local(
-                fed.model, p.train, global_state, cfg.train, seed, fed.tokenizer.pad_token_id,
+                fed.model, p.train, global_state, cfg.train, seed, fed.run_model.pad_id,
                 on_step=hooks.step,
             )  # fmt: skip
             state, metrics = update.state, update.metrics
@@ -348,12 +381,12 @@ def _propose(
                 "attacker": p.malicious,
             }
         )
-        contributions.append(contribution(p.index, len(p.train), p.malicious, metrics))
-    return proposals, contributions
+        lines.append(client_line(p.index, len(p.train), p.malicious, metrics))
+    return proposals, lines
 
 
 def _fetch(
-    flock: FlockSetup, proposers: list[Participant], global_state: State
+    cfg: RunConfig, flock: FlockSetup, proposers: list[Participant], global_state: State
 ) -> list[State | None]:
     """What every voter sees: each drawn proposer's update, in draw order (the order of the
     ballot's bits), or None when it did not propose, its bytes do not match the digest on chain,
@@ -367,10 +400,10 @@ def _fetch(
             cid = cid_from_digest(digest)
             try:
                 state = deserialize_update(flock.store.get(cid))  # re-hashed: must match
-            except Exception as e:  # a missing or corrupted blob is a rejected proposal
+            except (DataError, OSError) as e:  # a missing or corrupted blob: rejected
                 log.warning("proposal %s from %s refused: %s", cid, p.address, e)
             if state is not None:
-                verdict = validate_update(state, global_state, 1, 1)
+                verdict = validate_update(state, global_state, 1, 1, cfg.fed.max_update_norm)
                 if not verdict.accepted:
                     log.warning("proposal %s from %s invalid: %s", cid, p.address, verdict.reason)
                     state = None
@@ -425,7 +458,7 @@ def _vote(
     task = flock.task
     if task.proposal_count(task.current_round()) == 0:
         return []  # the contract closes voting on a round without proposals
-    pad = fed.tokenizer.pad_token_id
+    pad = fed.run_model.pad_id
     rng = np.random.default_rng(client_seed(cfg.run.seed, round_index, 7919))
     ballots: list[dict[str, Any]] = []
     salts: dict[int, bytes] = {}

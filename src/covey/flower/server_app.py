@@ -7,14 +7,8 @@ held-out set, and checkpoint. The run folder is the engine's (rounds, final/, me
 loss.png, config.toml), so `covey serve` and `--resume` work on Flower runs too. Round records
 also hold `failed` (selected clients that did not answer) and `bytes` (adapter bytes moved).
 
-Run config (`[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
-- `recipe`: a Covey TOML recipe, read on the machine running the ServerApp ("" = defaults).
-- `set`: `section.key=value` overrides separated by `;`, e.g. "fed.rounds=2; train.lr=1e-4".
-- `wire-dtype`: `float32` (exact, the default), `float16` or `bfloat16` for adapters in transit.
-- `min-nodes`: clients that must be connected before a round starts.
-- `node-wait`: seconds to wait for `min-nodes` clients before giving up.
-- `round-timeout`: seconds a round waits for replies; a client still silent then is dropped.
-- `resume`: continue `run.out` from its last complete round.
+The run config (`[tool.flwr.app.config]`, overridable with `flwr run --run-config`) is
+`covey.flower.settings.FlowerSettings`: the recipe, overrides, wire dtype and the waits.
 
 Every wait is bounded: a dead SuperNode costs at most `round-timeout` once (Flower also answers
 for a node whose heartbeat stopped), and it is not selected again.
@@ -25,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +28,24 @@ from flwr.serverapp import Grid, ServerApp
 
 from covey.config import RunConfig, load_recipe
 from covey.errors import ConfigError
-from covey.flower.client_app import GLOBAL, META, METRICS, UPDATE, meta_int
+from covey.flower.settings import FlowerSettings
+from covey.flower.wire import (
+    ATTACK,
+    CLIENT_INDEX,
+    GLOBAL,
+    META,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_SAMPLES,
+    RECIPE,
+    ROUND,
+    UPDATE,
+    WIRE_DTYPE,
+    meta_int,
+)
 
 if TYPE_CHECKING:
-    from covey.data.prompts import Example
-    from covey.data.records import Record
+    from covey.fed.rounds import Played, RunModel
     from covey.state import State
 
 log = logging.getLogger("covey.flower")
@@ -51,63 +58,10 @@ POLL_SECONDS = 1.0
 
 
 @dataclass
-class FlowerSettings:
-    """The Flower-specific run config (see the module docstring)."""
-
-    recipe: str = ""
-    overrides: list[str] = field(default_factory=list)
-    wire_dtype: str = "float32"
-    min_nodes: int = 2
-    node_wait: float = 300.0
-    round_timeout: float = 3600.0
-    resume: bool = False
-
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> FlowerSettings:
-        """Read and check the run config; unknown keys are errors that name the key."""
-        known = {"recipe", "set", "wire-dtype", "min-nodes", "node-wait", "round-timeout", "resume"}
-        unknown = sorted(set(run_config) - known)
-        if unknown:
-            raise ConfigError(
-                f"run config: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}"
-            )
-        s = cls()
-        s.recipe = _typed(run_config, "recipe", str, s.recipe)
-        raw_set = _typed(run_config, "set", str, "")
-        s.overrides = [p.strip() for p in raw_set.replace("\n", ";").split(";") if p.strip()]
-        s.wire_dtype = _typed(run_config, "wire-dtype", str, s.wire_dtype)
-        s.min_nodes = _typed(run_config, "min-nodes", int, s.min_nodes)
-        s.node_wait = float(_typed(run_config, "node-wait", (int, float), s.node_wait))
-        s.round_timeout = float(_typed(run_config, "round-timeout", (int, float), s.round_timeout))
-        s.resume = _typed(run_config, "resume", bool, s.resume)
-        if s.min_nodes < 1:
-            raise ConfigError(f"run config: min-nodes must be >= 1, got {s.min_nodes}")
-        if s.node_wait <= 0 or s.round_timeout <= 0:
-            raise ConfigError("run config: node-wait and round-timeout must be > 0 seconds")
-        from covey.flower.codec import wire_dtype
-
-        wire_dtype(s.wire_dtype)
-        return s
-
-
-def _typed(config: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
-    value = config.get(key, default)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise ConfigError(f"run config: {key} must be {kinds[0].__name__}, got {value!r}")
-    return value
-
-
-@dataclass
 class ServerSide:
-    """What the server holds: the model (for evaluation and adapter files) and the test set."""
+    """What the server holds: the model with the held-out set, and the clients' record counts."""
 
-    model: Any
-    tokenizer: Any
-    base_model_id: str
-    test_records: list[Record]
-    test_examples: list[Example]
-    sample_records: list[Record]
+    run_model: RunModel
     held: dict[int, int]
     """Records per client from the split's manifest.json, when the server has it."""
 
@@ -118,8 +72,8 @@ def prepare_server(cfg: RunConfig) -> ServerSide:
 
     import torch
 
-    from covey.data.prompts import tokenize_records
     from covey.data.records import load_records
+    from covey.fed.rounds import RunModel, held_out
     from covey.model.loading import base_model_id, load_base_model
     from covey.model.lora import wrap_with_lora
 
@@ -138,25 +92,13 @@ def prepare_server(cfg: RunConfig) -> ServerSide:
             held[int(entry["client"])] = int(entry["count"])
     model, tokenizer = load_base_model(cfg.model)
     torch.manual_seed(cfg.run.seed)
-    peft_model = wrap_with_lora(model, cfg.lora)
-    evaluated = test_records[: cfg.eval.max_examples] if cfg.eval.max_examples else test_records
-    step = max(1, len(test_records) // max(cfg.eval.sample_instructions, 1))
-    samples = test_records[::step][: cfg.eval.sample_instructions]
-    test_examples = tokenize_records(evaluated, tokenizer, cfg.prompt, mask_prompt=True)
-    if all(e.num_target_tokens == 0 for e in test_examples):
-        raise ConfigError(
-            f"test.jsonl: prompt.cutoff_len = {cfg.prompt.cutoff_len} cuts off every response; "
-            "raise prompt.cutoff_len"
-        )
-    return ServerSide(
-        model=peft_model,
+    run_model = RunModel(
+        model=wrap_with_lora(model, cfg.lora),
         tokenizer=tokenizer,
         base_model_id=base_model_id(cfg.model),
-        test_records=evaluated,
-        test_examples=test_examples,
-        sample_records=samples,
-        held=held,
+        held_out=held_out(cfg, test_records, tokenizer),
     )
+    return ServerSide(run_model=run_model, held=held)
 
 
 @dataclass
@@ -195,7 +137,7 @@ class NodePool:
             return
         messages = [
             Message(
-                RecordDict({META: ConfigRecord({"recipe": self.recipe_toml})}),
+                RecordDict({META: ConfigRecord({RECIPE: self.recipe_toml})}),
                 node,
                 MessageType.QUERY,
                 ttl=self.settings.node_wait,
@@ -217,8 +159,8 @@ class NodePool:
             return
         try:
             meta = reply.content.config_records[META]
-            client = meta_int(meta, "client-index")
-            count = meta_int(meta, "num-examples")
+            client = meta_int(meta, CLIENT_INDEX)
+            count = meta_int(meta, NUM_EXAMPLES)
         except (KeyError, ValueError) as e:
             log.warning("node %d sent an unusable query reply (%s); not used", node, e)
             self.refused.add(node)
@@ -301,156 +243,106 @@ def run_server(
     grid: Grid, cfg: RunConfig, settings: FlowerSettings, run_id: int = 0
 ) -> list[dict[str, Any]]:
     """Run (or resume) the rounds of `cfg` over the grid's SuperNodes; return the round records."""
-    import json
-
     import flwr
 
-    from covey.config import to_toml
-    from covey.fed import checkpoint
-    from covey.fed.attacks import UPDATE_ATTACKS, malicious_participants
-    from covey.fed.engine import train_summary
-    from covey.fed.selection import select_clients
-    from covey.fed.strategies import get_strategy
-    from covey.flower.codec import dtype_name, encode, record_bytes, wire_dtype
-    from covey.model.lora import adapter_state
+    from covey.fed.rounds import RunFolder, run_rounds
 
-    out = Path(cfg.run.out)
-    consensus = getattr(cfg.fed, "consensus", "server")
-    if consensus != "server":
+    if cfg.fed.consensus != "server":
         raise ConfigError(
-            f"fed.consensus = {consensus!r}: Flower runs the server-aggregated rounds "
+            f"fed.consensus = {cfg.fed.consensus!r}: Flower runs the server-aggregated rounds "
             '(consensus = "server")'
         )
-    strategy = get_strategy(cfg.fed.strategy)
-    wire = wire_dtype(settings.wire_dtype)
-    config_toml = to_toml(cfg)
-    done = checkpoint.complete_rounds(out)
-    if done and not settings.resume:
-        raise ConfigError(
-            f"run.out {out} already holds rounds {done[0]}..{done[-1]}; set resume=true in the "
-            "run config to continue it, or choose another run.out"
-        )
+    # before the model loads
+    folder = RunFolder.check(
+        cfg, settings.resume, "set resume=true in the run config to continue it"
+    )
     server = prepare_server(cfg)
     provenance = {"runtime": "flower", "flwr": flwr.__version__, "run_id": str(run_id)}
-    records: list[dict[str, Any]] = []
-    if done:
-        first = checkpoint.round_dir(out, done[0]) / checkpoint.ROUND_RECORD
-        if json.loads(first.read_text()).get("config_fingerprint") != cfg.fingerprint():
-            raise ConfigError(
-                f"run.out {out} was made with other settings (see {out / 'config.toml'}); resume "
-                "with the same recipe and overrides (only fed.rounds may change)"
-            )
-        global_state, server_state, _ = checkpoint.load_round(out, done[-1])
-        records = [checkpoint.load_round(out, k)[2] for k in done]
-        start = done[-1] + 1
-        log.info("resuming %s after round %d", out, done[-1])
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(config_toml)
-        global_state, server_state = adapter_state(server.model), {}
-        record: dict[str, Any] = {"round": 0, "clients": [], "rejected": [], "train": {}}
-        record |= _evaluate(cfg, server, global_state) | {"flower": provenance}
-        _save(cfg, server, out, 0, global_state, server_state, record, config_toml, records)
-        start = 1
+    pool = NodePool(grid, folder.config_toml, settings)
 
-    pool = NodePool(grid, config_toml, settings)
+    def play(round_index: int, global_state: State) -> Played:
+        played = play_round(cfg, server, pool, settings, round_index, global_state)
+        played.engine["flower"] = provenance
+        return played
+
+    history = run_rounds(cfg, folder, server.run_model, play, baseline={"flower": provenance})
+    log.info("final adapter: %s", history.out / "final")
+    return history.records
+
+
+def play_round(
+    cfg: RunConfig,
+    server: ServerSide,
+    pool: NodePool,
+    settings: FlowerSettings,
+    round_index: int,
+    global_state: State,
+) -> Played:
+    """Send the global adapter to the selected SuperNodes and validate what comes back."""
+    from covey.fed.attacks import UPDATE_ATTACKS, malicious_participants
+    from covey.fed.selection import select_clients
+    from covey.flower.codec import dtype_name, encode, record_bytes, wire_dtype
+
+    wire = wire_dtype(settings.wire_dtype)
+    members = pool.ready(settings.min_nodes)
+    indices = sorted(members)
+    # experiment ground truth, as the engine: which clients attack (from the split's count)
+    attackers = malicious_participants(max(len(server.held), indices[-1] + 1), cfg.attack)
     update_attack = cfg.attack.kind if cfg.attack.kind in UPDATE_ATTACKS else ""
-    for round_index in range(start, cfg.fed.rounds + 1):
-        started = time.perf_counter()
-        members = pool.ready(settings.min_nodes)
-        indices = sorted(members)
-        # experiment ground truth, as the engine: which clients attack (from the split's count)
-        attackers = malicious_participants(max(len(server.held), indices[-1] + 1), cfg.attack)
-        positions = select_clients(
-            len(indices), cfg.fed.client_fraction, round_index - 1, cfg.fed.selection_seed
+    positions = select_clients(
+        len(indices), cfg.fed.client_fraction, round_index - 1, cfg.fed.selection_seed
+    )
+    selected = [indices[p] for p in positions]
+    payload = encode(global_state, wire)
+    down = record_bytes(payload)
+    messages = [
+        Message(
+            RecordDict(
+                {
+                    GLOBAL: payload,
+                    META: ConfigRecord(
+                        {
+                            ROUND: round_index,
+                            CLIENT_INDEX: client,
+                            RECIPE: pool.recipe_toml,
+                            WIRE_DTYPE: dtype_name(wire),
+                            ATTACK: update_attack if client in attackers else "",
+                        }
+                    ),
+                }
+            ),
+            members[client].node_id,
+            MessageType.TRAIN,
+            ttl=settings.round_timeout,
+            group_id=str(round_index),
         )
-        selected = [indices[p] for p in positions]
-        payload = encode(global_state, wire)
-        down = record_bytes(payload)
-        messages = [
-            Message(
-                RecordDict(
-                    {
-                        GLOBAL: payload,
-                        META: ConfigRecord(
-                            {
-                                "round": round_index,
-                                "client-index": client,
-                                "recipe": config_toml,
-                                "wire-dtype": dtype_name(wire),
-                                "attack": update_attack if client in attackers else "",
-                            }
-                        ),
-                    }
-                ),
-                members[client].node_id,
-                MessageType.TRAIN,
-                ttl=settings.round_timeout,
-                group_id=str(round_index),
-            )
-            for client in selected
-        ]
-        log.info(
-            "round %d/%d: sending the global adapter to clients %s (%s each, %s)",
-            round_index, cfg.fed.rounds, selected, _size(down), dtype_name(wire),
-        )  # fmt: skip
-        replies = exchange(grid, messages, settings.round_timeout)
-        flagged = attackers if update_attack else set()
-        outcome = _collect(
-            cfg, server, pool, members, selected, replies, global_state, wire, flagged
-        )
-        global_state, server_state = strategy(
-            global_state,
-            [s for s, _ in outcome.accepted],
-            [float(n) for _, n in outcome.accepted],
-            server_state,
-            cfg.fed,
-        )
-        record = {
-            "round": round_index,
-            "selected": selected,
-            "clients": outcome.contributions,
-            "rejected": outcome.rejected,
-            "failed": outcome.failed,
-            "train": train_summary(outcome.contributions),
-            "bytes": {
-                "wire_dtype": dtype_name(wire),
-                "down": down * len(messages),
-                "up": outcome.up_bytes,
-                "per_copy": down,
-            },
-            "nodes": {str(c): members[c].node_id for c in selected},
-            "flower": provenance,
-        }
-        log.info(
-            "round %d: %d accepted, %d rejected, %d failed; sent %s, received %s",
-            round_index, len(outcome.accepted), len(outcome.rejected), len(outcome.failed),
-            _size(down * len(messages)), _size(outcome.up_bytes),
-        )  # fmt: skip
-        eval_started = time.perf_counter()
-        record |= _evaluate(cfg, server, global_state)
-        record["seconds"] = {
-            "round": time.perf_counter() - started,
-            "train": outcome.train_seconds,
-            "eval": time.perf_counter() - eval_started,
-        }
-        _save(
-            cfg, server, out, round_index, global_state, server_state, record, config_toml, records
-        )
-        log.info("round %d: held-out loss %.4f", round_index, records[-1]["eval"]["loss"])
-    checkpoint.write_final(out, records[-1]["round"])
-    log.info("final adapter: %s", out / "final")
-    return records
-
-
-@dataclass
-class RoundOutcome:
-    accepted: list[tuple[State, int]] = field(default_factory=list)
-    contributions: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    up_bytes: int = 0
+        for client in selected
+    ]
+    log.info(
+        "round %d/%d: sending the global adapter to clients %s (%s each, %s)",
+        round_index, cfg.fed.rounds, selected, _size(down), dtype_name(wire),
+    )  # fmt: skip
+    replies = exchange(pool.grid, messages, settings.round_timeout)
+    flagged = attackers if update_attack else set()
+    played, up_bytes, failed = _collect(
+        cfg, server, pool, members, selected, replies, global_state, wire, flagged
+    )
+    played.engine |= {
+        "failed": failed,
+        "bytes": {
+            "wire_dtype": dtype_name(wire),
+            "down": down * len(messages),
+            "up": up_bytes,
+            "per_copy": down,
+        },
+        "nodes": {str(c): members[c].node_id for c in selected},
+    }
+    log.info(
+        "round %d: %d accepted, %d rejected, %d failed; sent %s, received %s",
+        round_index, len(played.accepted), len(played.rejected), len(failed),
+        _size(down * len(messages)), _size(up_bytes),
+    )  # fmt: skip
+    return played
 
 
 def _collect(
@@ -463,91 +355,57 @@ def _collect(
     global_state: State,
     wire: Any,
     attackers: set[int],
-) -> RoundOutcome:
-    """Decode and validate each selected client's reply, in client order (as the engine)."""
-    from covey.fed.engine import contribution
+) -> tuple[Played, int, list[dict[str, Any]]]:
+    """Decode and validate each selected client's reply, in client order (as the engine):
+    (the round so far, bytes received, clients that failed)."""
+    from covey.fed.rounds import Accepted, Played, client_line, rejection
     from covey.fed.validation import validate_update
     from covey.flower.codec import CodecError, cast_like, decode, record_bytes
 
-    outcome = RoundOutcome()
+    played = Played(selected=selected)
+    up_bytes = 0
+    failed: list[dict[str, Any]] = []
     for client, reply in zip(selected, replies, strict=True):
         attacked = client in attackers
         if reply is None:
             reason = f"no reply within round-timeout={pool.settings.round_timeout:g} s"
             log.warning("client %d: %s; dropped from the run", client, reason)
-            outcome.failed.append({"client": client, "reason": reason})
+            failed.append({"client": client, "reason": reason})
             pool.drop(client)
             continue
         if reply.has_error():
             reason = f"error {reply.error.code}: {reply.error.reason}"
             log.warning("client %d failed: %s", client, reason)
-            outcome.failed.append({"client": client, "reason": reason})
+            failed.append({"client": client, "reason": reason})
             if reply.error.code == NODE_UNAVAILABLE:
                 pool.drop(client)
             continue
         try:
             content = reply.content
             arrays = content.array_records[UPDATE]
-            outcome.up_bytes += record_bytes(arrays)
+            up_bytes += record_bytes(arrays)
             update: object = cast_like(decode(arrays), global_state, wire)
-            claimed: object = content.config_records[META].get("num-samples")
+            claimed: object = content.config_records[META].get(NUM_SAMPLES)
             metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:  # CodecError is a ValueError
             kind = "undecodable update" if isinstance(e, CodecError) else "malformed reply"
-            outcome.rejected.append(
-                {"client": client, "reason": f"{kind}: {e}", "attacker": attacked}
-            )
+            played.rejected.append(rejection(client, f"{kind}: {e}", attacked))
             log.warning("round: rejected client %d: %s: %s", client, kind, e)
             continue
         held = server.held.get(client, members[client].num_examples)
         verdict = validate_update(update, global_state, claimed, held, cfg.fed.max_update_norm)
-        outcome.train_seconds += metrics.get("seconds", 0.0)
+        played.train_seconds += metrics.get("seconds", 0.0)
+        line = client_line(
+            client, verdict.num_samples, attacked, metrics, update_norm=verdict.update_norm
+        )
+        played.trained.append(line)
         if not verdict.accepted:
             log.warning("rejected client %d: %s", client, verdict.reason)
-            outcome.rejected.append(
-                {"client": client, "reason": verdict.reason, "attacker": attacked}
-            )
+            played.rejected.append(rejection(client, verdict.reason, attacked))
             continue
         assert isinstance(update, dict)
-        outcome.accepted.append((update, verdict.num_samples))
-        outcome.contributions.append(
-            contribution(
-                client, verdict.num_samples, attacked, metrics, update_norm=verdict.update_norm
-            )
-        )
-    return outcome
-
-
-def _evaluate(cfg: RunConfig, server: ServerSide, state: State) -> dict[str, Any]:
-    """Held-out loss and sample answers of the adapter `state` (as the engine reports them)."""
-    from covey.fed.engine import evaluate_adapter
-
-    return evaluate_adapter(
-        cfg, server.model, server.tokenizer, state, server.test_examples, server.sample_records
-    )
-
-
-def _save(
-    cfg: RunConfig,
-    server: ServerSide,
-    out: Path,
-    index: int,
-    state: State,
-    server_state: State,
-    record: dict[str, Any],
-    config_toml: str,
-    records: list[dict[str, Any]],
-) -> None:
-    from covey.fed import checkpoint
-    from covey.fed.report import plot_losses
-    from covey.model.lora import adapter_files
-
-    record = record | {"base_model": server.base_model_id, "config_fingerprint": cfg.fingerprint()}
-    files = adapter_files(server.model, state, server.base_model_id)
-    checkpoint.save_round(out, index, files, server_state, record, config_toml)
-    records.append(checkpoint.load_round(out, index)[2])
-    checkpoint.write_metrics(out, records)
-    plot_losses(records, out / "loss.png")
+        played.accepted.append(Accepted(update, float(verdict.num_samples), line))
+    return played, up_bytes, failed
 
 
 def _size(n: int) -> str:

@@ -70,7 +70,7 @@ def resolve_source(
     if device is not None:
         cfg = replace(cfg, model=replace(cfg.model, device=device))
     if template is not None:
-        cfg = replace(cfg, prompt=replace(cfg.prompt, template=template))
+        cfg = replace(cfg, prompt=replace(cfg.prompt, template=template))  # type: ignore[arg-type]  # checked by PromptConfig
     return replace(source, cfg=cfg)
 
 

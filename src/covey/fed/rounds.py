@@ -1,0 +1,429 @@
+"""The round loop every engine shares: open a run folder, play rounds, aggregate, evaluate, save.
+
+Three engines play rounds: in-process clients (`covey.fed.engine`), SuperNodes over Flower's
+grid (`covey.flower.server_app`) and FLock's participants (`covey.flock.protocol`). They differ
+only in how a round is played (who trains, how updates travel, who decides what is accepted),
+so each passes a `PlayRound` function to `run_rounds`, and everything else is here, once:
+
+    folder = RunFolder.check(cfg, resume)        # before any model loads: nothing to lose yet
+    ...load the model, tokenize...
+    history = run_rounds(cfg, folder, run_model, play, hooks)
+        # for each remaining round: play it, aggregate the accepted updates with fed.strategy,
+        # evaluate on the held-out set, save the round folder atomically
+
+A round's `round.json` has the layout of `RoundRecord`; engine-specific parts (FLock's roles
+and payouts, Flower's bytes and nodes) sit in `RoundRecord.engine` and are written beside the
+common keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from covey.config import RunConfig, config_differences, load_recipe, to_toml
+from covey.data.prompts import Example, tokenize_records
+from covey.data.records import Record
+from covey.errors import ConfigError
+from covey.fed import checkpoint
+from covey.fed.strategies import get_strategy
+from covey.model.lora import adapter_files, adapter_state, load_adapter_state
+from covey.state import ServerState, State
+from covey.train.evaluate import evaluate_loss, generate_answers
+from covey.train.local import StepCallback
+
+log = logging.getLogger("covey.fed")
+
+RESUMABLE_CHANGES = ("fed.rounds", "run.out")
+"""Settings a resumed run may change: more rounds, or the folder moved."""
+
+
+# ---------------------------------------------------------------- the round record
+
+
+@dataclass
+class RoundRecord:
+    """One round as `round.json` holds it (round 0 is the starting adapter's baseline)."""
+
+    round: int
+    selected: list[int] = field(default_factory=list)
+    """Clients (participants) drawn to train this round."""
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    """`client_line` of every update merged into the global adapter."""
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    """`rejection` of every update that was trained but not merged, with the reason."""
+    train: dict[str, float] = field(default_factory=dict)
+    """`train_summary` over every update trained this round, merged or not."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """Held-out loss, perplexity and example count of the new global adapter."""
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    """Greedy answers of the new global adapter to the fixed sample instructions."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """`round` (wall time), `train` (the clients' step loops), `eval`, and engine extras."""
+    base_model: str = ""
+    config_fingerprint: str = ""
+    adapter_sha256: str = ""
+    """Content hash of the round's adapter_model.safetensors (set when saved)."""
+    engine: dict[str, Any] = field(default_factory=dict)
+    """Engine-specific parts, written at the top level of round.json: `flock` (roles,
+    proposals, ballots, payouts, balances), `flower` (runtime provenance), `bytes` (adapter
+    bytes moved), `nodes` (client -> SuperNode id), `failed` (clients that did not answer)."""
+
+    def to_json(self) -> dict[str, Any]:
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        parts: dict[str, Any] = common.pop("engine")
+        clash = sorted(set(parts) & set(common))
+        if clash:
+            raise ValueError(f"engine parts {clash} would overwrite the record's own keys")
+        return common | parts
+
+
+def client_line(
+    client: int, num_samples: int, attacker: bool, metrics: dict[str, float], **extra: float
+) -> dict[str, Any]:
+    """One trained update's line in a round record: who, its sample count, whether it attacked
+    (experiment ground truth, never read by the defences) and its training metrics."""
+    line: dict[str, Any] = {"client": client, "num_samples": num_samples, **extra}
+    line["attacker"] = attacker
+    return line | {k: round(v, 6) for k, v in metrics.items()}
+
+
+def rejection(client: int, reason: str, attacker: bool) -> dict[str, Any]:
+    """A trained update that was not merged: who, why, and whether it attacked."""
+    return {"client": client, "reason": reason, "attacker": attacker}
+
+
+def train_summary(lines: list[dict[str, Any]]) -> dict[str, float]:
+    """The round's training figures over `client_line`s: sample-weighted train loss, tokens,
+    tokens/s (lines without training metrics, such as a free rider's, are left out)."""
+    trained = [c for c in lines if "train_loss" in c]
+    if not trained:
+        return {}
+    samples = sum(c["num_samples"] for c in trained)
+    return {
+        "loss": sum(c["train_loss"] * c["num_samples"] for c in trained) / max(samples, 1),
+        "tokens": float(sum(c["tokens"] for c in trained)),
+        "tokens_per_s": sum(c["tokens"] for c in trained)
+        / max(sum(c["seconds"] for c in trained), 1e-9),
+    }
+
+
+# ---------------------------------------------------------------- what a round function returns
+
+
+@dataclass
+class Accepted:
+    """An update that passed the engine's decision and joins the aggregate."""
+
+    state: State
+    weight: float
+    line: dict[str, Any]
+    """Its `client_line`."""
+
+
+@dataclass
+class Played:
+    """What an engine's round function hands back to the loop, before aggregation."""
+
+    selected: list[int]
+    accepted: list[Accepted] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    trained: list[dict[str, Any]] = field(default_factory=list)
+    """`client_line` of every update trained this round, accepted or not (`train_summary`)."""
+    train_seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Engine-specific timings beside round/train/eval (FLock: `vote`)."""
+    engine: dict[str, Any] = field(default_factory=dict)
+    """`RoundRecord.engine`."""
+    files: dict[str, bytes] = field(default_factory=dict)
+    """Engine files saved inside the round folder, atomically with it (FLock: the embedded
+    chain's state, to resume from)."""
+    next_state: State | None = None
+    """The next global adapter, when the engine derives it itself (FLock: from the chain, as
+    every participant does); the loop then skips `fed.strategy`, and `accepted` carries only
+    the merged updates' lines."""
+
+
+PlayRound = Callable[[int, State], Played]
+"""`play(round_index, global_state) -> Played`: one engine's way of playing a round."""
+
+
+@dataclass
+class Hooks:
+    """Progress callbacks (the CLI draws bars with them; tests leave them empty)."""
+
+    round_start: Callable[[int, int, list[int]], None] = lambda r, total, selected: None
+    client_start: Callable[[int, int], None] = lambda client, n_examples: None
+    step: StepCallback | None = None
+    round_end: Callable[[dict[str, Any]], None] = lambda record: None
+
+
+# ---------------------------------------------------------------- held-out data and the model
+
+
+@dataclass
+class HeldOut:
+    """The held-out test records a run evaluates on, tokenized once."""
+
+    records: list[Record]
+    examples: list[Example]
+    samples: list[Record]
+    """Fixed instructions whose answers every round records."""
+
+
+def held_out(cfg: RunConfig, test_records: list[Record], tokenizer: Any) -> HeldOut:
+    """Tokenize `eval.max_examples` test records (responses only) and pick the sample
+    instructions, spread over the test set (it is grouped by category)."""
+    evaluated = test_records[: cfg.eval.max_examples] if cfg.eval.max_examples else test_records
+    step = max(1, len(test_records) // max(cfg.eval.sample_instructions, 1))
+    samples = test_records[::step][: cfg.eval.sample_instructions]
+    examples = tokenize_records(evaluated, tokenizer, cfg.prompt, mask_prompt=True)
+    check_targets(examples, "test.jsonl", cfg)
+    return HeldOut(records=evaluated, examples=examples, samples=samples)
+
+
+def check_targets(examples: list[Example], name: str, cfg: RunConfig) -> None:
+    """Responses cut off by `cutoff_len` teach (and measure) nothing: warn, or stop if all are."""
+    empty = sum(1 for e in examples if e.num_target_tokens == 0)
+    if empty == len(examples):
+        raise ConfigError(
+            f"{name}: prompt.cutoff_len = {cfg.prompt.cutoff_len} cuts off every response; "
+            "raise prompt.cutoff_len"
+        )
+    if empty:
+        log.warning(
+            "%s: %d of %d examples lose their whole response to prompt.cutoff_len = %d",
+            name, empty, len(examples), cfg.prompt.cutoff_len,
+        )  # fmt: skip
+
+
+@dataclass
+class RunModel:
+    """The model a run evaluates global adapters with and writes them from: the base model
+    wrapped with LoRA, its tokenizer and identity, and the held-out set."""
+
+    model: Any
+    tokenizer: Any
+    base_model_id: str
+    held_out: HeldOut
+
+    def evaluate(self, cfg: RunConfig, state: State) -> dict[str, Any]:
+        """`eval` and `answers` of the adapter `state`."""
+        load_adapter_state(self.model, state)
+        examples = self.held_out.examples
+        metrics = evaluate_loss(self.model, examples, cfg.eval.batch_size, self.pad_id)
+        answers = generate_answers(
+            self.model,
+            self.tokenizer,
+            self.held_out.samples,
+            cfg.prompt.template,
+            cfg.eval.max_new_tokens,
+        )
+        return {"eval": metrics | {"examples": len(examples)}, "answers": answers}
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+@dataclass
+class RunHistory:
+    """A finished (or resumed and finished) run: its folder and every round's record."""
+
+    out: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RunFolder:
+    """`run.out`: new, or resumed from its last complete round (see `covey.fed.checkpoint`).
+
+    `check` runs before anything is loaded, so a refused resume costs nothing and says which
+    settings differ; `begin` writes the baseline (round 0) or loads the last round.
+    """
+
+    def __init__(self, cfg: RunConfig, done: list[int]) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.run.out)
+        self.config_toml = to_toml(cfg)
+        self.done = done
+        self.records: list[dict[str, Any]] = []
+
+    @classmethod
+    def check(
+        cls,
+        cfg: RunConfig,
+        resume: bool,
+        how_to_resume: str = "pass --resume to continue it, --overwrite to start again",
+    ) -> RunFolder:
+        """Refuse to overwrite finished rounds without `resume`, or to resume with settings
+        other than the run's (`how_to_resume`: the engine's way of asking, for the error).
+
+        A server run may grow `fed.rounds`; a FLock task's contract was deployed for its
+        rounds, so nothing may change."""
+        out = Path(cfg.run.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"run.out {out} is a file; choose a folder")
+        done = checkpoint.complete_rounds(out)
+        if done and not resume:
+            raise ConfigError(
+                f"run.out {out} already holds rounds {done[0]}..{done[-1]}; {how_to_resume}, "
+                "or choose another run.out"
+            )
+        if done:
+            may_change = () if cfg.fed.consensus == "flock" else RESUMABLE_CHANGES
+            _check_same_settings(out, done[0], cfg, may_change)
+        return cls(cfg, done)
+
+    @property
+    def next_round(self) -> int:
+        return self.records[-1]["round"] + 1 if self.records else 0
+
+    def begin(
+        self,
+        run_model: RunModel,
+        baseline: dict[str, Any] | None = None,
+        baseline_files: dict[str, bytes] | None = None,
+    ) -> tuple[State, ServerState]:
+        """The global adapter and server state to continue from: the last complete round's,
+        or, for a new run, the model's initial adapter after evaluating and saving it as
+        round 0 (`baseline`, `baseline_files`: its engine-specific parts and files)."""
+        if self.done:
+            for name in checkpoint.remove_stale_staging(self.out):
+                log.info("removed %s, left by an interrupted write", name)
+            state, server_state, _ = checkpoint.load_round(self.out, self.done[-1])
+            self.records = [checkpoint.load_round(self.out, k)[2] for k in self.done]
+            log.info("resuming %s after round %d", self.out, self.done[-1])
+            return state, server_state
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(self.config_toml)
+        state = adapter_state(run_model.model)
+        record = RoundRecord(round=0, engine=baseline or {})
+        evaluation = run_model.evaluate(self.cfg, state)
+        record.eval, record.answers = evaluation["eval"], evaluation["answers"]
+        self.save(run_model, record, state, {}, baseline_files or {})
+        return state, {}
+
+    def save(
+        self,
+        run_model: RunModel,
+        record: RoundRecord,
+        state: State,
+        server_state: ServerState,
+        engine_files: dict[str, bytes],
+    ) -> dict[str, Any]:
+        """Write the round folder atomically, then metrics.jsonl and loss.png; return the
+        record as saved (with its content hash)."""
+        record.base_model = run_model.base_model_id
+        record.config_fingerprint = self.cfg.fingerprint()
+        files = adapter_files(run_model.model, state, run_model.base_model_id)
+        clash = sorted(set(files) & set(engine_files))
+        if clash:
+            raise ValueError(f"engine files {clash} would overwrite the adapter's files")
+        files |= engine_files
+        checkpoint.save_round(
+            self.out, record.round, files, server_state, record.to_json(), self.config_toml
+        )
+        saved = checkpoint.load_round(self.out, record.round)[2]
+        self.records.append(saved)
+        checkpoint.write_metrics(self.out, self.records)
+        from covey.fed.report import plot_losses  # matplotlib loads only when needed
+
+        plot_losses(self.records, self.out / "loss.png")
+        return saved
+
+    def finish(self) -> RunHistory:
+        checkpoint.write_final(self.out, self.records[-1]["round"])
+        return RunHistory(out=self.out, records=self.records)
+
+
+def _check_same_settings(
+    out: Path, first_round: int, cfg: RunConfig, may_change: tuple[str, ...]
+) -> None:
+    """A resumed run must use the settings it started with, but for `may_change`; the error
+    names every setting that differs, with both values."""
+    folder = checkpoint.round_dir(out, first_round)
+    saved_toml = folder / "config.toml"
+    try:
+        saved = load_recipe(saved_toml)
+    except ConfigError:  # made by another Covey version: compare what can be compared
+        record = json.loads((folder / checkpoint.ROUND_RECORD).read_text())
+        if record.get("config_fingerprint") == cfg.fingerprint(RESUMABLE_CHANGES):
+            return
+        raise ConfigError(
+            f"run.out {out} was made with other settings (see {saved_toml}); resume with the "
+            "recipe and --set values it was made with, or choose another run.out"
+        ) from None
+    differences = config_differences(saved, cfg, exclude=("run.out", *may_change))
+    if differences:
+        allowed = " and ".join(sorted(set(may_change) - {"run.out"})) or "nothing"
+        raise ConfigError(
+            f"run.out {out} was made with other settings ({'; '.join(differences)}); resume "
+            f"with the recipe and --set values it was made with (only {allowed} may change), "
+            "or choose another run.out"
+        )
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run_rounds(
+    cfg: RunConfig,
+    folder: RunFolder,
+    run_model: RunModel,
+    play: PlayRound,
+    hooks: Hooks | None = None,
+    baseline: dict[str, Any] | None = None,
+    baseline_files: dict[str, bytes] | None = None,
+) -> RunHistory:
+    """Play every remaining round of `cfg`: play, aggregate with `fed.strategy`, evaluate, save.
+
+    `baseline` and `baseline_files` are the engine-specific parts of round 0 for a new run.
+    """
+    hooks = hooks or Hooks()
+    strategy = get_strategy(cfg.fed.strategy)
+    global_state, server_state = folder.begin(run_model, baseline, baseline_files)
+    for round_index in range(folder.next_round, cfg.fed.rounds + 1):
+        started = time.perf_counter()
+        played = play(round_index, global_state)
+        if played.next_state is not None:
+            global_state = played.next_state
+        else:
+            global_state, server_state = strategy(
+                global_state,
+                [a.state for a in played.accepted],
+                [a.weight for a in played.accepted],
+                server_state,
+                cfg.fed,
+            )
+        eval_started = time.perf_counter()
+        evaluation = run_model.evaluate(cfg, global_state)
+        record = RoundRecord(
+            round=round_index,
+            selected=played.selected,
+            clients=[a.line for a in played.accepted],
+            rejected=played.rejected,
+            train=train_summary(played.trained),
+            eval=evaluation["eval"],
+            answers=evaluation["answers"],
+            # "train" is the clients' step loops and "eval" the held-out passes; the rest of
+            # "round" is the engine's own (selection, transfer, validation, voting, aggregation)
+            seconds={
+                "round": time.perf_counter() - started,
+                "train": played.train_seconds,
+                "eval": time.perf_counter() - eval_started,
+                **played.seconds,
+            },
+            engine=played.engine,
+        )
+        saved = folder.save(run_model, record, global_state, server_state, played.files)
+        hooks.round_end(saved)
+    return folder.finish()
