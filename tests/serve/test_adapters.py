@@ -109,6 +109,22 @@ def test_a_relative_data_dir_is_never_read_from_the_current_folder(
     assert Path(resolve_source(run=moved).cfg.data.dir) == tmp_path / "moved" / "data"
 
 
+def test_with_an_absolute_run_out_a_relative_data_dir_is_inside_the_run_folder(
+    tiny_run: Path, client_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where training ran is unknown when run.out is absolute: the run folder stands in, and
+    the current folder's data/ is still never read."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = (run / "config.toml").read_text()
+    assert f'"{tiny_run}"' in config  # run.out is absolute in the fixture
+    (run / "config.toml").write_text(config.replace(f'"{client_data_dir}"', '"data"'))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(client_data_dir, elsewhere / "data")
+    monkeypatch.chdir(elsewhere)
+    assert Path(resolve_source(run=run).cfg.data.dir) == run / "data"
+
+
 def _bare_adapter(tiny_run: Path, folder: Path, base_name: str) -> Path:
     """The final adapter's two PEFT files alone, as another tool would ship them."""
     folder.mkdir()
