@@ -90,6 +90,21 @@ RULES: dict[tuple[str, ...], Rule] = {
         CHECK, "needs a running federation; tests/flower submits runs on loopback"
     ),
     ("flwr",): Rule(CHECK, "Flower's own CLI against a running federation"),
+    ("covey", "flock", "devnet"): Rule(
+        CHECK, "runs a network for minutes; tests/flock/test_network.py runs its parts on anvil"
+    ),
+    ("covey", "flock", "create"): Rule(
+        CHECK, "needs a chain node; tests/flock/test_network.py creates a task on anvil"
+    ),
+    ("covey", "flock", "join"): Rule(
+        CHECK, "needs a task on a chain node; tests/flock/test_network.py joins on anvil"
+    ),
+    ("covey", "flock", "status"): Rule(
+        CHECK, "needs a task on a chain node; tests/flock/test_network.py runs it on anvil"
+    ),
+    ("covey", "flock", "fetch"): Rule(
+        CHECK, "needs a finished task; tests/flock/test_network.py fetches from anvil"
+    ),
     ("make", "demo"): Rule(RUN),  # its recipe lines run, on TINY
     ("make",): Rule(CHECK, "the CI entry points (make test runs these tests)"),
     ("pytest",): Rule(CHECK, "the test suite itself"),
@@ -99,6 +114,7 @@ RULES: dict[tuple[str, ...], Rule] = {
 
 MENTIONS = {
     "covey flower local / simulate / run ...": "names three commands in a table",
+    "covey flock create / join / status / fetch / devnet": "names five commands in a table",
 }
 """Inline code spans that look like commands but are prose, with why."""
 
