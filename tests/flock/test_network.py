@@ -1,17 +1,20 @@
 """FLock as a network: one `covey flock join` process per participant on a real node (anvil).
 
 Each participant is a separate OS process with its own key file, data file, folder and HTTP
-gateway; they share only the chain and HTTP. One of them attacks (its update sign-flipped x100), one is
-killed with SIGKILL in round 0 and started again with the same command. The task must end with
-the attacker's proposals voted down and slashed, the restarted participant carrying on from its
-folder (its committed seed still there), and every participant, and an outsider's `fetch`,
-holding the same global adapter bytes. Skips without anvil (`make anvil`).
+gateway; they share only the chain and HTTP. One of them free-rides (proposes the global adapter
+back without training: rejected by any voter, whatever the model); one is killed with SIGKILL in
+round 0 and started again with the same command. The task must end with the free rider's
+proposals voted down and slashed, the restarted participant carrying on from its folder (its
+committed seed still there), every reward and slash following the contract's rules, tokens
+conserved, and every participant, and an outsider's `fetch`, holding the same global adapter.
+Skips without anvil (`make anvil`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,12 +78,11 @@ lr = 3e-2
 consensus = "flock"
 rounds = 3
 [flock]
-proposers_per_round = 3
+proposers_per_round = 2
 voters_per_round = 1
+max_missed_rounds = 3
 validation_examples = 4
 harm_z = 0.0
-[attack]
-strength = 100.0
 """
     path = data.parent / "recipe.toml"
     path.write_text(text)
@@ -126,7 +128,7 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
                     data / f"client_{i}.jsonl",
                     gateway.url,
                     cfg,
-                    "sign_flip" if i == ATTACKER else "none",
+                    "free_rider" if i == ATTACKER else "none",
                 )
                 for i, folder in enumerate(folders)
             ]
@@ -160,8 +162,9 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
 
             assert task.phase() == Phase.ENDED
             status = task_status(task)
-            # the attacker's proposals are voted down and slashed (3 of 4 propose each round:
-            # the draw, which mixes in block hashes, leaves it out of all 3 rounds 1.6% of runs)
+            # the attacker's proposals are voted down and slashed (2 of 4 propose each round:
+            # the draw, which mixes in block hashes, leaves it out of all 3 rounds in ~1 of 8 runs;
+            # tests/flock/test_protocol.py checks the same deterministically)
             attacked = [
                 p for r in status["history"] for p in r["proposals"]
                 if p["address"] == addresses[ATTACKER]
@@ -196,7 +199,10 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
             seed = bytes.fromhex(saved["rounds"]["0"]["seed"])
             on_chain, _ = task.seed_status(0, addresses[RESTARTED])
             assert on_chain == seed_commitment(seed, addresses[RESTARTED])
-            assert "killed with SIGKILL" in logs[folders[RESTARTED].name]
+            # ...and it carried on: it acted in a later round and withdrew at the end
+            _, after = (folders[RESTARTED] / "join.log").read_text().split("started again ---")
+            assert re.search(r"round [12]: (committed|revealed)", after), after[-3000:]
+            assert "withdrew its stake" in after, after[-3000:]
             # everyone withdrew: no stake or credit is left in the task
             assert all(b["stake"] == 0 and b["unclaimed"] == 0 for b in status["balances"])
             # every participant derived the same global adapter bytes, and so does an outsider

@@ -175,7 +175,7 @@ class Participant:
         try:
             return self._act(phase, round_)
         except PhaseError as e:  # the window closed under us: the next step sees the new phase
-            log.info("%s: %s", self.name, e)
+            log.debug("%s: %s", self.name, e)
             return False
         except ContractRevert as e:
             if self.task.phase() != phase or self.task.current_round() != round_:

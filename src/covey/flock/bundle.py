@@ -14,7 +14,7 @@ from the contract, fetches the bundle, checks it, and trains exactly what everyo
     }
 
 The bundle is canonical JSON (sorted keys, no spaces), so the same task has the same CID on
-every machine. It is parsed as JSON and checked field by field; nothing in it is executed or
+every machine. `task_params` turns the same recipe into the contract's parameters. It is parsed as JSON and checked field by field; nothing in it is executed or
 unpickled.
 """
 
@@ -29,6 +29,7 @@ import torch
 
 from covey.config import DataConfig, RunConfig, RunSettings, load_recipe_text, to_toml
 from covey.errors import DataError
+from covey.flock.task import TOKEN_UNIT, TaskParams
 
 FORMAT = "covey-task/1"
 
@@ -74,6 +75,30 @@ def bundle_recipe(cfg: RunConfig) -> str:
     """The recipe a bundle carries: every shared setting; where data and outputs live is each
     participant's own business, so those are left at their defaults."""
     return to_toml(replace(cfg, data=DataConfig(), run=RunSettings(seed=cfg.run.seed)))
+
+
+def task_params(
+    cfg: RunConfig, min_participants: int, max_participants: int, windows: dict[str, int]
+) -> TaskParams:
+    """The contract's parameters from the recipe's [fed] and [flock] sections (tokens to wei)
+    and phase windows in blocks (`covey.flock.task.phase_windows`)."""
+    flock = cfg.flock
+    return TaskParams(
+        rounds=cfg.fed.rounds,
+        min_participants=min_participants,
+        max_participants=max_participants,
+        min_stake=int(flock.stake * TOKEN_UNIT),
+        reward_pool=int(flock.reward_pool * TOKEN_UNIT),
+        proposers_per_round=flock.proposers_per_round,
+        voters_per_round=flock.voters_per_round,
+        slash_pct=flock.slash_pct,
+        no_show_pct=flock.no_show_pct,
+        threshold_pct=flock.threshold_pct,
+        voter_reward_pct=flock.voter_reward_pct,
+        keeper_fee=int(flock.keeper_fee * TOKEN_UNIT),
+        max_missed_rounds=flock.max_missed_rounds,
+        **windows,
+    )
 
 
 def weights_sha256(model: Any) -> str:

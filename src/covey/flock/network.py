@@ -36,7 +36,7 @@ from covey.data.records import load_records
 from covey.errors import ConfigError, CoveyError, DataError
 from covey.fed.rounds import HeldOut, RunModel
 from covey.flock.agent import FINISHED, Behaviour, Participant, data_split, stake_and_join
-from covey.flock.bundle import TaskBundle, bundle_recipe, weights_sha256
+from covey.flock.bundle import TaskBundle, bundle_recipe, task_params, weights_sha256
 from covey.flock.chain import Chain, ChainError, ContractRevert
 from covey.flock.history import TaskHistory, balances, finished_rounds, round_facts
 from covey.flock.keys import load_private_key
@@ -177,22 +177,7 @@ def create_task(
     windows["registration_blocks"] = max(
         windows["registration_blocks"], math.ceil(registration_s / block_time_s) + 1
     )
-    params = TaskParams(
-        rounds=cfg.fed.rounds,
-        min_participants=participants,
-        max_participants=most,
-        min_stake=int(cfg.flock.stake * TOKEN_UNIT),
-        reward_pool=int(cfg.flock.reward_pool * TOKEN_UNIT),
-        proposers_per_round=cfg.flock.proposers_per_round,
-        voters_per_round=cfg.flock.voters_per_round,
-        slash_pct=cfg.flock.slash_pct,
-        no_show_pct=cfg.flock.no_show_pct,
-        threshold_pct=cfg.flock.threshold_pct,
-        voter_reward_pct=cfg.flock.voter_reward_pct,
-        keeper_fee=int(cfg.flock.keeper_fee * TOKEN_UNIT),
-        max_missed_rounds=cfg.flock.max_missed_rounds,
-        **windows,
-    )
+    params = task_params(cfg, participants, most, windows)
     params.validate()
     sender = chain.default_account
     token = (

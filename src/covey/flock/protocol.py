@@ -43,7 +43,7 @@ from covey.fed.rounds import (
     run_rounds,
 )
 from covey.flock.agent import FINISHED, Behaviour, Participant, data_split, seeded_secret
-from covey.flock.bundle import TaskBundle, bundle_recipe, weights_sha256
+from covey.flock.bundle import TaskBundle, bundle_recipe, task_params, weights_sha256
 from covey.flock.chain import Chain
 from covey.flock.history import TaskHistory, balances, round_facts
 from covey.flock.ledger import Blobs, Ledger, global_bytes
@@ -53,7 +53,6 @@ from covey.flock.task import (
     TOKEN_UNIT,
     FlockTask,
     Phase,
-    TaskParams,
     Token,
     phase_windows,
 )
@@ -81,26 +80,6 @@ def check_flock(cfg: RunConfig, participants: int) -> None:
             "flock.proposers_per_round + flock.voters_per_round must be <= the "
             f"{participants} participants (client files in data.dir)"
         )
-
-
-def task_params(cfg: RunConfig, participants: int, windows: dict[str, int]) -> TaskParams:
-    """The contract's parameters from the recipe's [flock] section."""
-    return TaskParams(
-        rounds=cfg.fed.rounds,
-        min_participants=participants,
-        max_participants=participants,
-        min_stake=int(cfg.flock.stake * TOKEN_UNIT),
-        reward_pool=int(cfg.flock.reward_pool * TOKEN_UNIT),
-        proposers_per_round=cfg.flock.proposers_per_round,
-        voters_per_round=cfg.flock.voters_per_round,
-        slash_pct=cfg.flock.slash_pct,
-        no_show_pct=cfg.flock.no_show_pct,
-        threshold_pct=cfg.flock.threshold_pct,
-        voter_reward_pct=cfg.flock.voter_reward_pct,
-        keeper_fee=int(cfg.flock.keeper_fee * TOKEN_UNIT),
-        max_missed_rounds=cfg.flock.max_missed_rounds,
-        **windows,
-    )
 
 
 @dataclass
@@ -145,7 +124,7 @@ def setup(
     initial = adapter_state(fed.model)
     base_id = fed.run_model.base_model_id
     initial_cid = store.put(global_bytes(initial, base_id))
-    params = task_params(cfg, n, phase_windows(EMBEDDED_TIMING, n))
+    params = task_params(cfg, n, n, phase_windows(EMBEDDED_TIMING, n))
     funds = 2 * params.min_stake
     if saved_chain is None:
         # the base named by its weights' id, not a local path: the chain's history (and so
