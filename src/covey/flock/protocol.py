@@ -48,7 +48,6 @@ from covey.fed import checkpoint
 from covey.fed.attacks import UPDATE_ATTACKS, attack_update, malicious_participants
 from covey.fed.engine import Federation, client_seed
 from covey.fed.rounds import (
-    Accepted,
     Hooks,
     Played,
     RunFolder,
@@ -57,6 +56,7 @@ from covey.fed.rounds import (
     rejection,
     run_rounds,
 )
+from covey.fed.strategies import Accumulator
 from covey.fed.validation import validate_update
 from covey.flock.chain import (
     TOKEN_UNIT,
@@ -217,8 +217,8 @@ def run_flock(
         saved = ((last / CHAIN_STATE).read_bytes(), json.loads(first.read_text())["flock"]["task"])
     flock = setup_flock(cfg, fed, folder.out, saved)
 
-    def play(round_index: int, global_state: State) -> Played:
-        played = play_round(cfg, fed, flock, round_index, global_state, hooks)
+    def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
+        played = play_round(cfg, fed, flock, round_index, global_state, merge, hooks)
         played.files[CHAIN_STATE] = dump_embedded(flock.chain)
         return played
 
@@ -250,6 +250,7 @@ def play_round(
     flock: FlockSetup,
     round_index: int,
     global_state: State,
+    merge: Accumulator,
     hooks: Hooks,
 ) -> Played:
     """One FLock round: draw roles, propose, vote, finalize; the accepted and valid proposals
@@ -277,6 +278,7 @@ def play_round(
             proposal["reject_stake"] = verdict["reject_stake"] / TOKEN_UNIT
     played = Played(
         selected=[p.index for p in proposers],
+        merge=merge,
         trained=lines,
         train_seconds=sum(line.get("seconds", 0.0) for line in lines),
         seconds={"vote": vote_seconds},
@@ -286,7 +288,7 @@ def play_round(
         # an update joins the global adapter when the contract accepted it and it is valid
         # here (a colluding majority could accept one that does not even load)
         if proposal["accepted"] and state is not None:
-            played.accepted.append(Accepted(state, 1.0, line))
+            played.accept(state, 1.0, line)
         else:
             reason = _why_not_merged(proposal, outcome)
             played.rejected.append(rejection(line["client"], reason, line["attacker"]))
