@@ -198,8 +198,8 @@ app.command("serve")(serve_commands.serve)
 app.command("generate")(serve_commands.generate)
 app.command("export")(serve_commands.export)
 
-# Flower (covey.flower.run imports Flower only when a command needs it)
-from covey.flower.run import flower_app  # noqa: E402
+# Flower (covey.flower.cli imports Flower only when a command needs it)
+from covey.flower.cli import flower_app  # noqa: E402
 
 app.add_typer(flower_app, name="flower")
 

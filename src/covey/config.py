@@ -265,9 +265,17 @@ class FlockConfig:
     reward_pool: float = 1000.0
     """Tokens paid out over the task's rounds (FLock's demo: 1000)."""
     slash_pct: int = 10
-    """Share of stake lost by rejected proposers and non-revealers; a voter loses the part of it
-    matching the share of verdicts it voted against. Whether cheating pays depends on this
-    against the reward per round (reward_pool / rounds): set them together."""
+    """Share of stake lost by a rejected proposer; a voter loses the part of it matching the
+    share of verdicts it voted against. Whether cheating pays depends on this against the
+    reward per round (reward_pool / rounds): set them together."""
+    no_show_pct: int = 20
+    """Share of stake lost for a missed duty (no seed, no proposal, no ballot revealed); above
+    slash_pct, so that not acting costs more than any outcome of acting."""
+    max_missed_rounds: int = 2
+    """A participant that misses a duty in this many rounds is evicted and its slot freed."""
+    keeper_fee: float = 0.0
+    """Tokens paid from the pool to whoever calls a due start, draw_roles or finalize (on a
+    real network, pay for the caller's gas; the simulation's participants call them free)."""
     threshold_pct: int = 51
     """A proposal is accepted when the stake accepting it reaches this share (percent) of the
     revealed vote stake; 51 means a strict majority for equal stakes (a tie rejects)."""
@@ -285,9 +293,23 @@ class FlockConfig:
             _require(value >= 1, name, f"must be >= 1, got {value}")
         _positive(self, "stake")
         _non_negative(self, "reward_pool", "harm_z")
-        for name, low in (("slash_pct", 0), ("threshold_pct", 1), ("voter_reward_pct", 0)):
+        for name, low in (
+            ("slash_pct", 0), ("no_show_pct", 1), ("threshold_pct", 1), ("voter_reward_pct", 0)
+        ):  # fmt: skip
             value = getattr(self, name)
             _require(low <= value <= 100, name, f"must be in {low}..100, got {value}")
+        _require(
+            self.no_show_pct > self.slash_pct,
+            "no_show_pct",
+            f"({self.no_show_pct}) must exceed flock.slash_pct ({self.slash_pct}): not acting "
+            "must cost more than acting",
+        )
+        _require(
+            self.max_missed_rounds >= 1,
+            "max_missed_rounds",
+            f"must be >= 1, got {self.max_missed_rounds}",
+        )
+        _non_negative(self, "keeper_fee")
 
 
 @dataclass

@@ -14,6 +14,8 @@ finalizer, and the test checks that none is left running.
 from __future__ import annotations
 
 import json
+import re
+import socket
 import sys
 import threading
 import time
@@ -21,8 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import torch
+import typer
 from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
@@ -34,20 +38,19 @@ from flwr.supercore.task_identity import TaskIdentity
 from covey.config import RunConfig, load_recipe, to_toml
 from covey.data.split import SplitConfig, run_split
 from covey.errors import ConfigError
-from covey.flower import client_app
-from covey.flower import run as flower
+from covey.flower import client_app, wire
+from covey.flower.certs import make_certificates
+from covey.flower.cli import flower_app
 from covey.flower.client_app import ClientSpec, client_spec
 from covey.flower.codec import decode, encode
-from covey.flower.run import LocalFederation, RunResult, Service
-from covey.flower.server_app import FlowerSettings, run_server
+from covey.flower.control import FlowerRun, run_app
+from covey.flower.deploy import LocalFederation, client_files, simulate, start_local_federation
+from covey.flower.processes import Service, free_port
+from covey.flower.server_app import run_server
+from covey.flower.settings import FlowerSettings
 from tests.conftest import dolly_records, write_records
 from tests.fed.test_engine import run as run_engine
 from tests.fed.test_engine import tiny_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # One thread per process: several ClientApps share two cores here; the tiny model gains nothing
 # from more, and oversubscription made rounds ten times slower.
@@ -158,6 +161,7 @@ class LoopbackGrid(Grid):
         self.offline: set[int] = set()
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.answered: list[Message] = []
 
     def set_run(self, run: Any) -> None:
         self._run = run
@@ -189,6 +193,7 @@ class LoopbackGrid(Grid):
             delivered = reply if self.tamper is None else self.tamper(node - 1000, message, reply)
             if delivered is not None:
                 self.replies[message.metadata.message_id] = delivered
+                self.answered.append(delivered)
             ids.append(message.metadata.message_id)
         return ids
 
@@ -202,10 +207,7 @@ class LoopbackGrid(Grid):
 
 
 def settings(**changes: Any) -> FlowerSettings:
-    base = FlowerSettings(min_nodes=3, node_wait=2.0, round_timeout=2.0)
-    for key, value in changes.items():
-        setattr(base, key, value)
-    return base
+    return FlowerSettings(**{"min_nodes": 3, "node_wait": 2.0, "round_timeout": 2.0, **changes})
 
 
 def tiny(tiny_model_dir: Path, data_dir: Path, out: Path, *sets: str) -> RunConfig:
@@ -228,6 +230,37 @@ def test_round_loop_matches_the_engine_exactly(
     assert records[2]["nodes"] == {"0": 1000, "1": 1001, "2": 1002}
     queries = [m for m in grid.sent if m.metadata.message_type == "query"]
     assert len(queries) == 3, "each node is asked who it is once, not every round"
+    assert_wire_keys(grid)
+
+
+def message_keys(messages: list[Message]) -> dict[str, set[str]]:
+    """Per message type: the records, and META's fields as `META.field`."""
+    found: dict[str, set[str]] = {}
+    for message in messages:
+        keys = found.setdefault(message.metadata.message_type, set())
+        keys |= set(message.content)
+        keys |= {f"{wire.META}.{f}" for f in message.content.config_records[wire.META]}
+    return found
+
+
+def assert_wire_keys(grid: LoopbackGrid) -> None:
+    """Both sides speak covey.flower.wire: exactly the records and fields it defines."""
+
+    def meta(*fields: str) -> set[str]:
+        return {wire.META} | {f"{wire.META}.{f}" for f in fields}
+
+    sent, answered = message_keys(grid.sent), message_keys(grid.answered)
+    assert sent == {
+        "query": meta(wire.RECIPE),
+        "train": meta(wire.RECIPE, wire.ROUND, wire.CLIENT_INDEX, wire.WIRE_DTYPE, wire.ATTACK)
+        | {wire.GLOBAL},
+    }
+    assert answered == {
+        "query": meta(wire.CLIENT_INDEX, wire.NUM_EXAMPLES),
+        "train": meta(wire.CLIENT_INDEX, wire.NUM_SAMPLES) | {wire.UPDATE, wire.METRICS},
+    }
+    keys = set().union(*sent.values(), *answered.values())
+    assert all(re.fullmatch(r"[a-z_.]+", key) for key in keys), "snake_case on the wire"
 
 
 def test_simulated_attackers_match_the_engine(
@@ -258,10 +291,10 @@ def test_hostile_silent_and_failing_clients_cost_only_their_own_update(
         if client == 1:
             return None
         if client == 0:
-            update = decode(reply.content.array_records["update"])
+            update = decode(reply.content.array_records[wire.UPDATE])
             key = next(iter(update))
             update[key] = torch.zeros(3, 3)
-            reply.content["update"] = encode(update)
+            reply.content[wire.UPDATE] = encode(update)
         return reply
 
     out = tmp_path / "run"
@@ -344,37 +377,6 @@ def test_a_finished_run_needs_resume_and_then_continues(
     assert not list(out.glob(".*")), "resume left the staging entries of the killed write"
 
 
-def test_app_defaults_and_run_config_agree_with_the_settings() -> None:
-    """The app's pyproject.toml declares every run-config key with FlowerSettings' defaults."""
-    project = tomllib.loads((flower.APP_DIR / "pyproject.toml").read_text())
-    declared = project["tool"]["flwr"]["app"]["config"]
-    assert FlowerSettings.from_run_config(declared) == FlowerSettings()
-    assert set(flower.run_config(None)) == set(declared)
-    components = project["tool"]["flwr"]["app"]["components"]
-    assert components == {
-        "serverapp": "covey.flower.server_app:app",
-        "clientapp": "covey.flower.client_app:app",
-    }
-
-
-def test_run_config_parsing() -> None:
-    parsed = FlowerSettings.from_run_config(
-        {"set": "fed.rounds=2; train.lr=1e-4\nrun.seed=1;", "wire-dtype": "bf16", "min-nodes": 3}
-    )
-    assert parsed.overrides == ["fed.rounds=2", "train.lr=1e-4", "run.seed=1"]
-    assert parsed.min_nodes == 3 and parsed.wire_dtype == "bf16"
-    with pytest.raises(ConfigError, match="unknown key 'rounds'"):
-        FlowerSettings.from_run_config({"rounds": 3})
-    with pytest.raises(ConfigError, match="min-nodes must be int"):
-        FlowerSettings.from_run_config({"min-nodes": "3"})
-    with pytest.raises(ConfigError, match="min-nodes must be >= 1"):
-        FlowerSettings.from_run_config({"min-nodes": 0})
-    with pytest.raises(ConfigError, match="wire-dtype"):
-        FlowerSettings.from_run_config({"wire-dtype": "int8"})
-    with pytest.raises(ConfigError, match="may not contain ';'"):
-        flower.run_config(None, ["data.dir='a;b'"])
-
-
 def test_client_spec_from_node_config(client_data_dir: Path, tmp_path: Path) -> None:
     cfg = load_recipe(None, [f"data.dir='{client_data_dir}'"])
     file_1 = client_data_dir / "client_1.jsonl"
@@ -395,20 +397,6 @@ def test_client_spec_from_node_config(client_data_dir: Path, tmp_path: Path) -> 
         client_spec({"data-file": str(file_1), "client-index": -1}, cfg)
 
 
-def test_node_config_string_and_connection_file(tmp_path: Path) -> None:
-    text = flower.node_config_string({"data-file": "/a b/client_0.jsonl", "client-index": "0"})
-    assert text == 'data-file="/a b/client_0.jsonl" client-index=0'
-    flower.write_connection(tmp_path, "10.0.0.5:8000", tmp_path / "ca.crt")
-    config = tomllib.loads((tmp_path / "config.toml").read_text())
-    assert config["superlink"]["default"] == "covey"
-    assert config["superlink"]["covey"]["address"] == "10.0.0.5:8000"
-    assert config["superlink"]["covey"]["root-certificates"] == str(tmp_path / "ca.crt")
-    env = flower.flower_env(tmp_path)
-    assert env["FLWR_HOME"] == str(tmp_path.resolve())
-    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-    assert len(env["RAY_TMPDIR"]) <= 40
-
-
 # --------------------------------------------------------------------------- flower tier
 
 
@@ -418,15 +406,15 @@ def deploy(
     files: list[Path],
     tls: bool,
 ) -> LocalFederation:
-    certs = flower.make_certificates(tmp_path / "certs") if tls else None
-    federation = flower.start_local_federation(
+    certs = make_certificates(tmp_path / "certs") if tls else None
+    federation = start_local_federation(
         tmp_path / "flower", files, tls=certs, node_auth=tls, extra_env=THREADS
     )
     started.append(federation)
     return federation
 
 
-def assert_ok(result: RunResult, federation: LocalFederation | None = None) -> None:
+def assert_ok(result: FlowerRun, federation: LocalFederation | None = None) -> None:
     if result.ok:
         return
     logs = [result.log.read_text(errors="replace")[-4000:]]
@@ -448,10 +436,10 @@ def test_deployment_matches_the_engine(
     """SuperLink + 2 SuperNodes, 2 rounds, float32 on the wire: the engine's adapter."""
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_model_dir, two_client_dir, out)
-    files = flower.client_files(two_client_dir)
+    files = client_files(two_client_dir)
     federation = deploy(tmp_path, started, files, tls=security != "insecure")
-    config = flower.run_config(recipe, min_nodes=2, node_wait=120, round_timeout=300)
-    result = flower.run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT)
+    config = FlowerSettings(str(recipe), min_nodes=2, node_wait=120, round_timeout=300)
+    result = run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT)
     assert_ok(result, federation)
     check_matches_engine(out, engine_two, clients=[0, 1])
 
@@ -464,16 +452,14 @@ def test_simulation_matches_the_engine(
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_model_dir, two_client_dir, out)
     home = tmp_path / "flower"
-    config = flower.run_config(recipe, min_nodes=2, node_wait=120, round_timeout=300)
+    config = FlowerSettings(str(recipe), min_nodes=2, node_wait=120, round_timeout=300)
     links: list[Service] = []
-    result = flower.simulate(
-        home, config, nodes=2, timeout=RUN_TIMEOUT, extra_env=THREADS, services=links
-    )
+    ray_folders = set(Path("/tmp").glob("covey-ray-*"))
+    result = simulate(home, config, nodes=2, timeout=RUN_TIMEOUT, extra_env=THREADS, services=links)
     assert_ok(result)
     assert links and not links[0].leftovers(), "the simulation left processes (Ray?) running"
     check_matches_engine(out, engine_two, clients=[0, 1])
-    ray = flower.ray_tmpdir(home / "superlink")
-    assert ray.is_relative_to(home.resolve()) or not ray.exists(), "Ray's /tmp folder was left"
+    assert set(Path("/tmp").glob("covey-ray-*")) <= ray_folders, "Ray's folder was left"
 
 
 @pytest.mark.flower
@@ -487,14 +473,14 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_finishes(
     two within the bounded wait, and the run completes."""
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.toml", tiny_model_dir, client_data_dir, out)
-    federation = deploy(tmp_path, started, flower.client_files(client_data_dir), tls=False)
+    federation = deploy(tmp_path, started, client_files(client_data_dir), tls=False)
     round_timeout = 150.0
-    config = flower.run_config(recipe, min_nodes=2, node_wait=120, round_timeout=round_timeout)
-    results: list[RunResult | BaseException] = []
+    config = FlowerSettings(str(recipe), min_nodes=2, node_wait=120, round_timeout=round_timeout)
+    results: list[FlowerRun | BaseException] = []
 
     def submit() -> None:
         try:
-            results.append(flower.run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT))
+            results.append(run_app(federation.home / "cli", config, timeout=RUN_TIMEOUT))
         except BaseException as e:  # reported by the main thread
             results.append(e)
 
@@ -557,6 +543,57 @@ def test_cli_makes_certificates_and_node_keys(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "pass either --certs DIR or --insecure" in bad.stderr
 
 
+def superlink_option(name: str) -> click.Option:
+    group = typer.main.get_command(flower_app)
+    assert isinstance(group, click.Group)
+    return next(p for p in group.commands["superlink"].params if p.name == name)  # type: ignore[misc]
+
+
+def test_cli_superlink_defaults_to_loopback() -> None:
+    """Reachable from other machines only when asked (--host 0.0.0.0 or an address)."""
+    assert superlink_option("host").default == "127.0.0.1"
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Addresses with a TCP socket listening on `port` (Linux /proc/net/tcp and tcp6)."""
+    found = set()
+    for family, table in ((socket.AF_INET, "tcp"), (socket.AF_INET6, "tcp6")):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if int(port_hex, 16) == port and state == "0A":  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
+@pytest.mark.flower
+def test_cli_superlink_listens_on_loopback_only(tmp_path: Path) -> None:
+    """`covey flower superlink` without --host: a real SuperLink bound to 127.0.0.1 alone;
+    SIGTERM to covey stops it and its children."""
+    import subprocess
+
+    port = free_port()
+    command = [sys.executable, "-m", "covey", "flower", "superlink", "--insecure"]
+    command += ["--port", str(port), "--home", "home"]
+    output = tmp_path / "output.txt"
+    with output.open("w") as out:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while f"SuperLink on 127.0.0.1:{port}" not in output.read_text():
+            assert process.poll() is None, f"covey exited:\n{output.read_text()}"
+            assert time.monotonic() < deadline, "the SuperLink never became ready"
+            time.sleep(0.2)
+        assert listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        process.terminate()
+        process.wait(60)
+    assert_plain(output.read_text())
+    assert processes_mentioning(str(tmp_path / "home")) == [], "the SuperLink was left running"
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of running processes that contain `text` (Linux /proc)."""
     found = []
@@ -570,6 +607,13 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def assert_plain(printed: str) -> None:
+    """Output to a pipe: no escape codes, progress bars or library warnings (it is a log)."""
+    assert "\x1b[" not in printed, "ANSI escape codes"
+    assert "\r" not in printed and "Loading weights" not in printed, "a progress bar"
+    assert "FutureWarning" not in printed and "warnings.warn" not in printed
+
+
 @pytest.mark.flower
 def test_cli_local_deployment_over_tls_matches_the_engine(
     tiny_model_dir: Path, two_client_dir: Path, engine_two: Path, tmp_path: Path
@@ -581,6 +625,7 @@ def test_cli_local_deployment_over_tls_matches_the_engine(
     result = covey_cli("flower", "local", str(recipe), "--round-timeout", "300", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 SuperNodes" in result.stdout and "final adapter" in result.stdout
+    assert_plain(result.stdout + result.stderr)
     assert (out / "flower" / "certs" / "ca.crt").is_file()
     # Flower's state (certificates, logs, the SuperLink database) sits in the run folder
     check_matches_engine(out, engine_two, clients=[0, 1], extra=frozenset({"flower"}))

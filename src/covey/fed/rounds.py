@@ -137,6 +137,10 @@ class Played:
     files: dict[str, bytes] = field(default_factory=dict)
     """Engine files saved inside the round folder, atomically with it (FLock: the embedded
     chain's state, to resume from)."""
+    next_state: State | None = None
+    """The next global adapter, when the engine derives it itself (FLock: from the chain, as
+    every participant does); the loop then leaves `merge` unfinished and skips `fed.strategy`,
+    and the engine appends the merged updates' lines to `merged` without calling `accept`."""
 
     def accept(self, state: State, weight: float, line: dict[str, Any]) -> None:
         """Merge an update that passed the engine's decision; `line` is its `client_line`.
@@ -390,7 +394,10 @@ def run_rounds(
     for round_index in range(folder.next_round, cfg.fed.rounds + 1):
         started = time.perf_counter()
         played = play(round_index, global_state, strategy.start(global_state))
-        global_state, server_state = played.merge.finish(server_state, cfg.fed)
+        if played.next_state is not None:
+            global_state = played.next_state
+        else:
+            global_state, server_state = played.merge.finish(server_state, cfg.fed)
         eval_started = time.perf_counter()
         evaluation = run_model.evaluate(cfg, global_state)
         record = RoundRecord(

@@ -81,10 +81,18 @@ def weights_sha256(model: Any) -> str:
 
     Float32 makes the hash independent of the dtype a participant loads in when the weights
     are exactly representable (bf16 or fp16 checkpoints); a base quantized or rounded
-    differently gives another hash, which is the point.
+    differently gives another hash, which is the point. A model already wrapped with LoRA
+    (PEFT) hashes as the model it wraps: adapter tensors are left out and PEFT's
+    `base_layer.` renaming undone.
     """
     digest = hashlib.sha256()
-    state = model.state_dict()
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    state = {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in model.state_dict().items()
+        if "lora_" not in name
+    }
     for name in sorted(state):
         tensor = state[name].detach().to("cpu", torch.float32).contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())

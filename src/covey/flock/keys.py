@@ -1,24 +1,29 @@
-"""Private keys for FLock mode: read from a file or an environment variable, never shown.
+"""Private keys: read from a file or an environment variable, never shown; written owner-only.
 
 A key never comes from the command line (it would land in shell history and `ps`). It is read
 from a file (a warning if group or others can read it) or from an environment variable, and
 lives only inside a `PrivateKey`, whose repr and str show the address alone. Error messages
 say what is wrong with a key without quoting any of it.
+
+Every private key Covey writes (TLS and SuperNode keys for Flower) goes through
+`write_private_file`, which creates the file readable by its owner alone from its first byte.
+The Ethereum libraries load when a key is used, so writing or naming keys stays cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
-
-from eth_account import Account
-from eth_typing import ChecksumAddress
-from eth_utils.address import to_checksum_address
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from covey.errors import ConfigError
+
+if TYPE_CHECKING:
+    from eth_typing import ChecksumAddress
 
 DEFAULT_ENV = "COVEY_PRIVATE_KEY"
 _SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -37,6 +42,9 @@ class PrivateKey:
     address: ChecksumAddress
 
     def __init__(self, key: bytes) -> None:
+        from eth_account import Account
+        from eth_utils.address import to_checksum_address
+
         if len(key) != 32:
             raise ConfigError(f"a private key is 32 bytes; this one has {len(key)}")
         if not 0 < int.from_bytes(key, "big") < _SECP256K1_ORDER:
@@ -63,6 +71,8 @@ class PrivateKey:
 
     def sign_transaction(self, transaction: dict[str, Any]) -> bytes:
         """Sign a filled-in transaction; returns the raw bytes to broadcast."""
+        from eth_account import Account
+
         signed = Account.sign_transaction(transaction, self._key)
         return bytes(signed.raw_transaction)
 
@@ -119,3 +129,25 @@ def load_private_key(
             " (keys are never taken from the command line)"
         )
     return PrivateKey.from_hex(value, source=f"environment variable {env}")
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write secret `data` (a private key) to `path`, readable and writable by the owner alone.
+
+    The bytes go into a new file created with mode 0600 (`os.open`, never chmod'ed afterwards,
+    so at no moment can group or others open it; O_EXCL and O_NOFOLLOW refuse a file or link
+    planted under the temporary name), which then atomically replaces `path`.
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(temporary, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise

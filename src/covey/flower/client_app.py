@@ -33,19 +33,11 @@ from flwr.clientapp import ClientApp
 
 from covey.config import RunConfig, load_recipe
 from covey.errors import ConfigError
+from covey.flower import wire
 
 log = logging.getLogger("covey.flower")
 
 app = ClientApp()
-
-META = "covey"
-"""Name of the ConfigRecord with Covey's fields in every message."""
-GLOBAL = "global"
-"""Name of the ArrayRecord holding the global adapter (server -> client)."""
-UPDATE = "update"
-"""Name of the ArrayRecord holding the trained adapter (client -> server)."""
-METRICS = "metrics"
-"""Name of the MetricRecord with the local training metrics (client -> server)."""
 
 _CLIENT_FILE = re.compile(r"client_(\d+)\.jsonl$")
 _cache: dict[str, Any] = {}
@@ -87,18 +79,10 @@ def client_spec(node_config: dict[str, Any], cfg: RunConfig) -> ClientSpec:
     return ClientSpec(data_file=data_file, index=raw_index)
 
 
-def meta_int(record: ConfigRecord, key: str) -> int:
-    """An integer field of a ConfigRecord (bool is not an integer here)."""
-    value = record.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"field {key!r} must be an integer, got {value!r}")
-    return value
-
-
 def recipe_from(message: Message) -> RunConfig:
     """The run's resolved recipe, sent by the server as TOML text."""
-    meta = message.content.config_records[META]
-    text = meta["recipe"]
+    meta = message.content.config_records[wire.META]
+    text = meta[wire.RECIPE]
     if not isinstance(text, str):
         raise ValueError("message carries no recipe")
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,10 +150,8 @@ def query(message: Message, context: Context) -> Message:
     cfg = recipe_from(message)
     spec = client_spec(dict(context.node_config), cfg)
     count = len(load_records(spec.data_file).records)
-    meta = ConfigRecord(
-        {"client-index": spec.index, "num-examples": count, "data-file": spec.data_file.name}
-    )
-    return Message(RecordDict({META: meta}), reply_to=message)
+    meta = ConfigRecord({wire.CLIENT_INDEX: spec.index, wire.NUM_EXAMPLES: count})
+    return Message(RecordDict({wire.META: meta}), reply_to=message)
 
 
 @app.train()
@@ -181,22 +163,22 @@ def train(message: Message, context: Context) -> Message:
     from covey.train.local import train_local
 
     cfg = recipe_from(message)
-    meta = message.content.config_records[META]
+    meta = message.content.config_records[wire.META]
     spec = client_spec(dict(context.node_config), cfg)
-    expected = meta.get("client-index")
+    expected = meta.get(wire.CLIENT_INDEX)
     if expected is not None and expected != spec.index:
         raise ConfigError(
             f"the server addressed client {expected!r}, but this node is client {spec.index}"
         )
-    round_index = meta_int(meta, "round")
-    wire = wire_dtype(str(meta.get("wire-dtype", "float32")))
+    round_index = wire.meta_int(meta, wire.ROUND)
+    dtype = wire_dtype(str(meta.get(wire.WIRE_DTYPE, "float32")))
     model, tokenizer = _model(_local_config(cfg, dict(context.node_config)))
     examples = _examples(cfg, spec, tokenizer)
     reference = adapter_state(model)
-    received = decode(message.content.array_records[GLOBAL])
+    received = decode(message.content.array_records[wire.GLOBAL])
     if received.keys() != reference.keys():
         raise ValueError("the global adapter does not match this node's LoRA layout")
-    start = cast_like(received, reference, wire)
+    start = cast_like(received, reference, dtype)
     result = train_local(
         model,
         examples,
@@ -205,7 +187,7 @@ def train(message: Message, context: Context) -> Message:
         client_seed(cfg.run.seed, round_index, spec.index),
         tokenizer.pad_token_id,
     )
-    attack = meta.get("attack", "")
+    attack = meta.get(wire.ATTACK, "")
     if isinstance(attack, str) and attack:  # a robustness experiment: this client is malicious
         from covey.fed.attacks import attack_update
 
@@ -217,9 +199,11 @@ def train(message: Message, context: Context) -> Message:
     )  # fmt: skip
     content = RecordDict(
         {
-            UPDATE: encode(result.state, wire),
-            METRICS: MetricRecord({k: float(v) for k, v in result.metrics.items()}),
-            META: ConfigRecord({"client-index": spec.index, "num-samples": result.num_samples}),
+            wire.UPDATE: encode(result.state, dtype),
+            wire.METRICS: MetricRecord({k: float(v) for k, v in result.metrics.items()}),
+            wire.META: ConfigRecord(
+                {wire.CLIENT_INDEX: spec.index, wire.NUM_SAMPLES: result.num_samples}
+            ),
         }
     )
     return Message(content, reply_to=message)

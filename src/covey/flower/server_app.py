@@ -7,14 +7,8 @@ held-out set, and checkpoint. The run folder is the engine's (rounds, final/, me
 loss.png, config.toml), so `covey serve` and `--resume` work on Flower runs too. Round records
 also hold `failed` (selected clients that did not answer) and `bytes` (adapter bytes moved).
 
-Run config (`[tool.flwr.app.config]`, overridable with `flwr run --run-config`):
-- `recipe`: a Covey TOML recipe, read on the machine running the ServerApp ("" = defaults).
-- `set`: `section.key=value` overrides separated by `;`, e.g. "fed.rounds=2; train.lr=1e-4".
-- `wire-dtype`: `float32` (exact, the default), `float16` or `bfloat16` for adapters in transit.
-- `min-nodes`: clients that must be connected before a round starts.
-- `node-wait`: seconds to wait for `min-nodes` clients before giving up.
-- `round-timeout`: seconds a round waits for replies; a client still silent then is dropped.
-- `resume`: continue `run.out` from its last complete round.
+The run config (`[tool.flwr.app.config]`, overridable with `flwr run --run-config`) is
+`covey.flower.settings.FlowerSettings`: the recipe, overrides, wire dtype and the waits.
 
 Every wait is bounded: a dead SuperNode costs at most `round-timeout` once (Flower also answers
 for a node whose heartbeat stopped), and it is not selected again.
@@ -25,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +28,21 @@ from flwr.serverapp import Grid, ServerApp
 
 from covey.config import RunConfig, load_recipe
 from covey.errors import ConfigError
-from covey.flower.client_app import GLOBAL, META, METRICS, UPDATE, meta_int
+from covey.flower.settings import FlowerSettings
+from covey.flower.wire import (
+    ATTACK,
+    CLIENT_INDEX,
+    GLOBAL,
+    META,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_SAMPLES,
+    RECIPE,
+    ROUND,
+    UPDATE,
+    WIRE_DTYPE,
+    meta_int,
+)
 
 if TYPE_CHECKING:
     from covey.fed.rounds import Played, RunModel
@@ -48,54 +56,6 @@ app = ServerApp()
 NODE_UNAVAILABLE = 5
 """flwr ErrorCode.NODE_UNAVAILABLE: the SuperLink answers for a node whose heartbeat stopped."""
 POLL_SECONDS = 1.0
-
-
-@dataclass
-class FlowerSettings:
-    """The Flower-specific run config (see the module docstring)."""
-
-    recipe: str = ""
-    overrides: list[str] = field(default_factory=list)
-    wire_dtype: str = "float32"
-    min_nodes: int = 2
-    node_wait: float = 300.0
-    round_timeout: float = 3600.0
-    resume: bool = False
-
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> FlowerSettings:
-        """Read and check the run config; unknown keys are errors that name the key."""
-        known = {"recipe", "set", "wire-dtype", "min-nodes", "node-wait", "round-timeout", "resume"}
-        unknown = sorted(set(run_config) - known)
-        if unknown:
-            raise ConfigError(
-                f"run config: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}"
-            )
-        s = cls()
-        s.recipe = _typed(run_config, "recipe", str, s.recipe)
-        raw_set = _typed(run_config, "set", str, "")
-        s.overrides = [p.strip() for p in raw_set.replace("\n", ";").split(";") if p.strip()]
-        s.wire_dtype = _typed(run_config, "wire-dtype", str, s.wire_dtype)
-        s.min_nodes = _typed(run_config, "min-nodes", int, s.min_nodes)
-        s.node_wait = float(_typed(run_config, "node-wait", (int, float), s.node_wait))
-        s.round_timeout = float(_typed(run_config, "round-timeout", (int, float), s.round_timeout))
-        s.resume = _typed(run_config, "resume", bool, s.resume)
-        if s.min_nodes < 1:
-            raise ConfigError(f"run config: min-nodes must be >= 1, got {s.min_nodes}")
-        if s.node_wait <= 0 or s.round_timeout <= 0:
-            raise ConfigError("run config: node-wait and round-timeout must be > 0 seconds")
-        from covey.flower.codec import wire_dtype
-
-        wire_dtype(s.wire_dtype)
-        return s
-
-
-def _typed(config: dict[str, Any], key: str, kind: Any, default: Any) -> Any:
-    value = config.get(key, default)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise ConfigError(f"run config: {key} must be {kinds[0].__name__}, got {value!r}")
-    return value
 
 
 @dataclass
@@ -178,7 +138,7 @@ class NodePool:
             return
         messages = [
             Message(
-                RecordDict({META: ConfigRecord({"recipe": self.recipe_toml})}),
+                RecordDict({META: ConfigRecord({RECIPE: self.recipe_toml})}),
                 node,
                 MessageType.QUERY,
                 ttl=self.settings.node_wait,
@@ -200,8 +160,8 @@ class NodePool:
             return
         try:
             meta = reply.content.config_records[META]
-            client = meta_int(meta, "client-index")
-            count = meta_int(meta, "num-examples")
+            client = meta_int(meta, CLIENT_INDEX)
+            count = meta_int(meta, NUM_EXAMPLES)
         except (KeyError, ValueError) as e:
             log.warning("node %d sent an unusable query reply (%s); not used", node, e)
             self.refused.add(node)
@@ -344,11 +304,11 @@ def play_round(
                     GLOBAL: payload,
                     META: ConfigRecord(
                         {
-                            "round": round_index,
-                            "client-index": client,
-                            "recipe": pool.recipe_toml,
-                            "wire-dtype": dtype_name(wire),
-                            "attack": update_attack if client in attackers else "",
+                            ROUND: round_index,
+                            CLIENT_INDEX: client,
+                            RECIPE: pool.recipe_toml,
+                            WIRE_DTYPE: dtype_name(wire),
+                            ATTACK: update_attack if client in attackers else "",
                         }
                     ),
                 }
@@ -428,7 +388,7 @@ def _collect(
             arrays = content.array_records[UPDATE]
             up_bytes += record_bytes(arrays)
             update: object = cast_like(decode(arrays), global_state, wire)
-            claimed: object = content.config_records[META].get("num-samples")
+            claimed: object = content.config_records[META].get(NUM_SAMPLES)
             metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:  # CodecError is a ValueError
             kind = "undecodable update" if isinstance(e, CodecError) else "malformed reply"
