@@ -25,6 +25,11 @@ high-water mark, reset before each run) and the token-weighted training loss. Wr
 benchmarks/results/vs_trainer_<device>.json.
 
     .venv/bin/python benchmarks/bench_vs_trainer.py                        # the CPU figures
+    .venv/bin/python benchmarks/bench_vs_trainer.py --threads 1 --steps 3  # cores shared
+
+With other jobs on the cores, two torch threads wait on each other at every parallel region
+(4x slower than one thread on this project's loaded 2-core machine); `--threads 1` keeps the
+comparison about the work each system does.
     python benchmarks/bench_vs_trainer.py --device cuda --random-init llama-1b --batch 16 \
         --cutoff 512                                                       # on a GPU machine
 
@@ -343,8 +348,14 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--systems", default="trainer," + ",".join(COVEY_VARIANTS))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
+    )
     args = parser.parse_args()
     systems = args.systems.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    began = time.perf_counter()
 
     model, tokenizer = load_model(args)
     torch.manual_seed(0)
@@ -412,6 +423,11 @@ def main() -> None:
             s: max_difference(final[s].state, final[reference].state) for s in systems
         },
         "trainer_step_losses": final["trainer"].step_losses if "trainer" in final else None,
+        "wall_minutes": round((time.perf_counter() - began) / 60, 1),
+        "load_avg_1min_per_run": {
+            "min": min(r.load for r in runs),
+            "max": max(r.load for r in runs),
+        },
         "summary": summarize(runs, systems),
         "runs": [r.row() for r in runs],
     }
