@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -154,6 +155,8 @@ def main() -> None:
         else platform.processor() or "cpu",
         "dtype": str(next(peft.parameters()).dtype),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1min_at_end": os.getloadavg()[0],
         "steps": len(steps),
         "batch": args.batch,
         "micro_batch": args.micro,
