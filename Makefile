@@ -8,8 +8,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.covey-installed
+# anvil (Foundry's local Ethereum node) for the chain tier's real-node test, from npm
+ANVIL_VERSION ?= 1.7.1
+ANVIL_STAMP := .tools/.anvil-$(ANVIL_VERSION)
 
-.PHONY: setup demo test test-fast lint format clean browser-deps
+.PHONY: setup demo test test-fast lint format clean browser-deps anvil
 
 setup: $(STAMP)
 
@@ -29,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/covey train examples/cpu-demo.toml --overwrite
 
 # Lint, type-check, then every test tier this machine can run (GPU tests need CUDA).
-test: $(STAMP) lint browser-deps
+test: $(STAMP) lint browser-deps anvil
 	$(BIN)/pytest -m "not gpu"
 
 # The browser tier drives Debian's Chromium (Playwright's own browser download does not work
@@ -38,6 +41,17 @@ browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
 	  || echo "chromium not installed: browser tests will skip"
+
+# anvil into .tools/ (git-ignored): npm's @foundry-rs/anvil carries the binary in a platform
+# package (.tools/node_modules/@foundry-rs/anvil-<os>-<arch>/bin/anvil). Without npm the
+# anvil test skips.
+anvil: $(ANVIL_STAMP)
+
+$(ANVIL_STAMP):
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: the anvil test will skip"; exit 0; }; \
+	  npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error \
+	    @foundry-rs/anvil@$(ANVIL_VERSION) && touch $@ \
+	  || echo "npm could not install @foundry-rs/anvil: the anvil test will skip"
 
 # The fast default tier only, for the edit-test loop.
 test-fast: $(STAMP)
@@ -53,4 +67,4 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests scripts benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs .tools .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import typer.rich_utils
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -23,8 +24,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare instruction data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-# Outside a terminal (CI logs, pipes) rich assumes 80 columns, too narrow for the tables.
-console = Console(width=None if sys.stdout.isatty() else 160)
+# Outside a terminal (CI logs, pipes) rich writes plain text, but at 80 columns: too narrow for
+# the tables and for --help, whose option names it would cut.
+PLAIN_WIDTH = 160
+console = Console(width=None if sys.stdout.isatty() else PLAIN_WIDTH)
+if not sys.stdout.isatty():
+    typer.rich_utils.MAX_WIDTH = PLAIN_WIDTH
 
 _defaults = SplitConfig()
 
@@ -203,20 +208,33 @@ from covey.flower.cli import flower_app  # noqa: E402
 
 app.add_typer(flower_app, name="flower")
 
+# FLock as a network (covey.flock.cli loads the chain libraries only when a command runs)
+from covey.flock.cli import flock_app  # noqa: E402
+
+app.add_typer(flock_app, name="flock")
+
 
 def _quiet_libraries() -> None:
-    """Covey draws its own progress; the libraries' bars and notices would drown it."""
+    """Covey prints what matters; the libraries' progress bars, notices and FutureWarnings
+    (addressed to developers, not users) would drown it. Logs are plain lines off a terminal."""
     import logging
     import warnings
 
+    from huggingface_hub.utils.tqdm import disable_progress_bars
     from rich.logging import RichHandler
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    # raised inside PEFT's get_peft_model by transformers 5.x; harmless
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+    disable_progress_bars()
+    warnings.simplefilter("ignore", FutureWarning)
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_time=False, show_path=False
+        )
+    else:
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in ("httpx", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

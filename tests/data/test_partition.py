@@ -167,7 +167,7 @@ def test_shards_need_two_rows_per_client() -> None:
         ({"scheme": Scheme.iid, "quantity_skew": 0}, "--quantity-skew must be > 0"),
         ({"test_fraction": 1.5}, "--test-fraction must be between 0 and 1"),
         ({"test_per_category": 50}, "fewer than --test-per-category 50"),
-        ({"test_per_category": -1}, "--test-per-category must be >= 0"),
+        ({"test_per_category": -1}, "--test-per-category -1 holds out no test records"),
     ],
 )
 def test_bad_settings_are_refused_with_the_flag_named(

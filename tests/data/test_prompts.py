@@ -69,3 +69,30 @@ def test_template_errors(tokenizer) -> None:  # type: ignore[no-untyped-def]
             tokenize_records([RECORD], tokenizer, PromptConfig(template="chat"))
     finally:
         tokenizer.chat_template = template
+
+
+def test_one_end_of_turn_per_sequence(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The chat template ends the assistant turn itself (`<|im_end|>\\n`): no second EOS.
+    Alpaca has no end of turn: EOS is appended."""
+    eos = tokenizer.eos_token_id
+    (chat,) = tokenize_records([RECORD], tokenizer, PromptConfig(template="chat"))
+    assert chat.input_ids.count(eos) == 2  # the user turn's and the assistant turn's
+    assert tokenizer.decode(chat.input_ids).endswith("Blue.<|im_end|>\n")
+    (alpaca,) = tokenize_records([RECORD], tokenizer, PromptConfig(template="alpaca"))
+    assert alpaca.input_ids.count(eos) == 1 and alpaca.input_ids[-1] == eos
+
+
+def test_a_chat_template_without_an_end_of_turn_gets_eos(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    template, tokenizer.chat_template = (
+        tokenizer.chat_template,
+        (
+            "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+        ),
+    )
+    try:
+        (ex,) = tokenize_records([RECORD], tokenizer, PromptConfig(template="chat"))
+    finally:
+        tokenizer.chat_template = template
+    assert ex.input_ids.count(tokenizer.eos_token_id) == 1
+    assert ex.input_ids[-1] == tokenizer.eos_token_id

@@ -7,13 +7,14 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from covey.data import split as split_module
 from covey.data.split import SplitConfig, run_split
-from covey.errors import CoveyError
+from covey.errors import ConfigError, CoveyError
 from tests.conftest import dolly_records, write_records
 
 
@@ -147,3 +148,36 @@ def test_cli_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     result = run_cli("data", "split", "--scheme", "nope", cwd=tmp_path)
     assert result.returncode == 2 and "nope" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"seed": -1}, r"--seed -1: expected 0 \.\. 4294967295"),
+        ({"seed": 2**32}, r"--seed 4294967296: expected 0 \.\. 4294967295"),
+        ({"test_per_category": 0}, r"--test-per-category 0 holds out no test records"),
+        ({"test_fraction": 0.001}, r"the test set is empty.*--test-fraction 0\.001"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_writing(
+    dolly_file: Callable[..., Path], tmp_path: Path, settings: dict[str, object], message: str
+) -> None:
+    cfg = SplitConfig(input=str(dolly_file()), out=tmp_path / "out", clients=2, min_size=5)
+    with pytest.raises(ConfigError, match=message):
+        run_split(replace(cfg, **settings))  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_seed_is_one_clear_line_not_a_traceback(tmp_path: Path) -> None:
+    result = run_cli("data", "split", "--seed", "-1", "--out", "o", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--seed -1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_outside_a_terminal_is_plain_and_whole(tmp_path: Path) -> None:
+    """Piped into a log, --help kept 80 columns and cut long option names with an ellipsis."""
+    result = run_cli("data", "split", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in ("--test-per-category", "--categories-per-client", "--quantity-skew"):
+        assert option in result.stdout
+    assert "…" not in result.stdout and "\x1b[" not in result.stdout

@@ -6,27 +6,22 @@ module-scoped chain, so the slow parts (chain start, token deploy, funding) happ
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
 
-from covey.flock.chain import (
-    TOKEN_UNIT,
-    Chain,
-    FlockTask,
-    Phase,
-    TaskParams,
-    Token,
-    TxResult,
-    seed_commitment,
-    vote_commitment,
-)
+from covey.flock.chain import Chain, TxResult
+from covey.flock.commitments import proposal_commitment, seed_commitment, vote_commitment
+from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, TaskParams, Token
 
 FUNDS = 10_000 * TOKEN_UNIT  # what each participant account gets at the start
+BUNDLE = hashlib.sha256(b"covey test task bundle").digest()  # stands in for a CID's digest
 
-# small and fast: 1 proposer, 2 voters, short windows (each transaction mines one block)
+# small and fast: 1 proposer, 2 voters, short windows (each transaction mines one block), no
+# keeper fee and three misses before eviction, so that settlement tests count only their subject
 SMALL = TaskParams(
     rounds=2,
     min_participants=3,
@@ -36,14 +31,19 @@ SMALL = TaskParams(
     proposers_per_round=1,
     voters_per_round=2,
     slash_pct=10,
+    no_show_pct=20,
     threshold_pct=50,
     voter_reward_pct=20,
+    keeper_fee=0,
+    max_missed_rounds=3,
     registration_blocks=40,
     seed_commit_blocks=12,
     seed_reveal_blocks=12,
-    propose_blocks=8,
+    propose_commit_blocks=8,
+    propose_reveal_blocks=8,
     vote_commit_blocks=8,
     vote_reveal_blocks=8,
+    timeout_blocks=30,
 )
 
 
@@ -61,7 +61,7 @@ class World:
     def create(cls, accounts: int = 12) -> World:
         chain = Chain.embedded(accounts=accounts)
         creator, *people = chain.accounts
-        token = chain.deploy_token(10_000_000 * TOKEN_UNIT, sender=creator)
+        token = Token.deploy(chain, 10_000_000 * TOKEN_UNIT, sender=creator)
         for who in people:
             token.transfer(who, FUNDS, sender=creator)
         world = cls(chain, token, creator, people)
@@ -73,7 +73,8 @@ class World:
         self.chain.gas.clear()
 
     def task(self, params: TaskParams = SMALL, **changes: int) -> FlockTask:
-        return self.chain.deploy_task(self.token, replace(params, **changes), sender=self.creator)
+        params = replace(params, **changes)
+        return FlockTask.deploy(self.chain, self.token, params, BUNDLE, sender=self.creator)
 
 
 def fixed_seed(round_: int, who: str) -> bytes:
@@ -89,6 +90,11 @@ def digest_of(text: str) -> bytes:
     return keccak(f"cid/{text}".encode())
 
 
+def update_digest(round_: int, who: str) -> bytes:
+    """The digest a proposer proposes in the drivers below."""
+    return digest_of(f"{round_}/{who}")
+
+
 @dataclass
 class RoundPlan:
     """Who does what in one round; every field defaults to 'everyone behaves'."""
@@ -96,9 +102,10 @@ class RoundPlan:
     withhold_seed: set[str] = field(default_factory=set)
     skip_seed: set[str] = field(default_factory=set)
     skip_propose: set[str] = field(default_factory=set)
-    votes: Mapping[str, tuple[bool | int, int]] | None = None
-    """voter -> (verdicts, score), verdicts a bit mask over the round's proposers or a bool for
-    all of them; None: everyone accepts everything."""
+    withhold_proposal: set[str] = field(default_factory=set)
+    votes: Mapping[str, bool | int] | None = None
+    """voter -> verdicts, a bit mask over the round's proposers or a bool for all of them;
+    None: everyone accepts everything."""
     skip_vote_commit: set[str] = field(default_factory=set)
     skip_vote_reveal: set[str] = field(default_factory=set)
 
@@ -130,30 +137,46 @@ def seed_and_draw(
     return task.draw_roles()
 
 
-def propose_and_vote(task: FlockTask, plan: RoundPlan | None = None) -> TxResult:
-    """PROPOSE -> finalize for the current round (roles already drawn)."""
+def propose(task: FlockTask, plan: RoundPlan | None = None) -> None:
+    """PROPOSE_COMMIT -> PROPOSE_REVEAL: each proposer commits, then reveals, its digest."""
     plan = plan or RoundPlan()
     r = task.current_round()
-    for who in task.proposers_of(r):
-        if who not in plan.skip_propose:
-            task.propose(digest_of(f"{r}/{who}"), sender=who)
-    voters = task.voters_of(r)
-    votes = plan.votes if plan.votes is not None else {v: (True, 900) for v in voters}
+    proposers = [p for p in task.proposers_of(r) if p not in plan.skip_propose]
+    for who in proposers:
+        commitment = proposal_commitment(update_digest(r, who), fixed_salt(r, who), who)
+        task.commit_proposal(commitment, sender=who)
+    task.advance_to_phase(Phase.PROPOSE_REVEAL)
+    for who in proposers:
+        if who not in plan.withhold_proposal:
+            task.reveal_proposal(update_digest(r, who), fixed_salt(r, who), sender=who)
+
+
+def vote(task: FlockTask, plan: RoundPlan | None = None) -> None:
+    """VOTE_COMMIT -> VOTE_REVEAL, when there is a valid proposal to vote on."""
+    plan = plan or RoundPlan()
+    r = task.current_round()
+    if not task.proposal_count(r):
+        return
     every = (1 << len(task.proposers_of(r))) - 1
+    votes = plan.votes if plan.votes is not None else dict.fromkeys(task.voters_of(r), True)
     masks = {
-        who: (every if accept is True else 0 if accept is False else accept, score)
-        for who, (accept, score) in votes.items()
+        who: every if accept is True else 0 if accept is False else accept
+        for who, accept in votes.items()
     }
-    if task.proposal_count(r):
-        task.advance_to_phase(Phase.VOTE_COMMIT)
-        for who, (mask, score) in masks.items():
-            if who not in plan.skip_vote_commit:
-                salt = fixed_salt(r, who)
-                task.commit_vote(vote_commitment(mask, score, salt, who), sender=who)
-        task.advance_to_phase(Phase.VOTE_REVEAL)
-        for who, (mask, score) in masks.items():
-            if who not in plan.skip_vote_commit | plan.skip_vote_reveal:
-                task.reveal_vote(mask, score, fixed_salt(r, who), sender=who)
+    task.advance_to_phase(Phase.VOTE_COMMIT)
+    for who, mask in masks.items():
+        if who not in plan.skip_vote_commit:
+            task.commit_vote(vote_commitment(mask, fixed_salt(r, who), who), sender=who)
+    task.advance_to_phase(Phase.VOTE_REVEAL)
+    for who, mask in masks.items():
+        if who not in plan.skip_vote_commit | plan.skip_vote_reveal:
+            task.reveal_vote(mask, fixed_salt(r, who), sender=who)
+
+
+def propose_and_vote(task: FlockTask, plan: RoundPlan | None = None) -> TxResult:
+    """PROPOSE_COMMIT -> finalize for the current round (roles already drawn)."""
+    propose(task, plan)
+    vote(task, plan)
     task.advance_to_phase(Phase.AWAIT_FINALIZE)
     return task.finalize()
 
@@ -163,14 +186,27 @@ def play_round(task: FlockTask, members: Iterable[str], plan: RoundPlan | None =
     return propose_and_vote(task, plan)
 
 
+def last_reveal_block(task: FlockTask, round_: int) -> int:
+    """The last block of the round's SEED_REVEAL window, whose hash the draw mixes in."""
+    (started,) = [e for e in task.events("RoundStarted") if e["round"] == round_]
+    p = task.params
+    return int(started["start_block"]) + p.seed_commit_blocks + p.seed_reveal_blocks - 1
+
+
 def draw_in_python(
     task: FlockTask, round_: int, revealed: list[str]
 ) -> tuple[list[str], list[str]]:
-    """The contract's documented draw, redone off chain: XOR of seeds, then Fisher-Yates."""
+    """The contract's documented draw, redone off chain: XOR of the seeds and the hash of the
+    reveal window's last block, then a partial Fisher-Yates shuffle of the revealers."""
     xor = 0
     for who in revealed:
         xor ^= int.from_bytes(fixed_seed(round_, who), "big")
-    seed = keccak(abi_encode(["uint256", "uint256", "address"], [xor, round_, task.address]))
+    block_hash = bytes(task.chain.w3.eth.get_block(last_reveal_block(task, round_))["hash"])
+    seed = keccak(
+        abi_encode(
+            ["uint256", "bytes32", "uint256", "address"], [xor, block_hash, round_, task.address]
+        )
+    )
     eligible = list(revealed)
     p = task.params
     need = p.proposers_per_round + p.voters_per_round
@@ -182,5 +218,5 @@ def draw_in_python(
 
 
 def contract_holdings(task: FlockTask) -> int:
-    """What the task contract's books say it holds: stakes + pool + unclaimed rewards."""
+    """What the task contract's books say it holds: stakes + pool + unclaimed credits."""
     return task.total_staked() + task.pool() + task.total_unclaimed()

@@ -13,6 +13,7 @@ import pickle
 import threading
 import traceback
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,11 @@ import pytest
 from eth_abi.abi import encode as abi_encode
 
 from covey.errors import ConfigError
-from covey.flock.chain import (
-    TOKEN_UNIT,
-    Chain,
-    ChainError,
-    ContractRevert,
-    Phase,
-    TaskParams,
-    seed_commitment,
-)
+from covey.flock.chain import Chain, ChainError, ContractRevert
+from covey.flock.commitments import seed_commitment
 from covey.flock.keys import InsecureKeyFileWarning, PrivateKey, load_private_key
-from tests.flock import SMALL, fixed_seed
+from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, TaskParams, Token
+from tests.flock import BUNDLE, SMALL, fixed_seed
 
 # eth-tester's first genesis account: funded on every embedded chain
 KEY_HEX = "0x" + "00" * 31 + "01"
@@ -113,10 +108,10 @@ def test_key_never_shows_in_repr_str_or_pickle() -> None:
 
 def test_task_params_validate_names_each_problem() -> None:
     SMALL.validate()
-    bad = TaskParams(rounds=0, threshold_pct=0, slash_pct=101, propose_blocks=0)
+    bad = TaskParams(rounds=0, threshold_pct=0, slash_pct=101, propose_commit_blocks=0)
     with pytest.raises(ConfigError) as info:
         bad.validate()
-    for part in ("rounds", "threshold_pct", "slash_pct", "propose_blocks"):
+    for part in ("rounds", "threshold_pct", "slash_pct", "propose_commit_blocks"):
         assert part in str(info.value)
 
 
@@ -148,7 +143,7 @@ def test_embedded_chain_blocks_and_snapshots(chain: Chain) -> None:
 def test_gas_is_recorded_per_function_and_reverts_carry_the_reason(chain: Chain) -> None:
     snap = chain.snapshot()
     chain.gas.clear()
-    token = chain.deploy_token(1000 * TOKEN_UNIT)
+    token = Token.deploy(chain, 1000 * TOKEN_UNIT)
     result = token.transfer(chain.accounts[1], 5, sender=chain.accounts[0])
     assert result.gas_used == chain.gas["transfer"][0] > 21_000
     assert result.named("Transfer") == [
@@ -168,16 +163,16 @@ def test_gas_is_recorded_per_function_and_reverts_carry_the_reason(chain: Chain)
 @pytest.mark.chain
 def test_attach_to_deployed_contracts(chain: Chain) -> None:
     snap = chain.snapshot()
-    token = chain.deploy_token(10_000 * TOKEN_UNIT)
-    task = chain.deploy_task(token, SMALL)
-    again = chain.task(task.address)
+    token = Token.deploy(chain, 10_000 * TOKEN_UNIT)
+    task = FlockTask.deploy(chain, token, SMALL, BUNDLE)
+    again = FlockTask.attach(chain, task.address)
     assert again.params == SMALL
     assert again.token.address == token.address
     assert again.creator() == chain.accounts[0]
     assert again.phase() == Phase.REGISTRATION
-    assert chain.token(token.address).balance_of(task.address) == SMALL.reward_pool
+    assert Token.attach(chain, token.address).balance_of(task.address) == SMALL.reward_pool
     with pytest.raises(ChainError, match="no contract at"):
-        chain.task(chain.accounts[3])
+        FlockTask.attach(chain, chain.accounts[3])
     with pytest.raises(ChainError, match="works only on the embedded chain"):
         Chain(chain.w3).mine()
     chain.revert(snap)
@@ -248,14 +243,16 @@ def test_connect_signs_locally_and_never_logs_the_key(
     caplog.set_level(logging.DEBUG)
     chain = Chain.connect(rpc_url, key=key)
     assert not chain.is_embedded and chain.accounts == [me]
-    token = chain.deploy_token(5000 * TOKEN_UNIT)
-    task = chain.deploy_task(token, SMALL)
+    token = Token.deploy(chain, 5000 * TOKEN_UNIT)
+    task = FlockTask.deploy(chain, token, SMALL, BUNDLE)
     assert task.token.balance_of(task.address) == SMALL.reward_pool
-    task.join(10 * TOKEN_UNIT)
+    task.join(10 * TOKEN_UNIT, "http://127.0.0.1:8000")
     assert task.participants() == [me]
+    # the node's gas estimate carries the contract's reason
     with pytest.raises(ContractRevert, match="join: already joined") as info:
         task.join(10 * TOKEN_UNIT)
-    with pytest.raises(ContractRevert, match="commit_seed: only in SEED_COMMIT"):
+    # the client checks the phase of the block the transaction would land in before sending
+    with pytest.raises(PhaseError, match="commit_seed needs SEED_COMMIT"):
         task.commit_seed(seed_commitment(fixed_seed(0, me), me))
     assert set(chain.gas) == {"deploy Token", "approve", "deploy FlockTask", "join"}
     with pytest.raises(ChainError, match="can only send from"):
@@ -269,6 +266,39 @@ def test_connect_signs_locally_and_never_logs_the_key(
     assert caplog.records, "expected debug logs to check"
     for text in shown:
         assert key_text not in text.lower()
+
+
+@pytest.mark.chain
+def test_window_edges_are_checked_and_failed_transactions_explained(rpc_url: str) -> None:
+    """On a node, a transaction lands in a later block than the latest one: the client refuses
+    to send one that would land too close to its window's end, and a transaction that failed
+    anyway is explained by replaying it in the block it was mined in (the phase changed there;
+    on the block before, the same call succeeds)."""
+    key = PrivateKey.from_hex(SECRET_HEX)
+    me = key.address
+    chain = Chain.connect(rpc_url, key=key, margin_blocks=1)
+    token = Token.deploy(chain, 5000 * TOKEN_UNIT)
+    task = FlockTask.deploy(chain, token, replace(SMALL, registration_blocks=5), BUNDLE)
+    token.approve(task.address, 10 * TOKEN_UNIT)
+    end = task.registration_end()
+    while chain.block_number < end - 2:
+        chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    # latest = end - 2: the next block is the last of REGISTRATION, but with a block to spare
+    # the transaction might land in AWAIT_START
+    with pytest.raises(PhaseError, match="join needs REGISTRATION or SEED_COMMIT with 1 block"):
+        task.join(10 * TOKEN_UNIT, approve=False)
+    chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    assert chain.block_number == end - 1
+    # sent regardless (fixed gas, no estimate): mined in block `end`, after registration closed
+    tx = task.contract.functions.join(10 * TOKEN_UNIT, "").build_transaction(
+        {"from": me, "gas": 400_000, "nonce": chain.w3.eth.get_transaction_count(me)}
+    )
+    tx_hash = chain.w3.eth.send_raw_transaction(key.sign_transaction(dict(tx)))
+    receipt = chain.w3.eth.wait_for_transaction_receipt(tx_hash)
+    assert receipt["status"] == 0 and receipt["blockNumber"] == end
+    reason = chain._failure_reason(receipt)
+    assert reason.startswith("join: only in REGISTRATION or SEED_COMMIT (transaction 0x")
+    assert f"in block {end}" in reason
 
 
 def test_connect_rejects_unknown_schemes_and_unreachable_nodes() -> None:

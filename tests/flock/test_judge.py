@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from covey.flock.protocol import judge
+from covey.flock.scoring import judge
 
 BEFORE = torch.full((16,), 2.0, dtype=torch.float64)
 

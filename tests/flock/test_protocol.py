@@ -4,6 +4,7 @@ are voted down, attackers lose stake, and the run folder holds the protocol's re
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,13 @@ from covey.data.split import SplitConfig, run_split
 from covey.errors import ConfigError
 from covey.fed import engine
 from covey.fed.rounds import RunHistory
-from covey.flock.chain import TOKEN_UNIT
-from covey.flock.protocol import FlockSetup, Participant, _fetch, run_flock
+from covey.flock.protocol import run_flock, setup
+from covey.flock.task import Phase
 from covey.model.loading import base_model_id, load_base_model
-from covey.store.cid import digest_of as cid_digest
-from covey.store.local import LocalStore
-from covey.store.updates import deserialize_update, serialize_update
+from covey.store.cid import cid_from_digest
+from covey.store.updates import deserialize_update
 from tests.conftest import dolly_records, write_records
 from tests.fed.test_engine import tiny_config
-from tests.flock import World, join_all, seed_and_draw, start
 
 pytestmark = pytest.mark.chain
 
@@ -51,11 +50,6 @@ def config(tiny_model_dir: Path, data: Path, out: Path, *sets: str) -> RunConfig
         "flock.proposers_per_round=2", "flock.voters_per_round=3",
         "flock.validation_examples=4", *sets,
     )  # fmt: skip
-
-
-def config_for_fetch() -> RunConfig:
-    """Fetching needs only fed.max_update_norm from the recipe."""
-    return RunConfig()
 
 
 def summary(out: Path) -> dict[str, Any]:
@@ -150,44 +144,28 @@ def test_noise_attackers_are_voted_down_and_earn_less(
     assert all(v > 0 for i, v in net.items() if i not in attackers)
 
 
-def test_voters_see_proposals_in_draw_order_and_refuse_bad_ones(tmp_path: Path) -> None:
-    """Ballot bit i is proposers_of(round)[i]: a silent proposer, bytes that do not match their
-    CID and an update of the wrong shape leave a None in their place, the rest line up."""
-    world = World.create(accounts=7)
-    task = world.task(proposers_per_round=4, voters_per_round=2, min_participants=6)
-    people = world.people[:6]
-    join_all(task, dict.fromkeys(people, 10 * TOKEN_UNIT))
-    start(task)
-    seed_and_draw(task, people)
-    store = LocalStore(tmp_path / "store")
-    global_state = {"w": torch.zeros(2, 2)}
-    good, tampered, misshapen, silent = task.proposers_of(0)
-    published = {
-        good: {"w": torch.ones(2, 2)},
-        tampered: {"w": torch.full((2, 2), 2.0)},
-        misshapen: {"w": torch.ones(3, 2)},
-    }
-    for who, state in published.items():
-        cid = store.put(serialize_update(state))
-        task.propose(cid_digest(cid), sender=who)
-        if who == tampered:  # replaced after publishing: the digest on chain no longer matches
-            (store.root / cid).write_bytes(serialize_update({"w": torch.full((2, 2), 9.0)}))
-    participants = [
-        Participant(index=i, address=a, train=[], validation=[], malicious=False)
-        for i, a in enumerate(people)
-    ]
-    flock = FlockSetup(chain=world.chain, task=task, participants=participants, store=store)
-    by_address = {p.address: p for p in participants}
-    drawn = [by_address[a] for a in task.proposers_of(0)]
-    candidates = _fetch(config_for_fetch(), flock, drawn, global_state)
-    assert len(candidates) == 4
-    assert candidates[0] is not None and torch.equal(candidates[0]["w"], torch.ones(2, 2))
-    assert candidates[1:] == [None, None, None]  # tampered, misshapen, silent
-    # the recipe's update bound applies to proposals as to every engine's updates
-    bounded = config_for_fetch()
-    bounded.fed.max_update_norm = 0.5  # the good update moved the adapter by 2
-    assert _fetch(bounded, flock, drawn, global_state) == [None] * 4
-    assert silent not in published
+def test_voters_refuse_tampered_and_invalid_proposals_in_draw_order(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    """Ballot bit i judges proposers_of(round)[i]: a proposal whose bytes no longer match its
+    CID, or that moves the adapter further than fed.max_update_norm, is refused by every
+    voter; the others line up in draw order."""
+    cfg = config(tiny_model_dir, five_clients, tmp_path / "run", "flock.harm_z=1000")
+    model, tokenizer = load_base_model(cfg.model)
+    fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    sim = setup(cfg, fed, tmp_path / "run", None)
+    sim.drive(lambda: sim.task.phase() == Phase.VOTE_COMMIT)
+    proposers = sim.task.proposers_of(0)
+    cids = [cid_from_digest(d) for _, d in sim.task.proposals(0)]
+    assert len(cids) == 2
+    blob = sim.agents[0].blobs.store.root / cids[0]
+    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")  # published, then changed
+    voter = next(a for a in sim.agents if a.address in sim.task.voters_of(0))
+    ballot = voter._judge(0)
+    assert ballot["cids"] == cids and len(proposers) == 2
+    assert ballot["accepts"] == [False, True]  # harm_z=1000 accepts anything valid
+    voter.cfg = replace(cfg, fed=replace(cfg.fed, max_update_norm=1e-9))
+    assert voter._judge(0)["accepts"] == [False, False]
 
 
 def test_a_killed_flock_run_resumes_to_the_same_end(
@@ -218,9 +196,6 @@ def test_a_killed_flock_run_resumes_to_the_same_end(
         mine_state, whole_state = load_file(killed / name), load_file(whole / name)
         assert all(torch.equal(mine_state[k], whole_state[k]) for k in whole_state), name
     mine, theirs = summary(killed), summary(whole)
-    for r in mine["rounds"] + theirs["rounds"]:  # MERGE-NOTE: cids equal once bytes are stable
-        for p in r.get("proposals", []):
-            p.pop("cid")
     assert mine["rounds"] == theirs["rounds"] and mine["settled"] == theirs["settled"]
 
 

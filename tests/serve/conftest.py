@@ -55,7 +55,8 @@ def tiny_run(
 @pytest.fixture(scope="session")
 def session(tiny_run: Path) -> ServeSession:
     """The run's final adapter on its base, loaded once (tests must not change it)."""
-    from covey.serve.generate import load_session, resolve_source
+    from covey.serve.adapters import resolve_source
+    from covey.serve.generate import load_session
 
     return load_session(resolve_source(run=tiny_run))
 

@@ -7,24 +7,26 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from covey.cli import app as commands_app
 from covey.errors import ConfigError
 from covey.serve.app import (
     EMPTY_ANSWER,
     build_app,
+    control_values,
     is_loopback,
     launch_app,
     load_examples,
     parse_auth,
     read_run_view,
 )
-from covey.serve.commands import app as commands_app
-from covey.serve.generate import GenerationSettings, ServeSession
+from covey.serve.generate import BASE, PRESETS, TUNED, GenerationSettings, ServeSession
 
 
 def free_port() -> int:
@@ -120,27 +122,44 @@ def test_the_app_builds_with_both_panes_and_the_run_tab(
     assert {"base-chat", "tuned-chat", "instruction", "context", "send", "beams"} <= ids
     assert "contributions" in ids
     values = {c["props"].get("elem_id"): c["props"].get("value") for c in demo.config["components"]}
-    assert (values["temperature"], values["top-p"], values["top-k"], values["beams"],
-            values["max-new-tokens"]) == (0.1, 0.75, 40, 4, 128)  # fmt: skip
+    assert (values["preset"], values["sample"], values["beams"], values["repetition-penalty"],
+            values["max-new-tokens"]) == ("greedy", False, 1, 1.2, 128)  # fmt: skip
+    assert "greedy preset: greedy decoding" in values["generation-settings"]
 
 
-def test_one_message_fills_the_base_pane_then_the_tuned_pane(session: ServeSession) -> None:
+SAMPLED = GenerationSettings(sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6,
+                             seed=3)  # fmt: skip
+
+
+def test_one_message_streams_into_both_panes_at_once(session: ServeSession) -> None:
     respond = _respond(build_app(session, examples=[]))
-    updates = list(respond("Name a bird.", "", [], [], 1.0, 1.0, 0, 1, 6, 3))
-    first, last = updates[0], updates[-1]
-    assert first[4:] == ("", "")  # the input boxes are cleared at once
-    settings = GenerationSettings(temperature=1.0, top_p=1.0, top_k=0, num_beams=1,
-                                  max_new_tokens=6, seed=3)  # fmt: skip
-    base_answer = session.generate("Name a bird.", "", settings, adapter=False) or EMPTY_ANSWER
-    tuned_answer = session.generate("Name a bird.", "", settings, adapter=True) or EMPTY_ANSWER
+    updates = list(respond("Name a bird.", "", [], [], *control_values(SAMPLED)))
+    assert all(len(u) == 4 for u in updates)  # the panes and their states: the boxes keep
+    # the instruction, so the question stays in view with its answers
+    last = updates[-1]
+    answers = list(session.stream("Name a bird.", "", SAMPLED, (BASE, TUNED)))[-1]
+    base_answer, tuned_answer = (a or EMPTY_ANSWER for a in answers)
     assert last[0] == [
         {"role": "user", "content": "Name a bird."},
         {"role": "assistant", "content": base_answer},
     ]
     assert last[1][-1] == {"role": "assistant", "content": tuned_answer}
     assert last[2] == last[0] and last[3] == last[1]  # the histories kept for the next message
-    # while the base pane streams, the tuned pane waits
-    assert any(u[1][-1]["content"] == "…" and u[0][-1]["content"] != "…" for u in updates)
+    # both panes grow together: some update shows text in both before the last one
+    assert any(u[0][-1]["content"] != "…" and u[1][-1]["content"] != "…" for u in updates[1:-1])
+
+
+def test_presets_set_the_controls_and_changes_are_named(session: ServeSession) -> None:
+    demo = build_app(session, examples=[])
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    current = control_values(GenerationSettings(max_new_tokens=64))
+    *values, text = fns["choose_preset"]("shepherd", *current)
+    assert values == control_values(replace(PRESETS["shepherd"], max_new_tokens=64))
+    assert text.startswith("shepherd preset: 4-beam search")
+    assert fns["describe"](*values) == ("shepherd", text)
+    values[4] = 2  # beams
+    preset, text = fns["describe"](*values)
+    assert preset == "custom" and text.startswith("custom settings: 2-beam search")
 
 
 def test_bad_controls_and_empty_messages_are_shown_as_errors(session: ServeSession) -> None:
@@ -148,9 +167,9 @@ def test_bad_controls_and_empty_messages_are_shown_as_errors(session: ServeSessi
 
     respond = _respond(build_app(session))
     with pytest.raises(gr.Error, match="Type an instruction"):
-        list(respond("  ", "", [], [], 0.1, 0.75, 40, 4, 8, -1))
+        list(respond("  ", "", [], [], *control_values(GenerationSettings())))
     with pytest.raises(gr.Error, match="top-p"):
-        list(respond("Hi", "", [], [], 0.1, 0.0, 40, 4, 8, -1))
+        list(respond("Hi", "", [], [], *control_values(GenerationSettings(top_p=0.0))))
 
 
 # --- safety -----------------------------------------------------------------------------------
@@ -176,6 +195,8 @@ def test_serve_flags_are_checked_before_any_model_loads(
     assert isinstance(result.exception, ConfigError)
     result = CliRunner().invoke(commands_app, ["serve", "--run", str(tiny_run), "--beams", "0"])
     assert isinstance(result.exception, ConfigError)
+    result = CliRunner().invoke(commands_app, ["serve", "--run", str(tiny_run), "--preset", "x"])
+    assert isinstance(result.exception, ConfigError) and "--preset" in str(result.exception)
     assert "--auth" not in CliRunner().invoke(commands_app, ["serve", "--help"]).output
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from covey.serve.generate import GenerationSettings, ServeSession
+from covey.serve.generate import BASE, TUNED, GenerationSettings, ServeSession
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -28,8 +28,8 @@ CHROMIUM_ARGS = [
 ]
 PROMPT = "Name three birds."
 # One beam streams; sampling at temperature 1 is, unlike greedy decoding on this random tiny
-# model, not just whitespace; the seed makes it repeatable (and the same for both panes).
-SETTINGS = GenerationSettings(temperature=1.0, top_p=1.0, top_k=0, num_beams=1,
+# model, not just whitespace; the seed makes it repeatable.
+SETTINGS = GenerationSettings(sample=True, temperature=1.0, top_p=1.0, top_k=0, num_beams=1,
                               max_new_tokens=16, seed=1)  # fmt: skip
 # Both panes settled: an answer in each, and no event still running on either pane.
 ANSWERED = """() => {
@@ -47,15 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def serve_command() -> list[str]:
-    """`python -m covey serve` once cli.py registers it; until then the commands module itself."""
-    from covey import cli
-
-    names = {c.name or getattr(c.callback, "__name__", "") for c in cli.app.registered_commands}
-    module = "covey" if "serve" in names else "covey.serve.commands"
-    return [sys.executable, "-m", module, "serve"]
 
 
 def wait_for_server(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
@@ -88,13 +79,14 @@ def test_a_prompt_gets_an_answer_in_both_panes(
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    expected = {on: session.generate(PROMPT, "", SETTINGS, adapter=on) for on in (False, True)}
+    expected = list(session.stream(PROMPT, "", SETTINGS, (BASE, TUNED)))[-1]
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "COVEY_SERVE_AUTH"}
     env |= {"GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "HF_HUB_OFFLINE": "1"}
-    command = [*serve_command(), "--run", str(tiny_run), "--port", str(port), "--examples", "4"]
+    command = [sys.executable, "-m", "covey", "serve", "--run", str(tiny_run), "--port", str(port),
+               "--examples", "4"]  # fmt: skip
     started = time.monotonic()
     with open(log, "wb") as log_file:
         server = subprocess.Popen(
@@ -115,6 +107,9 @@ def test_a_prompt_gets_an_answer_in_both_panes(
                 page = browser.new_page()
                 page.goto(url)
                 page.wait_for_selector("#instruction textarea", timeout=60_000)
+                described = page.locator("#generation-settings")
+                assert "greedy preset: greedy decoding (deterministic)" in described.inner_text()
+                page.locator("#sample input[type=checkbox]").check()
                 controls = {
                     "temperature": SETTINGS.temperature,
                     "top-p": SETTINGS.top_p,
@@ -126,7 +121,14 @@ def test_a_prompt_gets_an_answer_in_both_panes(
                     box = page.locator(f"#{control} input[type=number]")
                     box.fill(str(value))
                     box.press("Enter")
-                page.locator("#seed input").fill(str(SETTINGS.seed))
+                seed = page.locator("#seed input")
+                seed.fill(str(SETTINGS.seed))
+                seed.press("Enter")
+                page.wait_for_function(
+                    "() => document.querySelector('#generation-settings').innerText"
+                    ".includes('custom settings: sampling at temperature 1')",
+                    timeout=30_000,
+                )
                 page.locator("#instruction textarea").fill(PROMPT)
                 page.locator("#send").click()
                 page.wait_for_function(ANSWERED, timeout=240_000, polling=250)
@@ -138,8 +140,10 @@ def test_a_prompt_gets_an_answer_in_both_panes(
                     assert [u.strip() for u in users] == [PROMPT]
                     assert len(bots) == 1 and bots[0].strip() and "empty answer" not in bots[0]
                     answers.append(bots[0].strip())
-                if expected[False] != expected[True]:  # same seed, so only the adapter differs
+                if expected[0] != expected[1]:  # same settings, so only the adapter differs
                     assert answers[0] != answers[1], "both panes show the same model's answer"
+                # the question stays in view with its answers
+                assert page.locator("#instruction textarea").input_value() == PROMPT
                 screenshot = tmp_path / "serve_screenshot.png"
                 page.screenshot(path=str(screenshot), full_page=True)
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from typer.testing import CliRunner
 
+from covey.cli import app
 from covey.errors import ConfigError
-from covey.serve.commands import app
+from covey.serve.adapters import resolve_source
 from covey.serve.export import EXPORT_RECORD, export_merged
-from covey.serve.generate import resolve_source
 
 IDS = torch.tensor([[1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 2]])
 

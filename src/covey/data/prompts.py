@@ -6,8 +6,10 @@ Two templates:
   response as the assistant turn), for instruct models such as SmolLM2-Instruct.
 
 Tokenization follows Shepherd: the full text (prompt + response) is tokenized once, truncated to
-`cutoff_len`, EOS appended when missing and there is room; with `train_on_inputs = false` the
-first `len(tokenize(prompt))` labels are masked (-100) so only the response is learned.
+`cutoff_len`, EOS appended when the template does not end the turn itself and there is room;
+with `train_on_inputs = false` the first `len(tokenize(prompt))` labels are masked (-100) so only
+the response is learned. (A chat template such as SmolLM2's ends every turn with `<|im_end|>\n`,
+its EOS: a second one would teach the model a turn ending that inference never sees.)
 """
 
 from __future__ import annotations
@@ -105,14 +107,25 @@ def tokenize_records(
         encoded = tokenizer(prompts, add_special_tokens=special)["input_ids"]
         prompt_lens = [len(ids) for ids in encoded]
     eos = tokenizer.eos_token_id
+    append_eos = cfg.add_eos and eos is not None and not ends_turn(cfg.template, tokenizer)
     examples = []
     for ids, prompt_len in zip(full_ids["input_ids"], prompt_lens, strict=True):
         ids = list(ids)
-        if cfg.add_eos and eos is not None and ids[-1] != eos and len(ids) < cfg.cutoff_len:
+        if append_eos and ids[-1] != eos and len(ids) < cfg.cutoff_len:
             ids.append(eos)
         labels = [IGNORE_INDEX] * min(prompt_len, len(ids)) + ids[prompt_len:]
         examples.append(Example(input_ids=ids, labels=labels))
     return examples
+
+
+def ends_turn(template: str, tokenizer: Any) -> bool:
+    """Whether the template itself puts the EOS token after the response (chat templates
+    usually do; alpaca does not)."""
+    if template != "chat" or not tokenizer.eos_token:
+        return False
+    probe = Record(instruction="?", context="", response="\x00probe\x00", category="", id=0)
+    text = build_full_text(probe, template, tokenizer)
+    return tokenizer.eos_token in text[text.rfind(probe.response) + len(probe.response) :]
 
 
 def _chat_messages(record: Record) -> list[dict[str, str]]:

@@ -41,6 +41,7 @@ from covey.errors import ConfigError
 
 BUNDLED_SAMPLE = "bundled:dolly-sample"
 """`--input` default: 400 Dolly records shipped with the package (see resources/README.md)."""
+_MAX_SEED = 2**32 - 1  # numpy's RandomState takes 32-bit seeds
 
 
 def bundled_sample_path() -> Path:
@@ -125,6 +126,12 @@ def allocate(cfg: SplitConfig) -> Allocation:
             categories, rs, cfg.test_per_category, cfg.test_fraction
         )
         test = [records[p] for p in test_positions]
+        if not test:
+            raise ConfigError(
+                f"the test set is empty: --test-fraction {cfg.test_fraction} rounds to 0 "
+                "records in every category, and training evaluates every round on the test "
+                "set; raise it or use --test-per-category K"
+            )
     train = [records[p] for p in train_positions]
     parts = _partition(cfg, [r.category for r in train], rs)
 
@@ -171,10 +178,19 @@ def _checked(cfg: SplitConfig) -> SplitConfig:
         raise ConfigError("--test-from and --test-fraction exclude each other; choose one")
     if cfg.test_fraction is not None and not 0 < cfg.test_fraction < 1:
         raise ConfigError(f"--test-fraction must be between 0 and 1 (got {cfg.test_fraction})")
-    if cfg.test_per_category is not None and cfg.test_per_category < 0:
-        raise ConfigError(f"--test-per-category must be >= 0 (got {cfg.test_per_category})")
+    if not 0 <= cfg.seed <= _MAX_SEED:
+        raise ConfigError(
+            f"--seed {cfg.seed}: expected 0 .. {_MAX_SEED} (numpy's seed range); "
+            "42 is Shepherd's default"
+        )
     # a test fraction or test file replaces the per-category default
     per_category = None if cfg.test_fraction or cfg.test_from else cfg.test_per_category
+    if per_category is not None and per_category < 1:
+        raise ConfigError(
+            f"--test-per-category {per_category} holds out no test records, but training "
+            "evaluates every round on the test set; use 1 or more (Shepherd: 10), "
+            "--test-fraction F or --test-from FILE"
+        )
     return replace(cfg, scheme=scheme, test_per_category=per_category, out=Path(cfg.out))
 
 

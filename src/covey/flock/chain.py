@@ -1,54 +1,37 @@
-"""FLock mode on an EVM chain: deploy or attach to the task contract and call it from Python.
+"""Talking to an EVM chain: connect, send transactions, explain reverts, read events.
 
 `Chain.embedded()` runs an in-process EVM (eth-tester with py-evm: nothing to start, funded
-test accounts, blocks mined on demand); `Chain.connect(url, key=...)` talks to any Ethereum
-JSON-RPC endpoint. Both deploy `Token` and `FlockTask` from the committed artifacts.json (no
-compiler needed) or attach to deployed addresses, expose every contract function as a typed
-method, and record the gas of every transaction in `Chain.gas` (function name -> list of gas).
+test accounts, one block mined per transaction or on demand); `Chain.connect(url, key=...)`
+talks to any Ethereum JSON-RPC endpoint. A `Chain` sends transactions (signed locally with a
+`covey.flock.keys.PrivateKey`, or by the node's unlocked accounts), waits for the receipt,
+turns a revert into `ContractRevert` carrying the contract's own reason string, records the gas
+of every transaction in `Chain.gas` (label -> list of gas) and reads event logs in bounded
+block ranges (public providers refuse unbounded log queries). `BoundContract` is the base of
+the typed contract wrappers in `covey.flock.task`.
 
-The protocol (see FlockTask.vy's header for the full rules): participants stake and join;
-each round they commit and then reveal a random seed, the XOR of the revealed seeds drives a
-Fisher-Yates draw of proposers and voters; proposers submit the sha2-256 digest of their
-update's CID; voters commit to (accepts, score, salt) and then reveal, where bit i of `accepts`
-is their verdict on the proposal of `proposers_of(round)[i]`; `finalize` (anyone, after the
-reveal window) judges each proposal by stake-weighted vote (FLock's rule per proposal): the
-round's reward (pool / rounds left) goes voter_reward_pct% (default 20) to the voters, by
-weight times the verdicts they agreed with, and the rest to the accepted proposers pro rata to
-stake; rejected proposers and anyone who did not reveal lose slash_pct% of their stake to the
-pool, a voter the share of that for the verdicts it voted against. Rewards are pulled with `claim`;
-stakes come back with `withdraw` after the last round (or `exit` while holding no role).
+Blocks and time: the embedded chain mines a block per transaction, and `mine`/`advance_to`
+move it on; its block hashes are reproducible (a fixed clock of EMBEDDED_BLOCK_TIME_S per block
+and a prevrandao derived from the block number, where eth-tester takes the wall clock and
+os.urandom), so a simulation draws the same roles every run. A real node mines by time; there
+a transaction lands in a later block than the latest one, so `margin_blocks` (default 1) is how
+many blocks of slack the task wrapper wants before a phase ends.
 
-Trust assumptions, in short:
-- Role draws: no single party picks the seed. The last participant to reveal can withhold its
-  seed after seeing the others (one bit of influence), which costs it a slash and the round.
-- Block producers can reorder and delay transactions but not choose the seed: XOR does not
-  depend on order, and the shuffled list is fixed before any seed is revealed. Censoring a
-  reveal for the whole reveal window equals that participant withholding; use windows long
-  enough that no single producer controls them.
-- Votes are hidden until the reveal phase; the outcome is what a stake-weighted majority of
-  voters says (FLock's honest-majority assumption). Digests are not checked on chain.
-- Keys: a `PrivateKey` from `covey.flock.keys` (a file or an environment variable); it signs
-  locally and never appears in a repr, a log or an error.
-
-On the embedded chain every transaction is mined in its own block, and views are evaluated as
-of the block the next transaction will land in (so `phase()` tells what a call made now sees).
+Keys never appear in a repr, a log or an error; an RPC URL shows as scheme://host:port only,
+since its path and query often hold an API key.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
-from enum import IntEnum
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from eth_abi.abi import encode as abi_encode
 from eth_typing import ChecksumAddress
 from eth_utils.abi import event_abi_to_log_topic
 from eth_utils.address import to_checksum_address
@@ -56,8 +39,8 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractConstructor, ContractFunction
-from web3.exceptions import ContractLogicError, TimeExhausted
-from web3.types import BlockIdentifier, TxParams, TxReceipt
+from web3.exceptions import ContractLogicError, MethodUnavailable, TimeExhausted
+from web3.types import BlockIdentifier, RPCEndpoint, TxParams, TxReceipt
 
 from covey.errors import ConfigError, CoveyError
 from covey.flock.keys import PrivateKey
@@ -65,9 +48,11 @@ from covey.flock.keys import PrivateKey
 logger = logging.getLogger(__name__)
 
 ARTIFACTS_PATH = Path(__file__).resolve().parent / "contracts" / "artifacts.json"
-TOKEN_UNIT = 10**18  # the token has 18 decimals: 10 tokens are 10 * TOKEN_UNIT
-MAX_PARTICIPANTS = 64  # the contract's hard cap (FlockTask.vy MAX_PARTICIPANTS)
 EMBEDDED_GAS_LIMIT = 30_000_000
+EMBEDDED_GENESIS_TIME = 1_700_000_000
+EMBEDDED_BLOCK_TIME_S = 12
+DEFAULT_LOG_RANGE = 1_000  # blocks per eth_getLogs request; providers cap it (often 1k-10k)
+GAS_HEADROOM = 1.25  # sent gas limit = estimate x this (state can move between estimate and mining)
 
 
 class ChainError(CoveyError):
@@ -81,130 +66,6 @@ class ContractRevert(ChainError):
         super().__init__(f"{function} reverted: {reason}")
         self.function = function
         self.reason = reason
-
-
-class Phase(IntEnum):
-    """FlockTask.phase(): what can be called now."""
-
-    REGISTRATION = 0
-    AWAIT_START = 1
-    SEED_COMMIT = 2
-    SEED_REVEAL = 3
-    AWAIT_DRAW = 4
-    PROPOSE = 5
-    VOTE_COMMIT = 6
-    VOTE_REVEAL = 7
-    AWAIT_FINALIZE = 8
-    ENDED = 9
-    CANCELLED = 10
-
-
-class Role(IntEnum):
-    NONE = 0
-    PROPOSER = 1
-    VOTER = 2
-
-
-class Outcome(IntEnum):
-    PENDING = 0
-    ACCEPTED = 1
-    REJECTED = 2
-    NO_PROPOSALS = 3
-    NO_QUORUM = 4
-    VOID = 5  # too few seed revealers to draw the roles
-
-
-class SlashReason(IntEnum):
-    SEED_NOT_REVEALED = 1
-    NO_PROPOSAL = 2
-    PROPOSAL_REJECTED = 3
-    VOTE_NOT_REVEALED = 4
-    LOSING_VOTE = 5
-
-
-@dataclass(frozen=True)
-class TaskParams:
-    """A task's creation parameters, in the contract's `Params` order (amounts in token wei).
-
-    The defaults follow FLock's demo: 10 tokens minimum stake, a 1000-token reward pool.
-    """
-
-    rounds: int = 3
-    min_participants: int = 4
-    max_participants: int = 16
-    min_stake: int = 10 * TOKEN_UNIT
-    reward_pool: int = 1000 * TOKEN_UNIT
-    proposers_per_round: int = 1
-    voters_per_round: int = 3
-    slash_pct: int = 10
-    threshold_pct: int = 50
-    voter_reward_pct: int = 20
-    registration_blocks: int = 20
-    seed_commit_blocks: int = 10
-    seed_reveal_blocks: int = 10
-    propose_blocks: int = 10
-    vote_commit_blocks: int = 10
-    vote_reveal_blocks: int = 10
-
-    def validate(self) -> None:
-        """The constructor's checks, so a bad setting fails here with a flag-level message."""
-        problems = []
-        for f in fields(self):
-            if getattr(self, f.name) < 0:
-                problems.append(f"{f.name} must be >= 0")
-        if self.rounds < 1:
-            problems.append("rounds must be at least 1")
-        if self.max_participants > MAX_PARTICIPANTS:
-            problems.append(f"max_participants is capped at {MAX_PARTICIPANTS}")
-        if self.min_participants > self.max_participants:
-            problems.append("min_participants must not exceed max_participants")
-        if self.proposers_per_round < 1 or self.voters_per_round < 1:
-            problems.append("each round needs at least one proposer and one voter")
-        if self.proposers_per_round + self.voters_per_round > self.min_participants:
-            problems.append("proposers_per_round + voters_per_round must be <= min_participants")
-        if self.min_stake < 1:
-            problems.append("min_stake must be positive")
-        if self.slash_pct > 100 or self.voter_reward_pct > 100:
-            problems.append("slash_pct and voter_reward_pct are percentages (0..100)")
-        if not 1 <= self.threshold_pct <= 100:
-            problems.append("threshold_pct must be in 1..100")
-        for f in fields(self):
-            if f.name.endswith("_blocks") and getattr(self, f.name) < 1:
-                problems.append(f"{f.name} must be at least 1")
-        if problems:
-            raise ConfigError("invalid task parameters: " + "; ".join(problems))
-
-    def as_tuple(self) -> tuple[int, ...]:
-        return astuple(self)
-
-
-@dataclass(frozen=True)
-class Vote:
-    commitment: bytes
-    revealed: bool
-    accepts: int  # bit i: accept the proposal of proposers_of(round)[i]
-    score: int
-    weight: int
-
-
-@dataclass(frozen=True)
-class Tally:
-    revealed_stake: int  # the vote weight every proposal is judged against
-    revealed_count: int
-    score_sum: int
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    outcome: Outcome
-    reward: int  # the round's reward budget: pool / rounds left, at finalize
-    paid: int  # rewards credited in the round (the rest stays in the pool)
-    slashed: int  # all the round's slashes, seed withholders' at the draw included
-    accepted: int  # bit i: the proposal of proposers_of(round)[i] was accepted
-
-    def accepted_proposers(self, proposers: Sequence[str]) -> list[str]:
-        """The proposers (from `FlockTask.proposers_of(round)`) whose proposal was accepted."""
-        return [p for i, p in enumerate(proposers) if self.accepted >> i & 1]
 
 
 @dataclass(frozen=True)
@@ -228,34 +89,6 @@ class TxResult:
         return [e.args for e in self.events if e.name == name]
 
 
-def new_secret() -> bytes:
-    """32 random bytes for a seed or a vote salt (keep it until the reveal)."""
-    return secrets.token_bytes(32)
-
-
-def seed_commitment(seed: bytes, participant: str) -> bytes:
-    """keccak256(abi_encode(seed, participant)), what commit_seed expects."""
-    return keccak(abi_encode(["bytes32", "address"], [seed, to_checksum_address(participant)]))
-
-
-def accept_mask(verdicts: Sequence[bool]) -> int:
-    """A ballot's `accepts`: bit i set when verdicts[i] (the proposal of proposers_of(round)[i])."""
-    return sum(1 << i for i, accept in enumerate(verdicts) if accept)
-
-
-def vote_commitment(accepts: int, score: int, salt: bytes, voter: str) -> bytes:
-    """keccak256(abi_encode(accepts, score, salt, voter)), what commit_vote expects.
-
-    `accepts` is a bit mask over the round's proposers in draw order (see `accept_mask`).
-    """
-    return keccak(
-        abi_encode(
-            ["uint256", "uint64", "bytes32", "address"],
-            [accepts, score, salt, to_checksum_address(voter)],
-        )
-    )
-
-
 def load_artifacts(path: Path = ARTIFACTS_PATH) -> dict[str, Any]:
     """The compiled contracts: {'compiler': ..., 'contracts': {name: {abi, bytecode, ...}}}."""
     try:
@@ -267,7 +100,7 @@ def load_artifacts(path: Path = ARTIFACTS_PATH) -> dict[str, Any]:
     return data
 
 
-def _create_address(sender: str, nonce: int) -> str:
+def contract_address(sender: str, nonce: int) -> ChecksumAddress:
     """The address a contract deployed by `sender` with `nonce` gets (RLP of [sender, nonce])."""
     nonce_bytes = nonce.to_bytes((nonce.bit_length() + 7) // 8, "big")
     if len(nonce_bytes) == 1 and nonce_bytes[0] < 0x80:
@@ -299,6 +132,46 @@ def _revert_reason(error: Exception) -> str | None:
     return text[len(prefix) :] if text.startswith(prefix) else text
 
 
+def _estimate_gas(call: ContractFunction | ContractConstructor, tx: TxParams) -> int:
+    """Gas estimated in the block the transaction lands in (phases depend on its number),
+    or in the node's default block where the node takes no block for eth_estimateGas."""
+    try:
+        return int(call.estimate_gas(tx, block_identifier="pending"))
+    except MethodUnavailable:
+        return int(call.estimate_gas(tx))
+
+
+def _reproducible_backend(accounts: int, gas_limit: int) -> Any:
+    """eth-tester's py-evm backend with block hashes that depend on the transactions alone."""
+    from eth.vm.forks.cancun.state import get_total_blob_gas
+    from eth_tester import PyEVMBackend  # type: ignore[import-untyped]
+
+    class ReproducibleBackend(PyEVMBackend):  # type: ignore[misc]
+        def mine_blocks(self, num_blocks: int = 1, coinbase: bytes = b"\0" * 20) -> tuple[Any]:
+            mined = []
+            for _ in range(num_blocks):
+                head = self.chain.get_canonical_head()
+                number = head.block_number + 1
+                block = self.chain.mine_block(
+                    coinbase=coinbase,
+                    timestamp=head.timestamp + EMBEDDED_BLOCK_TIME_S,
+                    mix_hash=keccak(b"covey prevrandao %d" % number),
+                    blob_gas_used=sum(
+                        get_total_blob_gas(tx) for tx in self.chain.get_block().transactions
+                    ),
+                )
+                mined.append(block.hash)
+            return tuple(mined)
+
+    genesis = PyEVMBackend.generate_genesis_params(
+        {"gas_limit": gas_limit, "timestamp": EMBEDDED_GENESIS_TIME}
+    )
+    return ReproducibleBackend(
+        genesis_parameters=genesis,
+        genesis_state=PyEVMBackend.generate_genesis_state(num_accounts=accounts),
+    )
+
+
 class Chain:
     """A connection to an EVM chain with the accounts that may sign, and a gas log."""
 
@@ -309,11 +182,18 @@ class Chain:
         signer: PrivateKey | None = None,
         tester: Any = None,
         receipt_timeout: float = 120.0,
+        log_range: int = DEFAULT_LOG_RANGE,
+        margin_blocks: int | None = None,
     ) -> None:
+        if log_range < 1:
+            raise ConfigError(f"log_range must be at least 1 block (got {log_range})")
         self.w3 = w3
         self.signer = signer
         self._tester = tester
         self.receipt_timeout = receipt_timeout
+        self.log_range = log_range
+        # the embedded chain mines the next transaction in exactly the next block
+        self.margin_blocks = margin_blocks if margin_blocks is not None else (0 if tester else 1)
         self.gas: dict[str, list[int]] = defaultdict(list)
         self.artifacts = load_artifacts()
         self.label = "embedded" if tester is not None else "rpc"  # what repr shows
@@ -325,22 +205,27 @@ class Chain:
     @classmethod
     def embedded(cls, accounts: int = 10, *, gas_limit: int = EMBEDDED_GAS_LIMIT) -> Chain:
         """An in-process py-evm chain with `accounts` unlocked accounts holding 1M ETH each."""
-        from eth_tester import EthereumTester, PyEVMBackend  # type: ignore[import-untyped]
+        from eth_tester import EthereumTester
         from web3 import EthereumTesterProvider
 
-        backend = PyEVMBackend(
-            genesis_parameters=PyEVMBackend.generate_genesis_params({"gas_limit": gas_limit}),
-            genesis_state=PyEVMBackend.generate_genesis_state(num_accounts=accounts),
-        )
-        tester = EthereumTester(backend)
+        tester = EthereumTester(_reproducible_backend(accounts, gas_limit))
         return cls(Web3(EthereumTesterProvider(tester)), tester=tester)
 
     @classmethod
-    def connect(cls, url: str, *, key: PrivateKey | None = None, timeout: float = 30.0) -> Chain:
+    def connect(
+        cls,
+        url: str,
+        *,
+        key: PrivateKey | None = None,
+        timeout: float = 30.0,
+        log_range: int = DEFAULT_LOG_RANGE,
+        margin_blocks: int = 1,
+    ) -> Chain:
         """An Ethereum JSON-RPC endpoint: an http(s) URL or the path of a node's IPC socket.
 
         With `key`, transactions are signed locally and sent raw; without, the node must hold
-        unlocked accounts (a dev node such as anvil or hardhat).
+        unlocked accounts (a dev node such as anvil). `log_range` caps the blocks of one log
+        query; `margin_blocks` is the slack wanted before a phase window ends.
         """
         from web3 import HTTPProvider, IPCProvider
         from web3.middleware import ExtraDataToPOAMiddleware
@@ -355,6 +240,9 @@ class Chain:
                 f"chain URL {_redact(url)}: use an http(s):// URL or the path of a node's .ipc"
                 " socket"
             )
+        # web3 asks for the chain id before every transaction; it never changes for an endpoint
+        provider.cache_allowed_requests = True
+        provider.cacheable_requests = {RPCEndpoint("eth_chainId")}
         w3 = Web3(provider)
         # proof-of-authority chains (many testnets, L2s) carry long extraData in block headers
         w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
@@ -366,7 +254,7 @@ class Chain:
             raise ChainError(
                 f"cannot reach an Ethereum JSON-RPC endpoint at {where} ({type(e).__name__})"
             ) from None
-        chain = cls(w3, signer=key)
+        chain = cls(w3, signer=key, log_range=log_range, margin_blocks=margin_blocks)
         chain.label = f"rpc {where}"
         return chain
 
@@ -403,14 +291,9 @@ class Chain:
         """Block views are evaluated at: the next one on the embedded chain, else the latest."""
         return "pending" if self.is_embedded else "latest"
 
-    @cached_property
-    def call_params(self) -> TxParams:
-        """Fields of every eth_call (a sender, so that the node need not look one up)."""
-        return {"from": self.accounts[0]} if self.accounts else {}
-
     @property
     def next_block(self) -> int:
-        """The block number a transaction sent now is mined in (on the embedded chain)."""
+        """The earliest block a transaction sent now can land in (exactly it, when embedded)."""
         return self.block_number + 1
 
     def _require_embedded(self, what: str) -> Any:
@@ -437,31 +320,51 @@ class Chain:
     def eth_balance(self, who: str) -> int:
         return int(self.w3.eth.get_balance(to_checksum_address(who)))
 
+    # ---------------------------------------------------------------- contracts
+
+    def factory(self, name: str) -> type[Contract]:
+        """A deployable contract class for one of the artifacts ('Token', 'FlockTask')."""
+        art = self.artifacts["contracts"][name]
+        return self.w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+
+    def contract(self, name: str, address: str) -> Contract:
+        art = self.artifacts["contracts"][name]
+        return self.w3.eth.contract(address=to_checksum_address(address), abi=art["abi"])
+
+    def require_code(self, address: str, what: str) -> ChecksumAddress:
+        """The checksummed address, or ChainError if no contract lives there."""
+        checksum = to_checksum_address(address)
+        if not self.w3.eth.get_code(checksum):
+            raise ChainError(f"no contract at {checksum} (expected a {what})")
+        return checksum
+
     # ---------------------------------------------------------------- transactions
 
-    def _send(
-        self, name: str, call: ContractFunction | ContractConstructor, sender: str | None
+    def send(
+        self, label: str, call: ContractFunction | ContractConstructor, sender: str | None = None
     ) -> TxReceipt:
         """Send, wait for the receipt, record its gas; a revert becomes ContractRevert."""
         origin = to_checksum_address(sender) if sender else self.default_account
+        if self.signer is not None and origin != self.signer.address:
+            raise ChainError(f"{label}: can only send from {self.signer.address}")
         tx: TxParams = {"from": origin}
         try:
-            if self.signer is not None:
-                if origin != self.signer.address:
-                    raise ChainError(f"{name}: can only send from {self.signer.address}")
-                tx["nonce"] = self.w3.eth.get_transaction_count(origin, "pending")
-                filled = call.build_transaction(tx)
-                raw = self.signer.sign_transaction(dict(filled))
-                tx_hash = self.w3.eth.send_raw_transaction(raw)
-            else:
-                if self.is_embedded:
-                    # Each transaction gets its own block, so the block's gas limit is enough;
-                    # an eth_call first surfaces a revert without mining it (what gas estimation
-                    # does elsewhere, at a fraction of eth-tester's estimation cost).
-                    tx["gas"] = EMBEDDED_GAS_LIMIT
-                    if isinstance(call, ContractFunction):
-                        call.call(tx, block_identifier="pending")
+            if self.is_embedded:
+                # Each transaction gets its own block, so the block's gas limit is enough;
+                # an eth_call at the block it will land in first surfaces a revert without
+                # mining it (what gas estimation does elsewhere, at a fraction of its cost).
+                tx["gas"] = EMBEDDED_GAS_LIMIT
+                if isinstance(call, ContractFunction):
+                    call.call(tx, block_identifier="pending")
                 tx_hash = call.transact(tx)
+            else:
+                tx["gas"] = int(_estimate_gas(call, tx) * GAS_HEADROOM)
+                if self.signer is None:
+                    tx_hash = call.transact(tx)
+                else:
+                    tx["nonce"] = self.w3.eth.get_transaction_count(origin, "pending")
+                    raw = self.signer.sign_transaction(dict(call.build_transaction(tx)))
+                    tx_hash = self.w3.eth.send_raw_transaction(raw)
             receipt = self.w3.eth.wait_for_transaction_receipt(
                 tx_hash, timeout=self.receipt_timeout
             )
@@ -469,102 +372,64 @@ class Chain:
             raise
         except TimeExhausted:
             raise ChainError(
-                f"{name}: no receipt within {self.receipt_timeout:.0f} s; the transaction may"
+                f"{label}: no receipt within {self.receipt_timeout:.0f} s; the transaction may"
                 " still be mined"
             ) from None
         except Exception as e:
             reason = _revert_reason(e)
             if reason is None:
                 raise
-            raise ContractRevert(name, reason) from None
+            raise ContractRevert(label, reason) from None
         if receipt["status"] != 1:
-            raise ContractRevert(name, self._replay_reason(receipt))
+            raise ContractRevert(label, self._failure_reason(receipt))
         gas_used = int(receipt["gasUsed"])
-        self.gas[name].append(gas_used)
-        logger.debug("%s from %s: gas %d, block %d", name, origin, gas_used, receipt["blockNumber"])
+        self.gas[label].append(gas_used)
+        logger.debug(
+            "%s from %s: gas %d, block %d", label, origin, gas_used, receipt["blockNumber"]
+        )
         return receipt
 
-    def _replay_reason(self, receipt: TxReceipt) -> str:
-        """Why a mined transaction failed: replay it as a call on the state before its block."""
+    def _failure_reason(self, receipt: TxReceipt) -> str:
+        """Why a mined transaction failed: replay it as a call in the block it was mined in
+        (phase checks depend on the block number), then on the state before that block."""
         sent = self.w3.eth.get_transaction(receipt["transactionHash"])
+        failed = f"transaction 0x{bytes(receipt['transactionHash']).hex()} failed on chain"
+        if int(receipt["gasUsed"]) >= int(sent["gas"]):
+            return f"{failed}: it ran out of gas (limit {sent['gas']})"
         replay: TxParams = {"from": sent["from"], "data": sent["input"], "gas": sent["gas"]}
         if sent.get("to"):
             replay["to"] = sent["to"]
-        failed = f"transaction 0x{bytes(receipt['transactionHash']).hex()} failed on chain"
-        try:
-            self.w3.eth.call(replay, receipt["blockNumber"] - 1)
-        except Exception as e:
-            reason = _revert_reason(e)
-            return f"{reason} ({failed})" if reason else failed
-        return f"{failed} (out of gas, or the state changed before it was mined)"
+        mined_in = int(receipt["blockNumber"])
+        for block in (mined_in, mined_in - 1):
+            try:
+                self.w3.eth.call(replay, block)
+            except Exception as e:
+                reason = _revert_reason(e)
+                if reason:
+                    return f"{reason} ({failed} in block {mined_in})"
+        return f"{failed} in block {mined_in}; replaying it does not revert"
 
-    def _factory(self, name: str) -> type[Contract]:
-        art = self.artifacts["contracts"][name]
-        return self.w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    # ---------------------------------------------------------------- events
 
-    def _contract(self, name: str, address: str) -> Contract:
-        art = self.artifacts["contracts"][name]
-        return self.w3.eth.contract(address=to_checksum_address(address), abi=art["abi"])
-
-    def _check_code(self, address: str, what: str) -> ChecksumAddress:
-        checksum = to_checksum_address(address)
-        if not self.w3.eth.get_code(checksum):
-            raise ChainError(f"no contract at {checksum} (expected a {what})")
-        return checksum
-
-    def deploy_token(
-        self,
-        supply: int = 1_000_000 * TOKEN_UNIT,
-        *,
-        name: str = "Covey Stake",
-        symbol: str = "COVEY",
-        sender: str | None = None,
-    ) -> Token:
-        """Deploy Covey's fixed-supply ERC-20; the whole supply goes to the sender."""
-        factory = self._factory("Token")
-        receipt = self._send("deploy Token", factory.constructor(name, symbol, supply), sender)
-        return Token(self, str(receipt["contractAddress"]))
-
-    def deploy_task(
-        self, token: Token | str, params: TaskParams, *, sender: str | None = None
-    ) -> FlockTask:
-        """Approve the reward pool to the task's future address, then deploy the task.
-
-        The constructor pulls the pool with transferFrom, so the deployer must hold it.
-        """
-        params.validate()
-        token = token if isinstance(token, Token) else self.token(token)
-        origin = to_checksum_address(sender) if sender else self.default_account
-        nonce = int(self.w3.eth.get_transaction_count(origin, "pending"))
-        if params.reward_pool > 0:
-            future = _create_address(origin, nonce + 1)
-            token.approve(future, params.reward_pool, sender=origin)
-            nonce_now = int(self.w3.eth.get_transaction_count(origin, "pending"))
-            if nonce_now != nonce + 1:
-                raise ChainError(f"{origin} sent another transaction while deploying; deploy again")
-        factory = self._factory("FlockTask")
-        constructor = factory.constructor(token.address, params.as_tuple())
-        receipt = self._send("deploy FlockTask", constructor, origin)
-        return FlockTask(self, str(receipt["contractAddress"]), params=params)
-
-    def token(self, address: str) -> Token:
-        """Attach to a deployed ERC-20 (Covey's Token or any other)."""
-        return Token(self, self._check_code(address, "ERC-20 token"))
-
-    def task(self, address: str) -> FlockTask:
-        """Attach to a deployed FlockTask."""
-        return FlockTask(self, self._check_code(address, "FlockTask"))
+    def block_ranges(
+        self, from_block: int, to_block: int | None = None
+    ) -> Iterator[tuple[int, int]]:
+        """(first, last) block pairs covering from_block..to_block (default: latest), each at
+        most `log_range` blocks long, so that every log query stays under providers' caps."""
+        last = self.block_number if to_block is None else to_block
+        for first in range(from_block, last + 1, self.log_range):
+            yield first, min(first + self.log_range - 1, last)
 
 
-class _Bound:
-    """A contract at an address, with helpers shared by Token and FlockTask."""
+class BoundContract:
+    """A contract at an address, with calls, transactions and event reads in bounded ranges."""
 
-    _artifact: str
+    artifact: str
 
     def __init__(self, chain: Chain, address: str) -> None:
         self.chain = chain
         self.address = to_checksum_address(address)
-        self.contract = chain._contract(self._artifact, self.address)
+        self.contract = chain.contract(self.artifact, self.address)
         self._topics = {
             event_abi_to_log_topic(cast(Any, item)): item["name"]
             for item in self.contract.abi
@@ -574,7 +439,8 @@ class _Bound:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address})"
 
-    def _call(self, name: str, *args: Any) -> Any:
+    def call(self, name: str, *args: Any) -> Any:
+        """A view, evaluated at `chain.call_block`; a revert becomes ContractRevert."""
         try:
             return self.contract.functions[name](*args).call(block_identifier=self.chain.call_block)
         except Exception as e:
@@ -583,8 +449,8 @@ class _Bound:
                 raise
             raise ContractRevert(name, reason) from None
 
-    def _tx(self, name: str, *args: Any, sender: str | None = None) -> TxResult:
-        receipt = self.chain._send(name, self.contract.functions[name](*args), sender)
+    def transact(self, name: str, *args: Any, sender: str | None = None) -> TxResult:
+        receipt = self.chain.send(name, self.contract.functions[name](*args), sender)
         return TxResult(
             function=name,
             tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
@@ -605,255 +471,13 @@ class _Bound:
             out.append(Event(name, dict(data["args"])))
         return out
 
-    def events(self, name: str, from_block: int = 0) -> list[dict[str, Any]]:
-        """The args of every `name` event this contract emitted since `from_block`."""
-        logs = self.contract.events[name].get_logs(from_block=from_block)
-        return [dict(log["args"]) for log in logs]
-
-
-class Token(_Bound):
-    """An ERC-20 (Covey's Token, or any token the task was created with)."""
-
-    _artifact = "Token"
-
-    def name(self) -> str:
-        return str(self._call("name"))
-
-    def symbol(self) -> str:
-        return str(self._call("symbol"))
-
-    def decimals(self) -> int:
-        return int(self._call("decimals"))
-
-    def total_supply(self) -> int:
-        return int(self._call("totalSupply"))
-
-    def balance_of(self, who: str) -> int:
-        return int(self._call("balanceOf", to_checksum_address(who)))
-
-    def allowance(self, owner: str, spender: str) -> int:
-        return int(
-            self._call("allowance", to_checksum_address(owner), to_checksum_address(spender))
-        )
-
-    def transfer(self, to: str, amount: int, *, sender: str | None = None) -> TxResult:
-        return self._tx("transfer", to_checksum_address(to), amount, sender=sender)
-
-    def transfer_from(
-        self, owner: str, to: str, amount: int, *, sender: str | None = None
-    ) -> TxResult:
-        args = (to_checksum_address(owner), to_checksum_address(to), amount)
-        return self._tx("transferFrom", *args, sender=sender)
-
-    def approve(self, spender: str, amount: int, *, sender: str | None = None) -> TxResult:
-        return self._tx("approve", to_checksum_address(spender), amount, sender=sender)
-
-
-class FlockTask(_Bound):
-    """A deployed FlockTask: one typed method per contract function."""
-
-    _artifact = "FlockTask"
-
-    def __init__(self, chain: Chain, address: str, *, params: TaskParams | None = None) -> None:
-        super().__init__(chain, address)
-        if params is not None:
-            self.__dict__["params"] = params
-
-    @cached_property
-    def params(self) -> TaskParams:
-        """The creation parameters (read once: they are immutable on chain)."""
-        return TaskParams(*self._call("params"))
-
-    @cached_property
-    def token(self) -> Token:
-        return Token(self.chain, str(self._call("token")))
-
-    # ---------------------------------------------------------------- views
-
-    def creator(self) -> str:
-        return str(self._call("creator"))
-
-    def registration_end(self) -> int:
-        return int(self._call("registration_end"))
-
-    def phase(self) -> Phase:
-        return Phase(self._call("phase"))
-
-    def phase_end(self) -> int:
-        """First block outside the current timed phase; 0 when the phase waits for a call."""
-        return int(self._call("phase_end"))
-
-    def current_round(self) -> int:
-        return int(self._call("current_round"))
-
-    def stage_start(self) -> int:
-        return int(self._call("stage_start"))
-
-    def pool(self) -> int:
-        return int(self._call("pool"))
-
-    def round_reward(self) -> int:
-        return int(self._call("round_reward"))
-
-    def total_staked(self) -> int:
-        return int(self._call("total_staked"))
-
-    def total_unclaimed(self) -> int:
-        return int(self._call("total_unclaimed"))
-
-    def participants(self) -> list[str]:
-        return [str(a) for a in self._call("get_participants")]
-
-    def participant_count(self) -> int:
-        return int(self._call("participant_count"))
-
-    def joined(self, who: str) -> bool:
-        return bool(self._call("joined", to_checksum_address(who)))
-
-    def stake_of(self, who: str) -> int:
-        return int(self._call("stakes", to_checksum_address(who)))
-
-    def reward_of(self, who: str) -> int:
-        """Rewards credited and not yet claimed."""
-        return int(self._call("rewards", to_checksum_address(who)))
-
-    def seed_status(self, round_: int, who: str) -> tuple[bytes, bool]:
-        commitment, revealed = self._call("seed_status", round_, to_checksum_address(who))
-        return bytes(commitment), bool(revealed)
-
-    def round_seed(self, round_: int) -> bytes:
-        return bytes(self._call("round_seed", round_))
-
-    def role_of(self, round_: int, who: str) -> Role:
-        return Role(self._call("role_of", round_, to_checksum_address(who)))
-
-    def proposers_of(self, round_: int) -> list[str]:
-        return [str(a) for a in self._call("proposers_of", round_)]
-
-    def voters_of(self, round_: int) -> list[str]:
-        return [str(a) for a in self._call("voters_of", round_)]
-
-    def proposals(self, round_: int) -> list[tuple[str, bytes]]:
-        """(proposer, digest) for each proposer of the round that submitted, in draw order."""
-        who, digests = self._call("proposals", round_)
-        return [(str(a), bytes(d)) for a, d in zip(who, digests, strict=True)]
-
-    def proposal_count(self, round_: int) -> int:
-        return int(self._call("proposal_count", round_))
-
-    def vote_of(self, round_: int, who: str) -> Vote:
-        vote = self._call("vote_of", round_, to_checksum_address(who))
-        c, revealed, accepts, score, weight = vote
-        return Vote(bytes(c), bool(revealed), int(accepts), int(score), int(weight))
-
-    def tally(self, round_: int) -> Tally:
-        return Tally(*(int(x) for x in self._call("tally", round_)))
-
-    def result(self, round_: int) -> RoundResult:
-        outcome, reward, paid, slashed, accepted = self._call("result", round_)
-        return RoundResult(Outcome(outcome), int(reward), int(paid), int(slashed), int(accepted))
-
-    # ---------------------------------------------------------------- transactions
-
-    def join(self, amount: int, *, sender: str | None = None, approve: bool = True) -> TxResult:
-        """Stake `amount` and register; approves the task for `amount` first unless told not to."""
-        who = to_checksum_address(sender) if sender else self.chain.default_account
-        if approve and self.token.allowance(who, self.address) < amount:
-            self.token.approve(self.address, amount, sender=who)
-        return self._tx("join", amount, sender=who)
-
-    def start(self, *, sender: str | None = None) -> TxResult:
-        return self._tx("start", sender=sender)
-
-    def commit_seed(self, commitment: bytes, *, sender: str | None = None) -> TxResult:
-        return self._tx("commit_seed", commitment, sender=sender)
-
-    def reveal_seed(self, seed: bytes, *, sender: str | None = None) -> TxResult:
-        return self._tx("reveal_seed", seed, sender=sender)
-
-    def draw_roles(self, *, sender: str | None = None) -> TxResult:
-        return self._tx("draw_roles", sender=sender)
-
-    def propose(self, digest: bytes, *, sender: str | None = None) -> TxResult:
-        """Submit the sha2-256 digest of the update's CID (the multihash digest bytes)."""
-        return self._tx("propose", digest, sender=sender)
-
-    def commit_vote(self, commitment: bytes, *, sender: str | None = None) -> TxResult:
-        return self._tx("commit_vote", commitment, sender=sender)
-
-    def reveal_vote(
-        self, accepts: int, score: int, salt: bytes, *, sender: str | None = None
-    ) -> TxResult:
-        """Open a committed vote: `accepts` bit i judges the proposal of proposers_of(round)[i]."""
-        return self._tx("reveal_vote", accepts, score, salt, sender=sender)
-
-    def finalize(self, *, sender: str | None = None) -> TxResult:
-        return self._tx("finalize", sender=sender)
-
-    def claim(self, *, sender: str | None = None) -> TxResult:
-        return self._tx("claim", sender=sender)
-
-    def withdraw(self, *, sender: str | None = None) -> TxResult:
-        return self._tx("withdraw", sender=sender)
-
-    def exit(self, *, sender: str | None = None) -> TxResult:
-        return self._tx("exit", sender=sender)
-
-    def reclaim_pool(self, *, sender: str | None = None) -> TxResult:
-        return self._tx("reclaim_pool", sender=sender)
-
-    # ---------------------------------------------------------------- helpers
-
-    def skip_phase(self) -> Phase:
-        """Mine to the end of the current timed phase (embedded chain); returns the new phase."""
-        end = self.phase_end()
-        if end:
-            self.chain.advance_to(end)
-        return self.phase()
-
-    def advance_to_phase(self, phase: Phase) -> None:
-        """Mine until `phase` begins (embedded chain).
-
-        Only timed phases are reached by mining: ChainError if a call (start, draw_roles,
-        finalize) must come first, or if `phase` is behind the current one.
-        """
-        current = self.phase()
-        if current == phase:
-            return
-        p = self.params
-        seeding = {
-            Phase.SEED_REVEAL: p.seed_commit_blocks,
-            Phase.AWAIT_DRAW: p.seed_commit_blocks + p.seed_reveal_blocks,
-        }
-        voting = {
-            Phase.VOTE_COMMIT: p.propose_blocks,
-            Phase.VOTE_REVEAL: p.propose_blocks + p.vote_commit_blocks,
-            Phase.AWAIT_FINALIZE: p.propose_blocks + p.vote_commit_blocks + p.vote_reveal_blocks,
-        }
-        if current == Phase.REGISTRATION and phase == Phase.AWAIT_START:
-            target = self.registration_end()
-        elif (
-            current < phase
-            and current in (Phase.SEED_COMMIT, Phase.SEED_REVEAL)
-            and phase in seeding
-        ):
-            target = self.stage_start() + seeding[phase]
-        elif (
-            current < phase and Phase.PROPOSE <= current < Phase.AWAIT_FINALIZE and phase in voting
-        ):
-            target = self.stage_start() + voting[phase]
-        else:
-            raise ChainError(f"cannot mine from phase {current.name} to {phase.name}")
-        self.chain.advance_to(target)
-
-
-def commit_seeds(
-    task: FlockTask, participants: Sequence[str], seeds: Sequence[bytes] | None = None
-) -> dict[str, bytes]:
-    """Commit a fresh (or given) seed for each participant; returns the seeds to reveal."""
-    chosen = list(seeds) if seeds is not None else [new_secret() for _ in participants]
-    out: dict[str, bytes] = {}
-    for who, seed in zip(participants, chosen, strict=True):
-        task.commit_seed(seed_commitment(seed, who), sender=who)
-        out[to_checksum_address(who)] = seed
-    return out
+    def events(
+        self, name: str, from_block: int, to_block: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The args of every `name` event this contract emitted in from_block..to_block
+        (default: latest), read `chain.log_range` blocks at a time, in log order."""
+        event = self.contract.events[name]
+        out: list[dict[str, Any]] = []
+        for first, last in self.chain.block_ranges(from_block, to_block):
+            out += [dict(log["args"]) for log in event.get_logs(from_block=first, to_block=last)]
+        return out

@@ -1,52 +1,37 @@
-"""FLock rounds on the training engine: stake, draw roles, propose, vote, let the contract decide.
+"""The FLock simulation: N participant agents on one embedded chain, in one process.
 
-Every participant is one of the federation's clients. Each keeps a few of its own examples out of
-training as a private validation split. Per round (`run_flock`, top to bottom):
+Every client of a `covey data split` folder becomes a `covey.flock.agent.Participant`, the
+same agent `covey flock join` runs against a real node, with its own account, folder and
+private validation split; they share the embedded chain (eth-tester), one resident model and
+one content-addressed store. Nothing here plays a participant's move: the simulation only does
+what a real chain and network would do on their own:
 
-1. every participant commits and reveals a random seed; the contract draws proposers and voters;
-2. proposers train locally from the current global adapter and publish their update as
-   safetensors bytes under its CID (a content-addressed store); the digest goes on chain;
-3. voters fetch every proposal by CID (bytes that do not match their hash are refused),
-   validate it, score it against the current global adapter on their own validation split, and
-   commit, then reveal, one ballot with a verdict per proposal: accept unless it makes their
-   examples significantly worse (`judge`; an invalid or missing proposal is rejected);
-4. anyone finalizes: the contract judges each proposal by stake-weighted vote, pays the accepted
-   proposers and the voters, slashes the rejected proposers and the voters in proportion to the
-   verdicts they voted against. The equal-weight average of the accepted proposals becomes the
-   next global adapter (equal weights: nobody can check a claimed sample count); a round with
-   none accepted keeps the previous one.
+- it mines blocks when no participant has anything to do (a real chain's clock);
+- it decides, as experiment ground truth, which participants attack (`[attack]`), and records
+  that with each round; the agents' votes never read it.
 
-FLock votes once per round on the aggregate, so one bad proposal sinks every honest one in its
-round; judging each proposal is the same rule with one proposer per round, and keeps the honest
-work of a mixed round.
-
-Malicious participants (`[attack]`) send attacked updates when proposing, and as voters either
-collude (accept everything, with the update attacks and `always_accept`) or vote at random
-(`random_vote`). Which participants attack is experiment ground truth recorded with each round;
-nothing in the protocol reads it.
+Per round the loop of `covey.fed.rounds` gets the next global adapter from the chain, derived
+exactly as every participant derives it (`covey.flock.ledger`), plus the round's facts from the
+chain (`covey.flock.history`) and what each agent knows of its own moves (scores, training).
+A killed simulation resumes from its last complete round: each round folder holds the embedded
+chain's state, and each agent's own folder holds its secrets.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from covey.atomic import atomic_write_bytes
 from covey.config import RunConfig
-from covey.data.prompts import Example
-from covey.errors import ConfigError, DataError
+from covey.errors import ConfigError
 from covey.fed import checkpoint
-from covey.fed.attacks import UPDATE_ATTACKS, attack_update, malicious_participants
-from covey.fed.engine import Federation, client_seed
+from covey.fed.attacks import malicious_participants
+from covey.fed.engine import Federation
 from covey.fed.rounds import (
     Hooks,
     Played,
@@ -57,80 +42,30 @@ from covey.fed.rounds import (
     run_rounds,
 )
 from covey.fed.strategies import Accumulator
-from covey.fed.validation import validate_update
-from covey.flock.chain import (
-    TOKEN_UNIT,
-    Chain,
-    FlockTask,
-    Outcome,
-    Phase,
-    RoundResult,
-    TaskParams,
-    accept_mask,
-    seed_commitment,
-    vote_commitment,
-)
+from covey.flock.agent import FINISHED, Behaviour, Participant, data_split, seeded_secret
+from covey.flock.bundle import TaskBundle, bundle_recipe, weights_sha256
+from covey.flock.chain import Chain
+from covey.flock.history import TaskHistory, balances, round_facts
+from covey.flock.ledger import Blobs, Ledger, global_bytes
 from covey.flock.snapshot import dump_embedded, restore_embedded
-from covey.model.lora import load_adapter_state
+from covey.flock.task import (
+    EMBEDDED_TIMING,
+    TOKEN_UNIT,
+    FlockTask,
+    Phase,
+    TaskParams,
+    Token,
+    phase_windows,
+)
+from covey.model.lora import adapter_state
 from covey.state import State
-from covey.store.cid import cid_from_digest, digest_of
+from covey.store.cid import digest_of
 from covey.store.local import LocalStore
-from covey.store.updates import deserialize_update, serialize_update
-from covey.train.evaluate import example_losses
-from covey.train.local import train_local
 
 log = logging.getLogger("covey.flock")
-SCORE_SCALE = 1_000_000
-"""Votes carry the loss improvement in micro-nats as an integer (the contract stores uint64)."""
+
 CHAIN_STATE = "chain_state.bin"
-"""The embedded chain as it was when the round was saved (`covey.flock.snapshot`), so that a
-killed simulation resumes from its last complete round like any run."""
-
-
-@dataclass
-class Participant:
-    """A client in FLock mode: its account, training examples and private validation split."""
-
-    index: int
-    address: str
-    train: list[Example]
-    validation: list[Example]
-    malicious: bool
-    initial_balance: int = 0
-
-
-@dataclass
-class FlockSetup:
-    """The chain side of a run."""
-
-    chain: Chain
-    task: FlockTask
-    participants: list[Participant]
-    store: LocalStore
-    balances: dict[str, list[int]] = field(default_factory=dict)
-
-
-def task_params(cfg: RunConfig, n: int) -> TaskParams:
-    """Contract parameters from the recipe; phases long enough for every participant's tx."""
-    blocks = 4 * n + 10  # the embedded chain mines one block per transaction
-    return TaskParams(
-        rounds=cfg.fed.rounds,
-        min_participants=n,
-        max_participants=n,
-        min_stake=int(cfg.flock.stake * TOKEN_UNIT),
-        reward_pool=int(cfg.flock.reward_pool * TOKEN_UNIT),
-        proposers_per_round=cfg.flock.proposers_per_round,
-        voters_per_round=cfg.flock.voters_per_round,
-        slash_pct=cfg.flock.slash_pct,
-        threshold_pct=cfg.flock.threshold_pct,
-        voter_reward_pct=cfg.flock.voter_reward_pct,
-        registration_blocks=blocks,
-        seed_commit_blocks=blocks,
-        seed_reveal_blocks=blocks,
-        propose_blocks=blocks,
-        vote_commit_blocks=blocks,
-        vote_reveal_blocks=blocks,
-    )
+"""The embedded chain as it was when the round was saved (`covey.flock.snapshot`)."""
 
 
 def check_flock(cfg: RunConfig, participants: int) -> None:
@@ -138,7 +73,8 @@ def check_flock(cfg: RunConfig, participants: int) -> None:
     if cfg.flock.chain_url:
         raise ConfigError(
             "flock.chain_url: the simulation drives every participant's account, which needs "
-            "the embedded chain's test accounts; leave flock.chain_url empty"
+            "the embedded chain's test accounts; leave it empty here and run a network with "
+            "`covey flock create` and `covey flock join`"
         )
     if cfg.flock.proposers_per_round + cfg.flock.voters_per_round > participants:
         raise ConfigError(
@@ -147,54 +83,116 @@ def check_flock(cfg: RunConfig, participants: int) -> None:
         )
 
 
-def setup_flock(
-    cfg: RunConfig, fed: Federation, out: Path, resume_from: tuple[bytes, str] | None = None
-) -> FlockSetup:
-    """Deploy token and task on the embedded chain, fund and stake every participant; or, with
-    `resume_from` (a saved chain state and the task's address), continue from there."""
+def task_params(cfg: RunConfig, participants: int, windows: dict[str, int]) -> TaskParams:
+    """The contract's parameters from the recipe's [flock] section."""
+    return TaskParams(
+        rounds=cfg.fed.rounds,
+        min_participants=participants,
+        max_participants=participants,
+        min_stake=int(cfg.flock.stake * TOKEN_UNIT),
+        reward_pool=int(cfg.flock.reward_pool * TOKEN_UNIT),
+        proposers_per_round=cfg.flock.proposers_per_round,
+        voters_per_round=cfg.flock.voters_per_round,
+        slash_pct=cfg.flock.slash_pct,
+        no_show_pct=cfg.flock.no_show_pct,
+        threshold_pct=cfg.flock.threshold_pct,
+        voter_reward_pct=cfg.flock.voter_reward_pct,
+        keeper_fee=int(cfg.flock.keeper_fee * TOKEN_UNIT),
+        max_missed_rounds=cfg.flock.max_missed_rounds,
+        **windows,
+    )
+
+
+@dataclass
+class Simulation:
+    chain: Chain
+    task: FlockTask
+    agents: list[Participant]
+    ledger: Ledger
+    history: TaskHistory
+    attackers: set[int]
+    funds: int
+    """Tokens each participant was given before staking (its starting position)."""
+
+    def drive(self, until: Callable[[], bool]) -> None:
+        """Step the agents in turn until `until()`; mine to the end of the phase when none
+        acts (a real chain's clock)."""
+        while not until():
+            acted = False
+            for agent in self.agents:
+                if until():
+                    return
+                acted = agent.step() or acted
+            if not acted and not until():
+                phase, end = self.task.phase_at(self.chain.next_block)
+                if not end:
+                    raise RuntimeError(f"no participant acts in phase {phase.name}")
+                self.chain.advance_to(end)
+
+    def index(self, address: str) -> int:
+        return next(i for i, a in enumerate(self.agents) if a.address.lower() == address.lower())
+
+
+def setup(
+    cfg: RunConfig, fed: Federation, out: Path, saved_chain: tuple[bytes, str] | None
+) -> Simulation:
+    """Deploy (or restore) the task, and make one agent per client."""
     n = len(fed.clients)
     check_flock(cfg, n)
     chain = Chain.embedded(accounts=n + 1)
     deployer, *accounts = chain.accounts
-    params = task_params(cfg, n)
+    store = LocalStore(out / "store")
+    initial = adapter_state(fed.model)
+    base_id = fed.run_model.base_model_id
+    initial_cid = store.put(global_bytes(initial, base_id))
+    params = task_params(cfg, n, phase_windows(EMBEDDED_TIMING, n))
     funds = 2 * params.min_stake
+    if saved_chain is None:
+        # the base named by its weights' id, not a local path: the chain's history (and so
+        # every draw, which mixes in block hashes) must not depend on where folders are
+        shared = replace(cfg, model=replace(cfg.model, base=base_id))
+        bundle = TaskBundle(
+            recipe=bundle_recipe(shared),
+            base_model=base_id,
+            base_weights_sha256=weights_sha256(fed.model),
+            initial_adapter=initial_cid,
+        )
+        bundle_cid = store.put(bundle.to_bytes())
+        token = Token.deploy(chain, sender=deployer)
+        task = FlockTask.deploy(chain, token, params, digest_of(bundle_cid), sender=deployer)
+        for address in accounts:
+            token.transfer(address, funds, sender=deployer)
+    else:
+        state, task_address = saved_chain
+        restore_embedded(chain, state)
+        task = FlockTask.attach(chain, task_address)
     attackers = malicious_participants(n, cfg.attack)
-    participants = []
+    behaviour = Behaviour.from_attack(cfg.attack.kind, cfg.attack.strength)
+    blobs = Blobs(store)
+    ledger = Ledger(task, blobs, initial_cid, cfg.fed.max_update_norm, base_id)
+    agents = []
     for i, client in enumerate(fed.clients):
-        keep = min(cfg.flock.validation_examples, len(client.examples) // 4)
-        # every k-th example is private validation data, never trained on
-        step = max(1, len(client.examples) // max(keep, 1))
-        val_index = set(range(0, len(client.examples), step)[:keep]) if keep else set()
-        participants.append(
+        train, validation = data_split(client.examples, cfg.flock.validation_examples)
+        agents.append(
             Participant(
-                index=i,
+                task=task,
                 address=accounts[i],
-                train=[e for j, e in enumerate(client.examples) if j not in val_index],
-                validation=[e for j, e in enumerate(client.examples) if j in val_index]
-                or client.examples[:1],
-                malicious=i in attackers,
-                initial_balance=funds,
+                cfg=cfg,
+                model=fed.run_model,
+                train=train,
+                validation=validation,
+                folder=out / "participants" / f"participant_{i}",
+                blobs=blobs,
+                ledger=ledger,
+                behaviour=behaviour if i in attackers else Behaviour(),
+                secret=seeded_secret(cfg.run.seed, i),
+                name=f"participant {i}",
             )
         )
-    if resume_from is not None:
-        state, task_address = resume_from
-        restore_embedded(chain, state)
-        return FlockSetup(
-            chain=chain,
-            task=chain.task(task_address),
-            participants=participants,
-            store=LocalStore(out / "store"),
-        )
-    token = chain.deploy_token(sender=deployer)
-    task = chain.deploy_task(token, params, sender=deployer)
-    for p in participants:
-        token.transfer(p.address, funds, sender=deployer)
-        task.join(params.min_stake, sender=p.address)
-    task.advance_to_phase(Phase.AWAIT_START)
-    task.start(sender=deployer)
-    return FlockSetup(
-        chain=chain, task=task, participants=participants, store=LocalStore(out / "store")
-    )
+    sim = Simulation(chain, task, agents, ledger, TaskHistory(task), attackers, funds)
+    # registration and start, as a network's participants would (a restored chain is past it)
+    sim.drive(lambda: task.phase() not in (Phase.REGISTRATION, Phase.AWAIT_START))
+    return sim
 
 
 def run_flock(
@@ -204,8 +202,7 @@ def run_flock(
     resume: bool = False,
     folder: RunFolder | None = None,
 ) -> RunHistory:
-    """Run (or resume) every round of a FLock task on the embedded chain; see the module
-    docstring. The rounds go through the shared loop; the contract decides what is merged."""
+    """Run (or resume) every round of a FLock task in simulation; see the module docstring."""
     hooks = hooks or Hooks()
     folder = folder or RunFolder.check(cfg, resume)
     saved = None
@@ -215,27 +212,28 @@ def run_flock(
         if not (last / CHAIN_STATE).is_file():
             raise ConfigError(f"{last / CHAIN_STATE}: missing; this FLock run cannot be resumed")
         saved = ((last / CHAIN_STATE).read_bytes(), json.loads(first.read_text())["flock"]["task"])
-    flock = setup_flock(cfg, fed, folder.out, saved)
+    sim = setup(cfg, fed, folder.out, saved)
 
     def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
-        played = play_round(cfg, fed, flock, round_index, global_state, merge, hooks)
-        played.files[CHAIN_STATE] = dump_embedded(flock.chain)
+        played = play_round(sim, round_index - 1, merge, hooks)
+        played.files[CHAIN_STATE] = dump_embedded(sim.chain)
         return played
 
     history = run_rounds(
         cfg, folder, fed.run_model, play, hooks,
-        baseline={"flock": {"task": flock.task.address} | _balances(flock)},
-        baseline_files={CHAIN_STATE: dump_embedded(flock.chain)},
+        baseline={"flock": {"task": sim.task.address} | _balances(sim)},
+        baseline_files={CHAIN_STATE: dump_embedded(sim.chain)},
     )  # fmt: skip
-    _settle(flock)
+    sim.drive(lambda: all(a.done for a in sim.agents))  # everyone claims and withdraws
     summary = {
+        "task": sim.task.address,
         "participants": [
-            {"participant": p.index, "address": p.address, "attacker": p.malicious}
-            for p in flock.participants
+            {"participant": i, "address": a.address, "attacker": i in sim.attackers}
+            for i, a in enumerate(sim.agents)
         ],
         "rounds": [r["flock"] for r in history.records],
-        "settled": _balances(flock)["balances"],
-        "gas": {name: sum(g) / len(g) for name, g in flock.chain.gas.items() if g},
+        "settled": _balances(sim)["balances"],
+        "gas": {name: sum(g) / len(g) for name, g in sim.chain.gas.items() if g},
     }
     atomic_write_bytes(folder.out / "flock.json", (json.dumps(summary, indent=2) + "\n").encode())
     from covey.flock.report import plot_rewards  # matplotlib loads only when needed
@@ -244,301 +242,71 @@ def run_flock(
     return history
 
 
-def play_round(
-    cfg: RunConfig,
-    fed: Federation,
-    flock: FlockSetup,
-    round_index: int,
-    global_state: State,
-    merge: Accumulator,
-    hooks: Hooks,
-) -> Played:
-    """One FLock round: draw roles, propose, vote, finalize; the accepted and valid proposals
-    are handed to the loop with equal weights (nobody can check a claimed sample count)."""
-    task = flock.task
-    proposers, voters = _draw_roles(flock, cfg.run.seed, round_index)
-    hooks.round_start(round_index, cfg.fed.rounds, [p.index for p in proposers])
-    proposals, lines = _propose(cfg, fed, flock, proposers, global_state, round_index, hooks)
-    task.advance_to_phase(Phase.VOTE_COMMIT)
-    vote_started = time.perf_counter()
-    candidates = _fetch(cfg, flock, proposers, global_state)
-    votes = _vote(cfg, fed, flock, voters, global_state, candidates, round_index)
-    vote_seconds = time.perf_counter() - vote_started
-    task.advance_to_phase(Phase.AWAIT_FINALIZE)
-    chain_round = task.current_round()
-    finalized = task.finalize(sender=flock.participants[0].address)
-    outcome = task.result(chain_round)
-    judged = {str(e["proposer"]).lower(): e for e in finalized.named("ProposalJudged")}
-    for proposal in proposals:
-        verdict = judged.get(proposal["address"].lower())
-        proposal["valid"] = candidates[proposal["position"]] is not None
-        proposal["accepted"] = bool(verdict and verdict["accepted"])
-        if verdict:
-            proposal["accept_stake"] = verdict["accept_stake"] / TOKEN_UNIT
-            proposal["reject_stake"] = verdict["reject_stake"] / TOKEN_UNIT
-    played = Played(
-        selected=[p.index for p in proposers],
-        merge=merge,
-        trained=lines,
-        train_seconds=sum(line.get("seconds", 0.0) for line in lines),
-        seconds={"vote": vote_seconds},
-    )
-    for proposal, line in zip(proposals, lines, strict=True):
-        state = candidates[proposal["position"]]
-        # an update joins the global adapter when the contract accepted it and it is valid
-        # here (a colluding majority could accept one that does not even load)
-        if proposal["accepted"] and state is not None:
-            played.accept(state, 1.0, line)
+def play_round(sim: Simulation, round_: int, merge: Accumulator, hooks: Hooks) -> Played:
+    """Let the agents play chain round `round_` to its settlement; report it. The next global
+    adapter comes from the chain's ledger, so `merge` stays unused."""
+    task = sim.task
+    sim.drive(lambda: task.current_round() > round_ or task.phase() in FINISHED)
+    facts = round_facts(task, sim.history.read(), round_)
+    proposers = [sim.index(a) for a in facts["proposers"]]
+    hooks.round_start(round_ + 1, task.params.rounds, proposers)
+    next_state, _ = sim.ledger.global_state(round_ + 1)
+    merged = {proposer for proposer, _ in sim.ledger.accepted_updates(round_)}
+    played = Played(selected=proposers, merge=merge, next_state=next_state)
+    for proposal in facts["proposals"]:
+        i = sim.index(proposal["address"])
+        agent = sim.agents[i]
+        attacker = i in sim.attackers
+        proposal |= {"participant": i, "attacker": attacker}
+        training = agent.state.round(round_).get("proposal", {}).get("training", {})
+        line = client_line(i, len(agent.train), attacker, training)
+        played.trained.append(line)
+        played.train_seconds += training.get("seconds", 0.0)
+        if proposal["address"] in merged:
+            played.merged.append(line)
         else:
-            reason = _why_not_merged(proposal, outcome)
-            played.rejected.append(rejection(line["client"], reason, line["attacker"]))
-    played.engine["flock"] = {
-        "proposers": [p.index for p in proposers],
-        "voters": [v.index for v in voters],
-        "proposals": proposals,
-        "votes": votes,
-        "outcome": outcome.outcome.name.lower(),
-        "round_reward": outcome.reward / TOKEN_UNIT,
-        "paid": outcome.paid / TOKEN_UNIT,
-        "slashed": outcome.slashed / TOKEN_UNIT,
-        "rewards": _by_participant(flock, finalized.named("Rewarded")),
-        "slashes": _by_participant(flock, finalized.named("Slashed")),
-        "gas_finalize": finalized.gas_used,
-    } | _balances(flock)
+            played.rejected.append(rejection(i, _why_not_merged(proposal, facts), attacker))
+    for vote in facts["votes"]:
+        i = sim.index(vote["address"])
+        ballot = sim.agents[i].state.round(round_).get("ballot", {})
+        played.seconds["vote"] = played.seconds.get("vote", 0.0) + ballot.get("seconds", 0.0)
+        vote |= {
+            "participant": i,
+            "attacker": i in sim.attackers,
+            "gains": ballot.get("gains", []),
+            "harm_z": ballot.get("harm_z", []),
+        }
+    for key in ("rewards", "slashes", "keeper_fees"):
+        for entry in facts[key]:
+            entry["participant"] = sim.index(entry["address"])
+    facts["proposers"] = proposers
+    facts["voters"] = [sim.index(a) for a in facts["voters"]]
+    facts["evicted"] = [sim.index(a) for a in facts["evicted"]]
+    played.engine["flock"] = facts | _balances(sim)
     return played
 
 
-def _why_not_merged(proposal: dict[str, Any], outcome: RoundResult) -> str:
+def _why_not_merged(proposal: dict[str, Any], facts: dict[str, Any]) -> str:
+    if not proposal["committed"]:
+        return "no proposal committed"
+    if proposal["duplicate"]:
+        return "a duplicate of an earlier commitment"
+    if not proposal["valid"]:
+        return "not revealed"
     if proposal["accepted"]:
-        return "accepted on chain but invalid here (not merged)"
-    if outcome.outcome == Outcome.NO_QUORUM:
-        return "no quorum: no vote was revealed"
-    return "voted down" if proposal["valid"] else "invalid, voted down"
+        return "accepted on chain but invalid (not merged)"
+    if proposal["rejected"]:
+        return "voted down"
+    return f"undecided ({facts['outcome']})"
 
 
-def simulated_secret(seed: int, round_index: int, participant: int, purpose: str) -> bytes:
-    """A participant's 32-byte secret, derived from the run seed so simulations repeat exactly.
-
-    Real participants use `new_secret()` (os randomness); in one process, a seeded secret per
-    participant keeps role draws and votes reproducible without changing the protocol.
-    """
-    return hashlib.sha256(f"{seed}/{round_index}/{participant}/{purpose}".encode()).digest()
-
-
-def _draw_roles(
-    flock: FlockSetup, seed: int, round_index: int
-) -> tuple[list[Participant], list[Participant]]:
-    """Commit and reveal every participant's seed, then draw the round's roles on chain."""
-    task = flock.task
-    seeds = {}
-    for p in flock.participants:
-        seeds[p.address] = simulated_secret(seed, round_index, p.index, "seed")
-        task.commit_seed(seed_commitment(seeds[p.address], p.address), sender=p.address)
-    task.advance_to_phase(Phase.SEED_REVEAL)
-    for p in flock.participants:
-        task.reveal_seed(seeds[p.address], sender=p.address)
-    task.advance_to_phase(Phase.AWAIT_DRAW)
-    task.draw_roles(sender=flock.participants[0].address)
-    round_ = task.current_round()
-    by_address = {p.address: p for p in flock.participants}
-    proposers = [by_address[a] for a in task.proposers_of(round_)]
-    voters = [by_address[a] for a in task.voters_of(round_)]
-    return proposers, voters
-
-
-def _propose(
-    cfg: RunConfig,
-    fed: Federation,
-    flock: FlockSetup,
-    proposers: list[Participant],
-    global_state: State,
-    round_index: int,
-    hooks: Hooks,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each proposer trains (or attacks), publishes its update by CID and proposes its digest:
-    (proposal entries, client lines)."""
-    proposals, lines = [], []
-    for p in proposers:
-        hooks.client_start(p.index, len(p.train))
-        seed = client_seed(cfg.run.seed, round_index, p.index)
-        if p.malicious and cfg.attack.kind == "free_rider":
-            state, metrics = global_state, {}
-        else:
-            update = train_local(
-                fed.model, p.train, global_state, cfg.train, seed, fed.run_model.pad_id,
-                on_step=hooks.step,
-            )  # fmt: skip
-            state, metrics = update.state, update.metrics
-        if p.malicious and cfg.attack.kind in UPDATE_ATTACKS:
-            state = attack_update(cfg.attack.kind, global_state, state, cfg.attack.strength, seed)
-        data = serialize_update(state, {"round": str(round_index), "proposer": p.address})
-        cid = flock.store.put(data)
-        flock.task.propose(digest_of(cid), sender=p.address)
-        proposals.append(
-            {
-                "participant": p.index,
-                "address": p.address,
-                "position": proposers.index(p),
-                "cid": cid,
-                "attacker": p.malicious,
-            }
-        )
-        lines.append(client_line(p.index, len(p.train), p.malicious, metrics))
-    return proposals, lines
-
-
-def _fetch(
-    cfg: RunConfig, flock: FlockSetup, proposers: list[Participant], global_state: State
-) -> list[State | None]:
-    """What every voter sees: each drawn proposer's update, in draw order (the order of the
-    ballot's bits), or None when it did not propose, its bytes do not match the digest on chain,
-    or it fails validation."""
-    digests = dict(flock.task.proposals(flock.task.current_round()))
-    candidates: list[State | None] = []
-    for p in proposers:
-        digest = next((d for a, d in digests.items() if a.lower() == p.address.lower()), None)
-        state: State | None = None
-        if digest is not None:
-            cid = cid_from_digest(digest)
-            try:
-                state = deserialize_update(flock.store.get(cid))  # re-hashed: must match
-            except (DataError, OSError) as e:  # a missing or corrupted blob: rejected
-                log.warning("proposal %s from %s refused: %s", cid, p.address, e)
-            if state is not None:
-                verdict = validate_update(state, global_state, 1, 1, cfg.fed.max_update_norm)
-                if not verdict.accepted:
-                    log.warning("proposal %s from %s invalid: %s", cid, p.address, verdict.reason)
-                    state = None
-        candidates.append(state)
-    return candidates
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """A voter's view of one proposal: loss changes on its own validation examples."""
-
-    gain: float
-    """Mean loss decrease per example (positive: the proposal helps)."""
-    harm_z: float
-    """The mean loss increase in standard errors of the paired per-example differences."""
-    accept: bool
-
-
-def judge(before: torch.Tensor, after: torch.Tensor, harm_z: float) -> Judgement:
-    """Accept unless the proposal makes these examples significantly worse.
-
-    A paired test over the voter's examples: with d the per-example loss increase, reject when
-    mean(d) >= harm_z * stderr(d). An honest update trained on other data moves a voter's loss
-    by a little either way, most of all late in training when the gains are small, and requiring
-    a strict improvement would slash honest proposers for that noise; an attacked update raises
-    the loss on nearly every example and is rejected at any sensible harm_z. harm_z = 0 is the
-    strict rule: accept only a lower mean loss. Examples without target tokens are skipped.
-    """
-    keep = ~(before.isnan() | after.isnan())
-    diff = (after - before)[keep].double()
-    if diff.numel() == 0:
-        return Judgement(gain=0.0, harm_z=0.0, accept=False)
-    mean = float(diff.mean())
-    stderr = float(diff.std(unbiased=True)) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
-    z = mean / stderr if stderr > 0 else 0.0  # one example, or all equal: no spread to test
-    accept = mean < 0 if harm_z == 0 or stderr == 0 else mean < harm_z * stderr
-    return Judgement(gain=-mean, harm_z=z, accept=accept)
-
-
-def _vote(
-    cfg: RunConfig,
-    fed: Federation,
-    flock: FlockSetup,
-    voters: list[Participant],
-    global_state: State,
-    candidates: list[State | None],
-    round_index: int,
-) -> list[dict[str, Any]]:
-    """Each voter scores every proposal on its own validation split, then commits and reveals
-    one ballot: a verdict per proposal (`judge`). The score is its mean gain over what it
-    accepts, in micro-nats."""
-    task = flock.task
-    if task.proposal_count(task.current_round()) == 0:
-        return []  # the contract closes voting on a round without proposals
-    pad = fed.run_model.pad_id
-    rng = np.random.default_rng(client_seed(cfg.run.seed, round_index, 7919))
-    ballots: list[dict[str, Any]] = []
-    salts: dict[int, bytes] = {}
-    for v in voters:
-        load_adapter_state(fed.model, global_state)
-        before = example_losses(fed.model, v.validation, cfg.eval.batch_size, pad)
-        judged: list[Judgement | None] = []
-        for state in candidates:
-            if state is None:
-                judged.append(None)
-                continue
-            load_adapter_state(fed.model, state)
-            after = example_losses(fed.model, v.validation, cfg.eval.batch_size, pad)
-            judged.append(judge(before, after, cfg.flock.harm_z))
-        verdicts = [j is not None and j.accept for j in judged]
-        gains = [None if j is None else j.gain for j in judged]
-        if v.malicious and cfg.attack.kind == "random_vote":
-            verdicts = [bool(rng.integers(2)) for _ in candidates]
-        elif v.malicious and cfg.attack.kind != "none":
-            verdicts = [True] * len(candidates)  # colluding with the malicious proposers
-        accepted_gains = [g for g, ok in zip(gains, verdicts, strict=True) if ok and g is not None]
-        score = int(max(0.0, float(np.mean(accepted_gains))) * SCORE_SCALE) if accepted_gains else 0
-        salts[v.index] = simulated_secret(cfg.run.seed, round_index, v.index, "salt")
-        mask = accept_mask(verdicts)
-        task.commit_vote(vote_commitment(mask, score, salts[v.index], v.address), sender=v.address)
-        ballots.append(
-            {
-                "participant": v.index,
-                "accepts": verdicts,
-                "gains": [None if g is None else round(g, 6) for g in gains],
-                "harm_z": [None if j is None else round(j.harm_z, 3) for j in judged],
-                "score": score,
-                "attacker": v.malicious,
-            }
-        )
-    task.advance_to_phase(Phase.VOTE_REVEAL)
-    for v, b in zip(voters, ballots, strict=True):
-        task.reveal_vote(accept_mask(b["accepts"]), b["score"], salts[v.index], sender=v.address)
-    return ballots
-
-
-def _settle(flock: FlockSetup) -> None:
-    """After the last round every participant claims its rewards and withdraws its stake."""
-    for p in flock.participants:
-        if flock.task.reward_of(p.address) > 0:
-            flock.task.claim(sender=p.address)
-        if flock.task.stake_of(p.address) > 0:
-            flock.task.withdraw(sender=p.address)
-
-
-def _balances(flock: FlockSetup) -> dict[str, Any]:
-    task, token = flock.task, flock.task.token
-    return {
-        "balances": [
-            {
-                "participant": p.index,
-                "attacker": p.malicious,
-                "stake": task.stake_of(p.address) / TOKEN_UNIT,
-                "unclaimed": task.reward_of(p.address) / TOKEN_UNIT,
-                "wallet": token.balance_of(p.address) / TOKEN_UNIT,
-                "net": (
-                    token.balance_of(p.address)
-                    + task.stake_of(p.address)
-                    + task.reward_of(p.address)
-                    - p.initial_balance
-                )
-                / TOKEN_UNIT,
-            }
-            for p in flock.participants
-        ],
-        "pool": task.pool() / TOKEN_UNIT,
-    }
-
-
-def _by_participant(flock: FlockSetup, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Reward or slash events as (participant index, tokens)."""
-    index = {p.address.lower(): p.index for p in flock.participants}
-    return [
-        {"participant": index[str(e["participant"]).lower()], "amount": e["amount"] / TOKEN_UNIT}
-        for e in events
-    ]
+def _balances(sim: Simulation) -> dict[str, Any]:
+    rows = balances(sim.task, [a.address for a in sim.agents])
+    for i, row in enumerate(rows):
+        start = sim.funds / TOKEN_UNIT
+        row |= {
+            "participant": i,
+            "attacker": i in sim.attackers,
+            "net": row["stake"] + row["unclaimed"] + row["wallet"] - start,
+        }
+    return {"balances": rows, "pool": sim.task.pool() / TOKEN_UNIT}

@@ -16,11 +16,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft import set_peft_model_state_dict as _set_state
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from safetensors.torch import save as safetensors_save
 
 from covey.config import LoraSettings
 from covey.errors import ConfigError
 from covey.state import State
+from covey.store.updates import serialize_update
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -78,27 +78,22 @@ def load_adapter_state(model: PeftModel, state: State) -> None:
 def adapter_files(model: PeftModel, state: State, base_model_id: str) -> dict[str, bytes]:
     """The bytes of a PEFT-loadable adapter folder for `state`: weights and adapter_config.json.
 
-    The base model's identity is recorded in the safetensors metadata, so a mismatched base can
-    be detected before loading.
+    Both are the same for the same state in every process (the weights' hash is the adapter's
+    identity). `base_model_name_or_path` is what transformers can load: the hub id or the local
+    folder the base came from (for a GGUF file, its dequantized safetensors cache), so
+    `AutoPeftModelForCausalLM.from_pretrained(folder)` works. Covey's own identity of the base,
+    `base_model_id`, is in the safetensors metadata, where serving checks it before loading.
     """
     config = model.peft_config["default"].to_dict()
-    config["base_model_name_or_path"] = base_model_id
+    loaded_from = config.get("base_model_name_or_path")
+    if isinstance(loaded_from, str) and Path(loaded_from).exists():
+        config["base_model_name_or_path"] = str(Path(loaded_from).resolve())
     for key, value in config.items():  # sets (e.g. target_modules) are not JSON
         if isinstance(value, set):
             config[key] = sorted(value)
-    contiguous = {k: v.contiguous() for k, v in state.items()}
-    weights = safetensors_save(contiguous, metadata={"format": "pt", "base_model": base_model_id})
-    return {
-        ADAPTER_WEIGHTS: weights,
-        ADAPTER_CONFIG: (json.dumps(config, indent=2, default=str) + "\n").encode(),
-    }
-
-
-def read_adapter_state(folder: Path) -> State:
-    """Read an adapter's weights with safetensors (never pickle)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / ADAPTER_WEIGHTS))
+    weights = serialize_update(state, {"format": "pt", "base_model": base_model_id})
+    text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+    return {ADAPTER_WEIGHTS: weights, ADAPTER_CONFIG: text.encode()}
 
 
 def _is_linear(module: Any) -> bool:

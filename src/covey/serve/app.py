@@ -1,9 +1,11 @@
 """The Gradio app: the base model and the fine-tuned adapter answer the same prompt side by side.
 
-Tab "Compare": two chat panes fed by one resident model (the adapter switched off for the base
-pane), the training prompt template applied to every message, Shepherd's decoding controls, and
-examples from the run's held-out test set. Each message is answered on its own, as in training:
-the panes keep the history for reading, not as conversation memory.
+Tab "Compare": two chat panes fed by one resident model in one batched generation (the base
+pane's row runs with the adapter off), both streaming as tokens come; the training prompt
+template applied to every message; decoding presets (greedy, Shepherd's) with their controls,
+the one in use named; and examples from the run's held-out test set. Each message is answered
+on its own, as in training: the panes keep the history for reading, not as conversation memory,
+and the instruction stays in its box.
 
 Tab "Run": held-out loss per round, each client's contribution per round (samples, training
 loss, rejections), and the FLock rewards and slashes when the rounds record them.
@@ -20,14 +22,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from covey.config import RunConfig
 from covey.errors import ConfigError, CoveyError
 from covey.flock.report import ROUND_COLUMNS, round_rows
-from covey.serve.generate import GenerationSettings, ServeSession
+from covey.serve.generate import BASE, PRESETS, TUNED, GenerationSettings, ServeSession
 
 if TYPE_CHECKING:
     from gradio import Blocks
@@ -38,6 +40,17 @@ AUTH_ENV = "COVEY_SERVE_AUTH"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 EMPTY_ANSWER = "*(empty answer: the model produced only whitespace or special tokens)*"
 Message = dict[str, str]
+WAITING: Message = {"role": "assistant", "content": "…"}
+CUSTOM = "custom"
+"""The preset control's value when the settings match no preset."""
+
+
+def control_values(settings: GenerationSettings) -> list[Any]:
+    """The generation controls' values, in their order (seed -1: none)."""
+    s = settings
+    seed = -1 if s.seed is None else s.seed
+    return [s.sample, s.temperature, s.top_p, s.top_k, s.num_beams, s.repetition_penalty,
+            s.max_new_tokens, seed]  # fmt: skip
 
 
 # --- the run tab's data ---------------------------------------------------------------------
@@ -222,54 +235,53 @@ def build_app(
         f"(`{source.adapter_dir}`) · **template** {session.template}"
     )
 
+    def settings_from(*controls: Any) -> GenerationSettings:
+        sample, temperature, top_p, top_k, beams, penalty, max_new_tokens, seed = controls
+        return GenerationSettings(
+            sample=bool(sample),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
+            num_beams=int(beams),
+            repetition_penalty=float(penalty),
+            max_new_tokens=int(max_new_tokens),
+            seed=None if seed is None or int(seed) < 0 else int(seed),
+        )
+
     def respond(
         instruction: str,
         context: str,
         base_history: list[Message],
         tuned_history: list[Message],
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        beams: float,
-        max_new_tokens: float,
-        seed: float | None,
+        *controls: Any,
     ) -> Iterator[tuple[Any, ...]]:
         instruction, context = (instruction or "").strip(), (context or "").strip()
         if not instruction:
             raise gr.Error("Type an instruction first.")
-        settings = GenerationSettings(
-            temperature=float(temperature),
-            top_p=float(top_p),
-            top_k=int(top_k),
-            num_beams=int(beams),
-            max_new_tokens=int(max_new_tokens),
-            seed=None if seed is None or int(seed) < 0 else int(seed),
-        )
+        settings = settings_from(*controls)
         try:
             settings.check()
         except ConfigError as e:
             raise gr.Error(str(e)) from None
         shown = f"{instruction}\n\n{context}" if context else instruction
-        histories = {
-            False: [*base_history, {"role": "user", "content": shown}],
-            True: [*tuned_history, {"role": "user", "content": shown}],
-        }
-        for history in histories.values():
-            history.append({"role": "assistant", "content": "…"})
+        histories = (
+            [*base_history, {"role": "user", "content": shown}, dict(WAITING)],
+            [*tuned_history, {"role": "user", "content": shown}, dict(WAITING)],
+        )
 
         def panes() -> tuple[list[Message], list[Message]]:  # copies: each update stands alone
-            return list(histories[False]), list(histories[True])
+            return list(histories[0]), list(histories[1])
 
-        yield *panes(), *panes(), "", ""
         skip = gr.skip()
-        for adapter in (False, True):  # one model: the panes take turns
-            history = histories[adapter]
-            text = ""
-            for text in session.stream(instruction, context, settings, adapter=adapter):
+        yield *panes(), skip, skip
+        texts: tuple[str, ...] = ("", "")
+        for texts in session.stream(instruction, context, settings, (BASE, TUNED)):
+            for history, text in zip(histories, texts, strict=True):
                 history[-1] = {"role": "assistant", "content": text or "…"}
-                yield *panes(), skip, skip, skip, skip
+            yield *panes(), skip, skip
+        for history, text in zip(histories, texts, strict=True):
             history[-1] = {"role": "assistant", "content": text or EMPTY_ANSWER}
-            yield *panes(), *panes(), skip, skip
+        yield *panes(), *panes()
 
     with gr.Blocks(title="Covey: base vs fine-tuned", analytics_enabled=False) as demo:
         gr.Markdown(f"## Covey: base model vs fine-tuned adapter\n{title}")
@@ -307,17 +319,37 @@ def build_app(
                         clear = gr.Button("Clear", elem_id="clear")
                 with gr.Column(scale=1, min_width=240):
                     gr.Markdown("### Generation")
+                    preset = gr.Radio(
+                        [*PRESETS, CUSTOM],
+                        value=d.preset() or CUSTOM,
+                        label="preset",
+                        info="greedy: deterministic, streams; shepherd: Shepherd's 4-beam search",
+                        elem_id="preset",
+                    )
+                    described = gr.Markdown(d.describe(), elem_id="generation-settings")
+                    sample = gr.Checkbox(
+                        value=d.sample,
+                        label="sample",
+                        info="off: the likeliest token, the same answer every time",
+                        elem_id="sample",
+                    )
                     temperature = gr.Slider(
-                        0,
+                        0.05,
                         2,
                         value=d.temperature,
                         step=0.05,
                         label="temperature",
-                        info="0: no sampling (greedy or beam search)",
+                        info="sampling only",
                         elem_id="temperature",
                     )
                     top_p = gr.Slider(
-                        0.05, 1, value=d.top_p, step=0.05, label="top-p", elem_id="top-p"
+                        0.05,
+                        1,
+                        value=d.top_p,
+                        step=0.05,
+                        label="top-p",
+                        info="sampling only",
+                        elem_id="top-p",
                     )
                     top_k = gr.Slider(
                         0,
@@ -325,7 +357,7 @@ def build_app(
                         value=d.top_k,
                         step=1,
                         label="top-k",
-                        info="0: no limit",
+                        info="sampling only; 0: no limit",
                         elem_id="top-k",
                     )
                     beams = gr.Slider(
@@ -336,6 +368,15 @@ def build_app(
                         label="beams",
                         info="1 streams tokens as they come; more answer all at once",
                         elem_id="beams",
+                    )
+                    penalty = gr.Slider(
+                        1,
+                        2,
+                        value=d.repetition_penalty,
+                        step=0.05,
+                        label="repetition penalty",
+                        info="1: off",
+                        elem_id="repetition-penalty",
                     )
                     max_new = gr.Slider(
                         1,
@@ -349,7 +390,7 @@ def build_app(
                         value=-1 if d.seed is None else d.seed,
                         precision=0,
                         label="seed",
-                        info="-1: fresh randomness; else the same prompt gives the same answers",
+                        info="sampling only; -1: fresh randomness",
                         elem_id="seed",
                     )
             if examples:
@@ -359,21 +400,31 @@ def build_app(
                     label="held-out test instructions",
                     examples_per_page=len(examples),
                 )
+            controls = [sample, temperature, top_p, top_k, beams, penalty, max_new, seed]
+
+            def choose_preset(name: str, *current: Any) -> tuple[Any, ...]:
+                if name not in PRESETS:  # "custom" is where the controls are, not a choice
+                    return (gr.skip(),) * (len(controls) + 1)
+                kept = settings_from(*current)
+                chosen = replace(PRESETS[name], max_new_tokens=kept.max_new_tokens, seed=kept.seed)
+                return *control_values(chosen), chosen.describe()
+
+            def describe(*current: Any) -> tuple[str, str]:
+                settings = settings_from(*current)
+                return settings.preset() or CUSTOM, settings.describe()
+
+            # `input` fires on the user's changes only, so the two handlers do not chase each other
+            preset.input(
+                choose_preset, [preset, *controls], [*controls, described], api_visibility="private"
+            )
+            for control in controls:
+                control.input(describe, controls, [preset, described], api_visibility="private")
+
             base_state = gr.State([])
             tuned_state = gr.State([])
-            inputs = [
-                instruction,
-                context,
-                base_state,
-                tuned_state,
-                temperature,
-                top_p,
-                top_k,
-                beams,
-                max_new,
-                seed,
-            ]
-            outputs = [base_chat, tuned_chat, base_state, tuned_state, instruction, context]
+            inputs = [instruction, context, base_state, tuned_state, *controls]
+            outputs = [base_chat, tuned_chat, base_state, tuned_state]
+            # the instruction stays in its box: the question remains in view with its answers
             gr.on([send.click, instruction.submit], respond, inputs, outputs, api_name="compare")
             clear.click(
                 lambda: ([], [], [], []),

@@ -16,13 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from covey.atomic import atomic_directory, check_output_dir
-from covey.errors import ConfigError
-from covey.serve.generate import (
-    ADAPTER_WEIGHTS,
-    AdapterSource,
-    check_adapter_shapes,
-    check_base_matches,
-)
+from covey.serve.adapters import ADAPTER_WEIGHTS, AdapterSource, load_adapter
 
 log = logging.getLogger("covey.serve")
 
@@ -38,25 +32,14 @@ class ExportResult:
 
 def export_merged(source: AdapterSource, out: Path, overwrite: bool = False) -> ExportResult:
     """Merge `source`'s adapter into its base and save model, tokenizer and provenance to `out`."""
-    from peft import PeftModel
-
-    from covey.model.loading import load_base_model
-
     out = Path(out)
     check_output_dir(out, overwrite)  # before the slow load
-    base_id = check_base_matches(source)
     model_cfg = replace(source.cfg.model, quantization="none")
     if source.cfg.model.quantization != "none":
         log.info("loading the base unquantized for the merge (run used %s)", model_cfg.quantization)
-    model, tokenizer = load_base_model(model_cfg)
-    check_adapter_shapes(model, source.adapter_dir)
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(source.adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"adapter {source.adapter_dir}: PEFT cannot load it onto the base ({e})"
-        ) from e
-    merged = peft_model.merge_and_unload()
+    loaded = load_adapter(source, model_cfg)
+    base_id, tokenizer = loaded.base_id, loaded.tokenizer
+    merged = loaded.model.merge_and_unload()
     merged.train(False)
     adapter_bytes = (source.adapter_dir / ADAPTER_WEIGHTS).read_bytes()
     record = {

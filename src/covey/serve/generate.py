@@ -1,55 +1,60 @@
-"""Which adapter to serve, whether it fits its base, and one resident model that answers.
-
-An adapter comes from a run folder (`--run RUN [--round K]`: `final/` or `round_<K>/`, with the
-run's `config.toml` for the base model and prompt template) or from a bare adapter folder
-(`--adapter DIR`, with `--base` when the folder holds no `config.toml`). Every check that can
-fail runs before the base model is loaded or a server starts: the folder and round exist, the
-adapter was made for this base (the id recorded by `covey train`), and its tensors fit the
-base's layers.
+"""Answers from one resident model, with the adapter on, off, or both at once, streamed.
 
 One model stays resident: the fine-tuned answer is the PEFT model with its adapter enabled, the
-base answer the same model under `disable_adapter()`, so memory is one base model plus the
-adapter. Generation is serialized with a lock, because the adapter switch is model-wide state.
+base answer the same model with it disabled, so memory is one base model plus the adapter. The
+two answers of a comparison are one batched `generate` call whose rows use different adapters
+(PEFT's mixed-adapter batches; `__base__` is the bare base): both grow token by token, together,
+in about the time of one. Generation is serialized with a lock, because the model is shared.
+
+Decoding settings come as named presets: `greedy` (the default: deterministic, streams, a
+first token within a second for a 135M model on a CPU) and `shepherd` (Shepherd's generation:
+4-beam search, deterministic, answers at once).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import re
+import queue
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, cast
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
-from covey.config import RunConfig, load_recipe
 from covey.data.records import Record
 from covey.errors import ConfigError
+from covey.serve.adapters import AdapterSource, load_adapter
 
 log = logging.getLogger("covey.serve")
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # same names as covey.model.lora, without torch
-ADAPTER_CONFIG = "adapter_config.json"
-ROUND_RECORD = "round.json"
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+BASE = False
+TUNED = True
+"""Panes: a pane is an answer without (`BASE`) or with (`TUNED`) the adapter."""
+_BARE_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 
 
 @dataclass
 class GenerationSettings:
-    """Decoding controls; the defaults are Shepherd's (temperature 0.1, top-p 0.75, top-k 40,
-    4 beams, 128 new tokens). Temperature 0 means no sampling (greedy or plain beam search);
-    Shepherd never turns sampling on, so there its temperature, top-p and top-k do nothing."""
+    """Decoding controls. The defaults are the `greedy` preset; see `PRESETS`."""
 
-    temperature: float = 0.1
-    top_p: float = 0.75
-    top_k: int = 40
-    num_beams: int = 4
+    sample: bool = False
+    """Sample the next token (with temperature, top-p, top-k); off: the likeliest one, so the
+    same prompt always gets the same answer."""
+    temperature: float = 0.7
+    """Sampling only: below 1 sharpens the distribution."""
+    top_p: float = 0.9
+    """Sampling only: draw from the smallest set of tokens holding this probability mass."""
+    top_k: int = 50
+    """Sampling only: draw among the k likeliest tokens (0: no limit)."""
+    num_beams: int = 1
+    """Beam search width; 1 streams tokens as they come, more answer all at once."""
+    repetition_penalty: float = 1.2
+    """Divides the score of tokens already in the text (1: off); keeps greedy answers of
+    small models out of loops."""
     max_new_tokens: int = 128
     seed: int | None = None
-    """Seed the sampler before each answer: the same prompt and settings give the same answers,
-    and the base and fine-tuned answers draw the same random numbers. None: fresh each time."""
+    """Sampling only: seed the sampler before each answer, so the same prompt and settings
+    give the same answers. None: fresh each time."""
 
     @property
     def streams(self) -> bool:
@@ -58,269 +63,92 @@ class GenerationSettings:
 
     def check(self) -> None:
         problems = []
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0 (got {self.temperature})")
+        if self.sample and not self.temperature > 0:
+            problems.append(f"temperature must be > 0 when sampling (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             problems.append(f"top-p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             problems.append(f"top-k must be >= 0, 0 meaning no limit (got {self.top_k})")
         if self.num_beams < 1:
             problems.append(f"beams must be at least 1 (got {self.num_beams})")
+        if not self.repetition_penalty > 0:
+            problems.append(
+                f"repetition penalty must be > 0, 1 meaning off (got {self.repetition_penalty})"
+            )
         if self.max_new_tokens < 1:
             problems.append(f"max new tokens must be at least 1 (got {self.max_new_tokens})")
         if problems:
             raise ConfigError("; ".join(problems))
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Arguments for `model.generate`: sampling settings only when sampling."""
+        """Arguments for `model.generate`: the sampling controls only when sampling."""
         kwargs: dict[str, Any] = {
+            "do_sample": self.sample,
             "num_beams": self.num_beams,
+            "repetition_penalty": self.repetition_penalty,
             "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.temperature > 0,
         }
-        if self.temperature > 0:
+        if self.sample:
             kwargs |= {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
         return kwargs
 
+    def preset(self) -> str | None:
+        """The preset these settings decode like (length and seed aside), or None."""
+        decoding = _decoding(self)
+        return next((name for name, p in PRESETS.items() if _decoding(p) == decoding), None)
 
-@dataclass(frozen=True)
-class AdapterSource:
-    """An adapter folder and the run settings that go with it (base model, template)."""
-
-    cfg: RunConfig
-    adapter_dir: Path
-    label: str
-    """What the UI and the CLI call it: `round 3` (also for final/), or the folder's name."""
-    run_dir: Path | None = None
-    """The run folder, when the adapter belongs to one (for its rounds and test set)."""
-    round_index: int | None = None
-
-
-def resolve_source(
-    run: Path | None = None,
-    round_index: int | None = None,
-    base: str | None = None,
-    adapter: Path | None = None,
-    template: str | None = None,
-    device: str | None = None,
-) -> AdapterSource:
-    """The adapter named by the command's flags, with every file check done (nothing loaded)."""
-    if run is None and adapter is None:
-        raise ConfigError(
-            "name the adapter with --run RUN_DIR (a `covey train` output folder) or with "
-            "--adapter ADAPTER_DIR (a PEFT adapter folder, with --base)"
-        )
-    if run is not None and adapter is not None:
-        raise ConfigError("--run and --adapter exclude each other; choose one")
-    if run is not None:
-        source = _from_run(run, round_index)
-    else:
-        if round_index is not None:
-            raise ConfigError("--round needs --run (a run folder holds the rounds)")
-        assert adapter is not None
-        source = _from_adapter(adapter, base)
-    cfg = source.cfg
-    if base is not None:
-        cfg = replace(cfg, model=replace(cfg.model, base=base))
-    if device is not None:
-        cfg = replace(cfg, model=replace(cfg.model, device=device))
-    if template is not None:
-        cfg = replace(cfg, prompt=replace(cfg.prompt, template=template))  # type: ignore[arg-type]  # checked by PromptConfig
-    return replace(source, cfg=cfg)
-
-
-def _from_run(run: Path, round_index: int | None) -> AdapterSource:
-    run = Path(run)
-    if not run.is_dir():
-        raise ConfigError(f"--run {run}: no such folder; pass the run.out folder of `covey train`")
-    if not (run / "config.toml").is_file():
-        raise ConfigError(
-            f"--run {run}: not a Covey run folder (no config.toml); "
-            "pass the run.out folder of `covey train`"
-        )
-    from covey.fed.checkpoint import complete_rounds, round_dir  # imports torch: after the above
-
-    cfg = _rebase_paths(load_recipe(run / "config.toml"), run)
-    rounds = complete_rounds(run)
-    if round_index is not None:
-        if round_index not in rounds:
-            have = f"complete rounds: {_ranges(rounds)}" if rounds else "no complete round yet"
-            raise ConfigError(f"--round {round_index}: run {run} has no such round; {have}")
-        return AdapterSource(
-            cfg, round_dir(run, round_index), f"round {round_index}", run, round_index
-        )
-    final = run / "final"
-    if (final / ADAPTER_WEIGHTS).is_file() and (final / ADAPTER_CONFIG).is_file():
-        index = _record_round(final)
-        label = "final" if index is None else f"round {index}"
-        return AdapterSource(cfg, final, label, run, index)
-    if not rounds:
-        raise ConfigError(f"--run {run}: no complete round yet; train first (`covey train`)")
-    last = rounds[-1]
-    return AdapterSource(cfg, round_dir(run, last), f"round {last}", run, last)
-
-
-def _from_adapter(adapter: Path, base: str | None) -> AdapterSource:
-    adapter = Path(adapter)
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        if not (adapter / name).is_file():
-            raise ConfigError(
-                f"--adapter {adapter}: no {name}; pass a PEFT adapter folder "
-                "(a run's final/ or round_<k>/)"
+    def describe(self) -> str:
+        """One line for the CLI and the UI: the preset's name (or `custom`) and what it does."""
+        if self.sample:
+            how = (
+                f"sampling at temperature {self.temperature:g}, top-p {self.top_p:g}, "
+                f"top-k {self.top_k}" + (f", seed {self.seed}" if self.seed is not None else "")
             )
-    run_dir: Path | None = None
-    if (adapter / "config.toml").is_file():  # a round or final/ folder of a run
-        cfg = load_recipe(adapter / "config.toml")
-        if (adapter.parent / "config.toml").is_file():
-            run_dir = adapter.parent
-            cfg = _rebase_paths(cfg, run_dir)
-    else:
-        cfg = RunConfig()
-        recorded = _adapter_config(adapter).get("base_model_name_or_path")
-        if base is None and (not isinstance(recorded, str) or _is_covey_id(recorded)):
-            raise ConfigError(
-                f"--adapter {adapter}: holds no config.toml naming its base model; "
-                "pass --base (a model folder, .gguf file or hub id)"
-            )
-        if isinstance(recorded, str) and not _is_covey_id(recorded):
-            cfg.model.base = recorded  # a PEFT adapter from elsewhere names its base
-    return AdapterSource(cfg, adapter, adapter.name, run_dir, _record_round(adapter))
+            if self.num_beams > 1:
+                how = f"{self.num_beams}-beam {how}"
+        elif self.num_beams > 1:
+            how = f"{self.num_beams}-beam search (deterministic)"
+        else:
+            how = "greedy decoding (deterministic)"
+        if self.repetition_penalty != 1:
+            how += f", repetition penalty {self.repetition_penalty:g}"
+        name = self.preset()
+        label = f"{name} preset" if name else "custom settings"
+        return f"{label}: {how}, up to {self.max_new_tokens} new tokens"
 
 
-def _rebase_paths(cfg: RunConfig, run: Path) -> RunConfig:
-    """Relative paths in a run's config are relative to where `covey train` ran.
+def _decoding(settings: GenerationSettings) -> dict[str, Any]:
+    kwargs = settings.generate_kwargs()
+    del kwargs["max_new_tokens"]
+    return kwargs
 
-    That folder is the run folder minus `run.out`'s parts; paths that exist from the current
-    folder are kept as they are.
-    """
-    out = Path(cfg.run.out)
-    origin: Path | None = None
-    resolved = run.resolve()
-    if not out.is_absolute() and resolved.parts[-len(out.parts) :] == out.parts:
-        origin = resolved.parents[len(out.parts) - 1]
 
-    def rebase(value: str) -> str:
-        path = Path(value).expanduser()
-        if origin is None or path.is_absolute() or path.exists() or value.startswith("pkg:"):
-            return value
-        return str(origin / path) if (origin / path).exists() else value
+PRESETS: dict[str, GenerationSettings] = {
+    "greedy": GenerationSettings(),
+    # Shepherd's GenerationConfig(temperature=0.1, top_p=0.75, top_k=40, num_beams=4) without
+    # do_sample: transformers ignores the three sampling values, so this is beam search.
+    "shepherd": GenerationSettings(
+        temperature=0.1, top_p=0.75, top_k=40, num_beams=4, repetition_penalty=1.0
+    ),
+}
+DEFAULT_PRESET = "greedy"
 
-    return replace(
-        cfg,
-        model=replace(cfg.model, base=rebase(cfg.model.base)),
-        data=replace(cfg.data, dir=rebase(cfg.data.dir)),
+
+def preset_settings(name: str, **changes: Any) -> GenerationSettings:
+    """A preset with some of its values changed (None: keep the preset's), checked."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(GenerationSettings)}
+    settings = replace(
+        PRESETS[name], **{k: v for k, v in changes.items() if v is not None and k in known}
     )
-
-
-def _ranges(values: list[int]) -> str:
-    if values == list(range(values[0], values[-1] + 1)):
-        return f"{values[0]}..{values[-1]}"
-    return ", ".join(map(str, values))
-
-
-def _record_round(folder: Path) -> int | None:
-    try:
-        value = json.loads((folder / ROUND_RECORD).read_text(encoding="utf-8")).get("round")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) else None
-
-
-def _adapter_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{folder / ADAPTER_CONFIG}: unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{folder / ADAPTER_CONFIG}: expected a JSON object")
-    return config
-
-
-def _is_covey_id(value: str) -> bool:
-    """`covey train` records `gguf:<hash>`, `name@<config hash>` or `hub/id@revision`."""
-    return value.startswith("gguf:") or "@" in value
-
-
-def recorded_base_ids(adapter_dir: Path) -> list[str]:
-    """The base-model ids an adapter records: safetensors metadata, then adapter_config.json."""
-    from safetensors import safe_open
-
-    ids = []
-    try:
-        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ConfigError(f"{adapter_dir / ADAPTER_WEIGHTS}: not a readable adapter ({e})") from e
-    if meta.get("base_model"):
-        ids.append(meta["base_model"])
-    recorded = _adapter_config(adapter_dir).get("base_model_name_or_path")
-    if isinstance(recorded, str) and recorded:
-        ids.append(recorded)
-    return ids
-
-
-def check_base_matches(source: AdapterSource) -> str:
-    """Refuse an adapter that `covey train` recorded for another base; return the base's id.
-
-    Adapters from elsewhere carry no Covey id (a plain path or hub id); for those only the shape
-    check after loading applies.
-    """
-    from covey.model.loading import base_model_id
-
-    expected = base_model_id(source.cfg.model)
-    for recorded in recorded_base_ids(source.adapter_dir):
-        if _is_covey_id(recorded) and recorded != expected:
-            raise ConfigError(
-                f"adapter {source.adapter_dir} was trained on base model {recorded}, but "
-                f"model.base = {source.cfg.model.base!r} is {expected}; serve it with the base "
-                "it was trained on (--base), or pick the matching run"
-            )
-    return expected
-
-
-def check_adapter_shapes(model: Any, adapter_dir: Path) -> None:
-    """Every LoRA tensor must name a layer of the base and fit its input and output sizes."""
-    from safetensors import safe_open
-
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    for key, shape in sorted(shapes.items()):
-        match = _LORA_KEY.match(key)
-        if match is None:
-            continue  # other PEFT tensors (e.g. DoRA magnitudes) are PEFT's to check
-        name, part = match.group("module"), match.group("part")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ConfigError(
-                f"adapter {adapter_dir} does not fit the base model: its tensor {key} adapts "
-                f"layer {name}, which the base model lacks (made for another architecture?)"
-            ) from None
-        sizes = _linear_sizes(module)
-        if sizes is None:
-            continue
-        fan_in, fan_out = sizes
-        want, axis, what = (fan_in, 1, "inputs") if part == "A" else (fan_out, 0, "outputs")
-        if len(shape) != 2 or shape[axis] != want:
-            raise ConfigError(
-                f"adapter {adapter_dir} does not fit the base model: {key} has shape "
-                f"{list(shape)}, but layer {name} has {want} {what} (made for another base?)"
-            )
-
-
-def _linear_sizes(module: Any) -> tuple[int, int] | None:
-    """(inputs, outputs) of a linear layer (nn.Linear and subclasses, or GPT-2's Conv1D)."""
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D":
-        rows, cols = module.weight.shape
-        return int(rows), int(cols)
-    return None
+    settings.check()
+    return settings
 
 
 @dataclass
 class ServeSession:
-    """The resident PEFT model and tokenizer; answers with the adapter on or off."""
+    """The resident PEFT model and tokenizer; answers with the adapter on, off, or both."""
 
     model: Any
     tokenizer: Any
@@ -340,81 +168,103 @@ class ServeSession:
         return build_prompt(record, self.template, self.tokenizer)
 
     def generate(
-        self, instruction: str, context: str, settings: GenerationSettings, adapter: bool = True
+        self, instruction: str, context: str, settings: GenerationSettings, adapter: bool = TUNED
     ) -> str:
-        """One whole answer (base model when `adapter` is false)."""
-        settings.check()
-        with self._lock:
-            ids = self._answer_ids(self.prompt(instruction, context), settings, adapter)
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        """One whole answer (the base model's when `adapter` is false)."""
+        *_, last = self.stream(instruction, context, settings, (adapter,))
+        return last[0]
 
     def stream(
-        self, instruction: str, context: str, settings: GenerationSettings, adapter: bool = True
-    ) -> Iterator[str]:
-        """The answer so far, growing token by token with one beam; with more, once at the end.
-        Each value extends the previous one, except that the last is the whole answer stripped.
+        self,
+        instruction: str,
+        context: str,
+        settings: GenerationSettings,
+        panes: Sequence[bool] = (TUNED,),
+    ) -> Iterator[tuple[str, ...]]:
+        """The answers so far, one per pane (`BASE`, `TUNED`), growing token by token with one
+        beam; with more, once at the end. The last value holds the whole answers, stripped.
 
-        `generate` runs in a thread feeding a `TextIteratorStreamer`; closing this iterator
-        early stops that thread at the next token.
+        `generate` runs in a thread feeding the reader; closing this iterator early stops that
+        thread at the next token.
         """
         settings.check()
-        if not settings.streams:
-            yield self.generate(instruction, context, settings, adapter)
-            return
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
         prompt = self.prompt(instruction, context)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if not settings.streams:
+            with self._lock:
+                rows = self._generate(prompt, settings, panes)
+            yield tuple(self._text(ids).strip() for ids in rows)
+            return
+        streamer = _PaneStreamer(len(panes), self._stop_ids())
         stop = threading.Event()
         failures: list[BaseException] = []
 
         def work() -> None:
             try:
-                criteria = StoppingCriteriaList([_StopWhenSet(stop)])
-                self._answer_ids(
-                    prompt, settings, adapter, streamer=streamer, stopping_criteria=criteria
-                )
+                self._generate(prompt, settings, panes, streamer=streamer, stop=stop)
             except BaseException as e:  # handed to the reading side
                 failures.append(e)
-                cast(Any, streamer).end()  # untyped in transformers
+            finally:
+                streamer.end()
 
         with self._lock:
             thread = threading.Thread(target=work, name="covey-generate", daemon=True)
             thread.start()
-            text, shown = "", ""
+            shown: tuple[str, ...] | None = None
             try:
-                for piece in streamer:
-                    text += piece
-                    if text.lstrip() != shown:
-                        shown = text.lstrip()
-                        yield shown
+                for rows in streamer:
+                    texts = tuple(self._partial_text(ids) for ids in rows)
+                    if texts != shown and any(texts):
+                        shown = texts
+                        yield texts
             finally:
                 stop.set()
                 thread.join()
         if failures:
             raise failures[0]
-        if text.strip() != shown:
-            yield text.strip()
+        final = tuple(self._text(ids).strip() for ids in streamer.rows)
+        if final != shown:  # always at least one value, however short the answers
+            yield final
 
-    def answer_ids(self, prompt: str, settings: GenerationSettings, adapter: bool = True) -> Any:
-        """Token ids answering an already templated `prompt` (without the prompt's ids)."""
+    def answer_ids(
+        self, prompt: str, settings: GenerationSettings, panes: Sequence[bool] = (TUNED,)
+    ) -> list[list[int]]:
+        """Token ids answering an already templated `prompt`, one list per pane, up to and
+        without the first end-of-sequence token."""
         settings.check()
         with self._lock:
-            return self._answer_ids(prompt, settings, adapter)
+            return self._generate(prompt, settings, panes)
 
-    def _answer_ids(
-        self, prompt: str, settings: GenerationSettings, adapter: bool, **extra: Any
-    ) -> Any:
+    def _generate(
+        self,
+        prompt: str,
+        settings: GenerationSettings,
+        panes: Sequence[bool],
+        streamer: _PaneStreamer | None = None,
+        stop: threading.Event | None = None,
+    ) -> list[list[int]]:
         import torch
+        from transformers import StoppingCriteriaList
 
+        if not panes:
+            raise ValueError("no pane to answer")
         device = next(self.model.parameters()).device
         encoded = self.tokenizer(
             prompt, return_tensors="pt", add_special_tokens=self.template != "chat"
         )
-        ids = encoded["input_ids"].to(device)
-        if settings.seed is not None:
+        ids = encoded["input_ids"].to(device).repeat(len(panes), 1)
+        extra: dict[str, Any] = {}
+        if streamer is not None:
+            extra["streamer"] = streamer
+        if stop is not None:
+            extra["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
+        if len(set(panes)) > 1:  # one row per pane, each with its own adapter
+            active = self.model.active_adapter
+            extra["adapter_names"] = [active if on else _BARE_BASE for on in panes]
+            switch: Any = contextlib.nullcontext()
+        else:
+            switch = contextlib.nullcontext() if panes[0] else self.model.disable_adapter()
+        if settings.sample and settings.seed is not None:
             torch.manual_seed(settings.seed)
-        switch = contextlib.nullcontext() if adapter else self.model.disable_adapter()
         with torch.no_grad(), switch:
             output = self.model.generate(
                 input_ids=ids,
@@ -423,7 +273,64 @@ class ServeSession:
                 **settings.generate_kwargs(),
                 **extra,
             )
-        return output[0, ids.shape[1] :]
+        stop_ids = self._stop_ids()
+        return [_until_stop(row.tolist(), stop_ids) for row in output[:, ids.shape[1] :]]
+
+    def _stop_ids(self) -> set[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        stop = set(ids) if isinstance(ids, list) else {ids} if ids is not None else set()
+        if self.tokenizer.eos_token_id is not None:
+            stop.add(self.tokenizer.eos_token_id)
+        return stop
+
+    def _text(self, ids: list[int]) -> str:
+        return str(
+            self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
+
+    def _partial_text(self, ids: list[int]) -> str:
+        """The text so far, without a trailing incomplete character (a multi-byte character
+        split over tokens decodes to U+FFFD until its last byte arrives)."""
+        return self._text(ids).rstrip("\ufffd").lstrip()
+
+
+def _until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i]
+    return ids
+
+
+class _PaneStreamer:
+    """Receives `generate`'s tokens (a transformers streamer: `put` and `end`) and hands each
+    pane's token ids so far to the reading thread, which iterates over it."""
+
+    def __init__(self, panes: int, stop_ids: set[int]) -> None:
+        self.rows: list[list[int]] = [[] for _ in range(panes)]
+        self._stopped = [False] * panes
+        self._stop_ids = stop_ids
+        self._prompt_seen = False
+        self._queue: queue.Queue[list[list[int]] | None] = queue.Queue()
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate first hands over the prompt
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            if self._stopped[row]:
+                continue  # a finished row is padded until the others finish
+            if token in self._stop_ids:
+                self._stopped[row] = True
+            else:
+                self.rows[row].append(token)
+        self._queue.put([list(r) for r in self.rows])
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[list[list[int]]]:
+        while (rows := self._queue.get()) is not None:
+            yield rows
 
 
 class _StopWhenSet:
@@ -441,22 +348,9 @@ class _StopWhenSet:
 
 
 def load_session(source: AdapterSource) -> ServeSession:
-    """Check the adapter against its base, load the base once, and put the adapter on it."""
-    from peft import PeftModel
-
+    """The adapter loaded onto its base, with its prompt template checked."""
     from covey.data.prompts import check_template
-    from covey.model.loading import load_base_model
 
-    base_id = check_base_matches(source)
-    model, tokenizer = load_base_model(source.cfg.model)
-    check_template(source.cfg.prompt.template, tokenizer)
-    check_adapter_shapes(model, source.adapter_dir)
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(source.adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"adapter {source.adapter_dir}: PEFT cannot load it onto the base ({e})"
-        ) from e
-    peft_model.train(False)
-    log.info("serving %s of %s on %s", source.label, source.cfg.model.base, base_id)
-    return ServeSession(peft_model, tokenizer, source, base_id)
+    loaded = load_adapter(source)
+    check_template(source.cfg.prompt.template, loaded.tokenizer)
+    return ServeSession(loaded.model, loaded.tokenizer, source, loaded.base_id)

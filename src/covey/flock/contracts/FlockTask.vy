@@ -3,104 +3,149 @@
 """
 @title Covey FLock task: stake, draw roles, propose, vote, reward and slash
 @license Apache-2.0
-@notice One federated fine-tuning task run under FLock's rules.
+@notice One federated fine-tuning task run under FLock's rules (version 2).
 
-    Phase machine (`phase()`; every deadline counts blocks from the block that
-    opened the stage):
+    The task is created with a token, its Params and `task_bundle`: the
+    sha2-256 digest of the CID of the task bundle (what to train, on which
+    base model, how to judge), readable by anyone. `deployed_at` is the block
+    it was created in: event scans start there. Every participant registers an
+    `endpoint` (an http(s) URL, at most 256 bytes) where it serves its blobs;
+    set at join, changed with set_endpoint.
 
-      REGISTRATION  join(amount) with approve + transferFrom, amount >= min_stake,
-                    at most max_participants (<= MAX_PARTICIPANTS, a hard cap so
-                    every loop is bounded); ends registration_blocks after deploy
-      AWAIT_START   anyone calls start(): fewer than min_participants -> CANCELLED
+    Phase machine (`phase()`; a window of w blocks spans w blocks from the
+    block that opened its stage; `phase_at(b)` tells what a transaction mined
+    in block b would see, `phase_end()` where the current phase ends):
+
+      REGISTRATION    join(amount, endpoint): approve + transferFrom,
+                      min_stake <= amount <= MAX_STAKE, at most
+                      max_participants; registration_blocks from deployment
+      AWAIT_START     anyone calls start() (keeper fee): fewer than
+                      min_participants -> CANCELLED
       per round r = 0 .. rounds-1:
-        SEED_COMMIT   commit_seed(keccak256(abi_encode(seed, sender)))
-        SEED_REVEAL   reveal_seed(seed); the round's entropy is the XOR of all
-                      revealed seeds
-        AWAIT_DRAW    anyone calls draw_roles(): committed non-revealers are
-                      slashed and sit the round out; proposers and voters are drawn
-                      from the revealers by a Fisher-Yates shuffle keyed by
-                      keccak256(abi_encode(xor, round, this contract)). Too few
-                      revealers -> the round is VOID and the next one opens
-        PROPOSE       each proposer submits one bytes32 digest (sha2-256 of its
-                      update's CID)
-        VOTE_COMMIT   each voter commits
-                      keccak256(abi_encode(accepts, score, salt, voter))
-                      where bit i of `accepts` is its verdict on the
-                      proposal of proposers_of(r)[i] (1 accept, 0 reject)
-        VOTE_REVEAL   reveal_vote(accepts, score, salt); weight = stake at
-                      reveal; every revealed voter judges every proposal
-        AWAIT_FINALIZE anyone calls finalize(), which settles the round
-      ENDED         after the last round: withdraw() stakes, creator reclaims the
-                    pool remainder
-      CANCELLED     withdraw() stakes, creator reclaims the pool
+        SEED_COMMIT     commit_seed(keccak256(abi_encode(seed, sender)));
+                        join() is open again while a slot is free
+        SEED_REVEAL     reveal_seed(seed)
+        AWAIT_DRAW      anyone calls draw_roles() (keeper fee): members that
+                        did not commit or did not reveal are slashed
+                        no_show_pct and sit the round out; proposers and voters
+                        are drawn from the revealers by a partial Fisher-Yates
+                        shuffle keyed by keccak256(abi_encode(xor of the
+                        revealed seeds, blockhash(last SEED_REVEAL block),
+                        round, this contract)). Too few revealers -> VOID.
+        PROPOSE_COMMIT  each proposer trains, then commits
+                        keccak256(abi_encode(digest, salt, sender)), digest
+                        being the sha2-256 digest of its update's CID; the
+                        update is published only after this window closes
+        PROPOSE_REVEAL  reveal_proposal(digest, salt). A digest revealed by
+                        several proposers counts once, for the one that
+                        committed first; the others are duplicates
+        VOTE_COMMIT     each voter commits keccak256(abi_encode(accepts, salt,
+                        sender)); bit i of `accepts` is its verdict on the
+                        proposal of proposers_of(r)[i]; its weight is its
+                        stake now. Closed when no proposal is valid.
+        VOTE_REVEAL     reveal_vote(accepts, salt)
+        AWAIT_FINALIZE  anyone calls finalize() (keeper fee): settles the round
+      ENDED           after the last round: withdraw() stake plus a share of
+                      what is left of the pool
+      CANCELLED       withdraw() stake; the creator reclaims the pool
+      STALLED         a due start/draw_roles/finalize was not called within
+                      timeout_blocks (<= 255) of becoming due: the task stops
+                      where it is and everyone withdraws (as in ENDED, or as
+                      in CANCELLED if it never started)
 
-    Settlement (finalize): FLock's rule applied to each proposal. The round's
-    reward is pool / rounds remaining (this round included). With W the
-    revealed vote weight, a submitted proposal is accepted when
-    accept_weight * 100 >= threshold_pct * W (its accept_weight: the weight of
-    the voters whose bit for it is set). With one proposer per round this is
-    exactly FLock's round vote; with several, one bad proposal no longer sinks
-    the honest ones beside it.
-      ACCEPTED      at least one proposal accepted: the accepted proposers share
-                    (100 - voter_reward_pct)% of the reward pro rata to stake;
-                    rejected proposers are slashed
-      REJECTED      every proposal rejected: their proposers are slashed; the
-                    proposers' part stays in the pool
-      in both       a voter whose bits match the verdicts on a of the n
-                    submitted proposals earns voter_reward_pct% of the reward
-                    in proportion to weight * a, and loses
-                    slash_pct% * (n - a) / n of its stake (n = 1: the losing
-                    side is slashed in full, as FLock)
-      NO_PROPOSALS  nobody submitted: voting was closed, nothing is paid
-      NO_QUORUM     no revealed vote weight: nothing is paid
-    In every outcome, proposers who did not submit and voters who did not reveal
-    a vote (including those who never committed one) are slashed, except that
-    voters are not slashed in a NO_PROPOSALS round. A slash takes slash_pct% of
-    the current stake into the pool. Unpaid reward and rounding dust stay in the
-    pool, so later rounds get more. Rewards accrue to `rewards` and are pulled
-    with claim(), at any time. A participant with no role may exit() during
-    SEED_COMMIT (before committing a seed) or during a round it has no role in;
-    an exited address cannot rejoin.
+    Settlement (finalize). Keeper fees come out of the pool first; the round's
+    reward is then pool / rounds left (this round included). A proposal is
+    valid when revealed and not a duplicate. With W the weight committed by
+    voters, A the revealed weight accepting it and R the revealed weight
+    rejecting it:
+      accepted   A * 100 >= threshold_pct * W
+      rejected   R * 100 > (100 - threshold_pct) * W
+      undecided  neither (withheld weight was pivotal): nobody is paid or
+                 slashed for it
+    When everyone reveals the two rules are complementary (FLock's
+    stake-weighted vote per proposal). Withheld weight counts on neither side,
+    so withholding a ballot can leave a verdict undecided but never turn an
+    acceptance into a rejection or back.
+      ACCEPTED      some proposal accepted: the accepted proposers share
+                    (100 - voter_reward_pct)% of the reward pro rata to stake
+      REJECTED      none accepted, some rejected: the proposers' part stays in
+                    the pool
+      NO_QUORUM     no valid proposal was decided: nothing is paid
+      NO_PROPOSALS  no valid proposal: voting was closed, nothing is paid
+      in ACCEPTED and REJECTED, a voter that revealed earns voter_reward_pct%
+      of the reward in proportion to weight * (decided verdicts it matched);
+      it loses slash_pct% * wrong / n of its stake, wrong being the decided
+      verdicts it voted against, n the valid proposals.
+    Slashes move stake into the pool:
+      slash_pct     a rejected proposal, a losing vote (in part, as above)
+      no_show_pct   a missed duty: no seed committed or revealed, no valid
+                    proposal (none, not revealed, or a duplicate), no vote
+                    revealed while a valid proposal was up. no_show_pct >
+                    slash_pct, so not acting costs more than any outcome of
+                    acting. Each missed duty counts a missed round; at
+                    max_missed_rounds the participant is evicted: removed, its
+                    slot freed, its remaining stake credited to `rewards`.
+    Rewards, keeper fees and eviction refunds accrue to `rewards`, pulled
+    with claim() at any time. A participant may exit() with its stake during
+    SEED_COMMIT before committing, or during a round in which it has no role;
+    an address that left cannot rejoin.
+
+    Who gets what is left: slashes and unpaid rewards stay in the pool and pay
+    later rounds. After the task has started the creator gets nothing back:
+    what is left when it ends (or stalls) is shared by the participants still
+    in it, pro rata to stake, as they withdraw (the last one takes the
+    rounding dust). The creator reclaims the pool only if the task was
+    cancelled or never started, or if no participant is left to share it. So
+    neither slashes nor rejections pay the creator.
+
+    Bounds: every stake and the reward pool are at most 2**96 wei, rounds at
+    most 10,000 and participants 64, so every product in settlement stays
+    below 2**225 (the pool stays below 2**117: the funding plus at most one
+    slash per member per round) and no reachable state makes a transition
+    overflow. Every loop is bounded by MAX_PARTICIPANTS; transitions make no
+    external calls. Measured gas at the cap: benchmarks/bench_gas.py.
 
     Trust assumptions:
-    - No single participant chooses the roles: the seed is the XOR of every
-      revealed seed, and a commitment binds each seed before any is revealed.
-      The last revealer can still see the outcome and withhold its seed, which
-      changes the draw (one bit of influence), at the price of a slash and of
-      sitting the round out. k colluding participants get k such bits.
-    - Block producers cannot predict or set the seed. They can reorder or delay
-      transactions, which changes nothing: XOR is order-independent and the
-      shuffle runs over the registration-order list, which cannot change after
-      seeds are revealed (exit() is closed from SEED_REVEAL to the draw). A
-      producer able to censor a reveal for the whole SEED_REVEAL window acts
-      like a withholding participant (and gets that participant slashed);
-      choose windows long enough that no single producer holds them all.
+    - Role draws: no participant can predict the draw when it decides whether
+      to reveal its seed, because the draw mixes in the hash of the last
+      block of the reveal window, mined after every reveal; withholding a seed
+      costs a no-show slash and the round and buys no influence. The producer
+      of that one block could grind its hash if it also knows the seeds; use
+      a chain whose block producers are not participants.
+    - Proposals: a digest is hidden behind its commitment, bound to its
+      sender, until the commit window closes; a copier could only commit a
+      digest it was given, and then the first committer keeps it.
     - Voters are trusted as a stake-weighted majority (FLock's assumption):
-      commit-reveal hides votes until the reveal phase, so voters cannot copy
-      each other, but a colluding majority of vote weight decides every
-      proposal's verdict.
-    - The token is trusted to follow EIP-20 (use Covey's Token or a known one);
-      every token call comes after the state change it pays for and functions
-      that move tokens are @nonreentrant.
-    - Digests are not checked on chain: voters fetch the update by its CID and
-      judge it off chain.
+      commit-reveal hides ballots until the reveal phase.
+    - The token is trusted to follow EIP-20 (use Covey's Token or a known
+      one); every token call comes after the state change it pays for and
+      functions that move tokens are @nonreentrant.
+    - Digests are not checked on chain: voters fetch each update by its CID
+      and judge it off chain.
 """
 
 from ethereum.ercs import IERC20
 
 MAX_PARTICIPANTS: constant(uint256) = 64
+MAX_STAKE: constant(uint256) = 2**96
+MAX_POOL: constant(uint256) = 2**96
+MAX_ROUNDS: constant(uint256) = 10000
+MAX_TIMEOUT: constant(uint256) = 255  # draw_roles reads a block hash, kept for 256 blocks
+MAX_ENDPOINT: constant(uint256) = 256
 
 PHASE_REGISTRATION: constant(uint256) = 0
 PHASE_AWAIT_START: constant(uint256) = 1
 PHASE_SEED_COMMIT: constant(uint256) = 2
 PHASE_SEED_REVEAL: constant(uint256) = 3
 PHASE_AWAIT_DRAW: constant(uint256) = 4
-PHASE_PROPOSE: constant(uint256) = 5
-PHASE_VOTE_COMMIT: constant(uint256) = 6
-PHASE_VOTE_REVEAL: constant(uint256) = 7
-PHASE_AWAIT_FINALIZE: constant(uint256) = 8
-PHASE_ENDED: constant(uint256) = 9
-PHASE_CANCELLED: constant(uint256) = 10
+PHASE_PROPOSE_COMMIT: constant(uint256) = 5
+PHASE_PROPOSE_REVEAL: constant(uint256) = 6
+PHASE_VOTE_COMMIT: constant(uint256) = 7
+PHASE_VOTE_REVEAL: constant(uint256) = 8
+PHASE_AWAIT_FINALIZE: constant(uint256) = 9
+PHASE_ENDED: constant(uint256) = 10
+PHASE_CANCELLED: constant(uint256) = 11
+PHASE_STALLED: constant(uint256) = 12
 
 STAGE_REGISTRATION: constant(uint256) = 0
 STAGE_SEEDING: constant(uint256) = 1
@@ -119,11 +164,13 @@ OUTCOME_NO_PROPOSALS: constant(uint256) = 3
 OUTCOME_NO_QUORUM: constant(uint256) = 4
 OUTCOME_VOID: constant(uint256) = 5
 
-SLASH_SEED_NOT_REVEALED: constant(uint256) = 1
-SLASH_NO_PROPOSAL: constant(uint256) = 2
-SLASH_PROPOSAL_REJECTED: constant(uint256) = 3
-SLASH_VOTE_NOT_REVEALED: constant(uint256) = 4
-SLASH_LOSING_VOTE: constant(uint256) = 5
+SLASH_SEED_NOT_COMMITTED: constant(uint256) = 1
+SLASH_SEED_NOT_REVEALED: constant(uint256) = 2
+SLASH_NO_PROPOSAL: constant(uint256) = 3
+SLASH_DUPLICATE_PROPOSAL: constant(uint256) = 4
+SLASH_PROPOSAL_REJECTED: constant(uint256) = 5
+SLASH_VOTE_NOT_REVEALED: constant(uint256) = 6
+SLASH_LOSING_VOTE: constant(uint256) = 7
 
 
 struct Params:
@@ -135,28 +182,33 @@ struct Params:
     proposers_per_round: uint256
     voters_per_round: uint256
     slash_pct: uint256
+    no_show_pct: uint256
     threshold_pct: uint256
     voter_reward_pct: uint256
+    keeper_fee: uint256
+    max_missed_rounds: uint256
     registration_blocks: uint256
     seed_commit_blocks: uint256
     seed_reveal_blocks: uint256
-    propose_blocks: uint256
+    propose_commit_blocks: uint256
+    propose_reveal_blocks: uint256
     vote_commit_blocks: uint256
     vote_reveal_blocks: uint256
+    timeout_blocks: uint256
 
 
 struct Vote:
     commitment: bytes32
+    weight: uint256  # the voter's stake when it committed
     revealed: bool
     accepts: uint256  # bit i: accept the proposal of round_proposers[r][i]
-    score: uint64
-    weight: uint256
 
 
 struct Tally:
-    revealed_stake: uint256  # W: the weight every proposal is judged against
+    committed_weight: uint256  # W: the weight every proposal is judged against
+    revealed_weight: uint256
+    committed_count: uint256
     revealed_count: uint256
-    score_sum: uint256
 
 
 struct RoundResult:
@@ -165,21 +217,34 @@ struct RoundResult:
     paid: uint256
     slashed: uint256
     accepted: uint256  # bit i: the proposal of round_proposers[r][i] was accepted
+    rejected: uint256  # bit i: ... was rejected (neither bit: undecided or not valid)
 
 
-event PoolFunded:
+event TaskCreated:
     creator: indexed(address)
-    amount: uint256
+    token: address
+    task_bundle: bytes32
+    reward_pool: uint256
 
 event Joined:
     participant: indexed(address)
     amount: uint256
+    endpoint: String[MAX_ENDPOINT]
+
+event EndpointSet:
+    participant: indexed(address)
+    endpoint: String[MAX_ENDPOINT]
 
 event TaskStarted:
     participants: uint256
 
 event TaskCancelled:
     participants: uint256
+
+event KeeperPaid:
+    round: indexed(uint256)
+    keeper: indexed(address)
+    amount: uint256
 
 event RoundStarted:
     round: indexed(uint256)
@@ -201,21 +266,31 @@ event RolesDrawn:
     proposers: DynArray[address, MAX_PARTICIPANTS]
     voters: DynArray[address, MAX_PARTICIPANTS]
 
-event Proposed:
+event ProposalCommitted:
+    round: indexed(uint256)
+    proposer: indexed(address)
+    commitment: bytes32
+
+event ProposalRevealed:
     round: indexed(uint256)
     proposer: indexed(address)
     digest: bytes32
+
+event DuplicateProposal:
+    round: indexed(uint256)
+    proposer: indexed(address)
+    original: address  # committed the same digest first
 
 event VoteCommitted:
     round: indexed(uint256)
     voter: indexed(address)
     commitment: bytes32
+    weight: uint256
 
 event VoteRevealed:
     round: indexed(uint256)
     voter: indexed(address)
     accepts: uint256
-    score: uint64
     weight: uint256
 
 event ProposalJudged:
@@ -224,6 +299,7 @@ event ProposalJudged:
     accept_stake: uint256
     reject_stake: uint256
     accepted: bool
+    rejected: bool
 
 event Slashed:
     round: indexed(uint256)
@@ -236,14 +312,20 @@ event Rewarded:
     participant: indexed(address)
     amount: uint256
 
+event Evicted:
+    round: indexed(uint256)
+    participant: indexed(address)
+    refund: uint256  # the remaining stake, credited to rewards
+
 event RoundFinalized:
     round: indexed(uint256)
     outcome: uint256
-    reward: uint256  # pool / rounds left, at finalize
+    reward: uint256  # (pool - keeper fee) / rounds left, at finalize
     paid: uint256  # rewards credited this round
     slashed: uint256  # every slash of the round, the draw's included
-    accepted: uint256  # bit i: the proposal of proposers_of(round)[i] was accepted
-    revealed_stake: uint256
+    accepted: uint256
+    rejected: uint256
+    committed_weight: uint256
 
 event TaskEnded:
     pool: uint256
@@ -254,7 +336,8 @@ event Claimed:
 
 event Withdrawn:
     participant: indexed(address)
-    amount: uint256
+    stake: uint256
+    share: uint256  # of what was left of the pool
 
 event Exited:
     participant: indexed(address)
@@ -269,6 +352,8 @@ event PoolReclaimed:
 token: public(immutable(IERC20))
 creator: public(immutable(address))
 params: public(immutable(Params))
+task_bundle: public(immutable(bytes32))
+deployed_at: public(immutable(uint256))
 registration_end: public(immutable(uint256))
 
 stage: uint256
@@ -277,12 +362,17 @@ current_round: public(uint256)
 pool: public(uint256)
 total_staked: public(uint256)
 total_unclaimed: public(uint256)
+closed: bool  # the end-of-task shares below are fixed
+closing_pool: uint256
+closing_staked: uint256
 
 participants: DynArray[address, MAX_PARTICIPANTS]
 participant_index: HashMap[address, uint256]  # position + 1; 0 = not a participant
-joined: public(HashMap[address, bool])  # ever joined; exited addresses stay True
+joined: public(HashMap[address, bool])  # ever joined; addresses that left stay True
 stakes: public(HashMap[address, uint256])
 rewards: public(HashMap[address, uint256])
+endpoints: public(HashMap[address, String[MAX_ENDPOINT]])
+missed_rounds: public(HashMap[address, uint256])
 
 seed_commitments: HashMap[uint256, HashMap[address, bytes32]]
 seed_revealed: HashMap[uint256, HashMap[address, bool]]
@@ -292,16 +382,20 @@ round_seed: public(HashMap[uint256, bytes32])
 roles: HashMap[uint256, HashMap[address, uint256]]
 round_proposers: HashMap[uint256, DynArray[address, MAX_PARTICIPANTS]]
 round_voters: HashMap[uint256, DynArray[address, MAX_PARTICIPANTS]]
+proposal_commitments: HashMap[uint256, HashMap[address, bytes32]]
+proposal_order: HashMap[uint256, HashMap[address, uint256]]  # 1 = committed first
+proposal_commits: HashMap[uint256, uint256]
 digests: HashMap[uint256, HashMap[address, bytes32]]
-proposal_count: public(HashMap[uint256, uint256])
+digest_owner: HashMap[uint256, HashMap[bytes32, address]]
+proposal_count: public(HashMap[uint256, uint256])  # valid proposals
 votes: HashMap[uint256, HashMap[address, Vote]]
 tallies: HashMap[uint256, Tally]
 results: HashMap[uint256, RoundResult]
 
 
 @deploy
-def __init__(token_: IERC20, p: Params):
-    assert p.rounds >= 1, "init: rounds must be at least 1"
+def __init__(token_: IERC20, p: Params, task_bundle_: bytes32):
+    assert p.rounds >= 1 and p.rounds <= MAX_ROUNDS, "init: rounds not in 1..10000"
     assert p.max_participants <= MAX_PARTICIPANTS, "init: max_participants above the hard cap"
     assert p.min_participants <= p.max_participants, "init: min_participants above max"
     assert p.proposers_per_round >= 1, "init: need at least one proposer per round"
@@ -309,19 +403,35 @@ def __init__(token_: IERC20, p: Params):
     assert p.proposers_per_round + p.voters_per_round <= p.min_participants, (
         "init: proposers + voters exceed min_participants"
     )
-    assert p.min_stake >= 1, "init: min_stake must be positive"
-    assert p.slash_pct <= 100, "init: slash_pct above 100"
+    assert p.min_stake >= 1 and p.min_stake <= MAX_STAKE, "init: min_stake not in 1..MAX_STAKE"
+    assert p.reward_pool <= MAX_POOL, "init: reward_pool above MAX_POOL"
+    assert p.no_show_pct > p.slash_pct and p.no_show_pct <= 100, (
+        "init: need slash_pct < no_show_pct <= 100"
+    )
     assert p.threshold_pct >= 1 and p.threshold_pct <= 100, "init: threshold_pct not in 1..100"
     assert p.voter_reward_pct <= 100, "init: voter_reward_pct above 100"
-    assert p.registration_blocks >= 1 and p.seed_commit_blocks >= 1, "init: durations must be >= 1"
-    assert p.seed_reveal_blocks >= 1 and p.propose_blocks >= 1, "init: durations must be >= 1"
-    assert p.vote_commit_blocks >= 1 and p.vote_reveal_blocks >= 1, "init: durations must be >= 1"
+    assert p.keeper_fee * (1 + 2 * p.rounds) <= p.reward_pool, (
+        "init: keeper fees for every transition exceed the reward pool"
+    )
+    assert p.max_missed_rounds >= 1, "init: max_missed_rounds must be at least 1"
+    assert p.registration_blocks >= 1 and p.seed_commit_blocks >= 1, "init: windows must be >= 1"
+    assert p.seed_reveal_blocks >= 1 and p.propose_commit_blocks >= 1, "init: windows must be >= 1"
+    assert p.propose_reveal_blocks >= 1 and p.vote_commit_blocks >= 1, "init: windows must be >= 1"
+    assert p.vote_reveal_blocks >= 1, "init: windows must be >= 1"
+    assert p.timeout_blocks >= 1 and p.timeout_blocks <= MAX_TIMEOUT, (
+        "init: timeout_blocks not in 1..255"
+    )
+    assert task_bundle_ != empty(bytes32), "init: empty task bundle"
     token = token_
     creator = msg.sender
     params = p
+    task_bundle = task_bundle_
+    deployed_at = block.number
     registration_end = block.number + p.registration_blocks
     self.pool = p.reward_pool
-    log PoolFunded(creator=msg.sender, amount=p.reward_pool)
+    log TaskCreated(
+        creator=msg.sender, token=token_.address, task_bundle=task_bundle_, reward_pool=p.reward_pool
+    )
     if p.reward_pool > 0:
         assert extcall token_.transferFrom(msg.sender, self, p.reward_pool, default_return_value=True), (
             "init: reward pool transfer failed"
@@ -333,32 +443,55 @@ def __init__(token_: IERC20, p: Params):
 
 @internal
 @view
-def _phase() -> uint256:
+def _phase_at(b: uint256) -> (uint256, uint256):
+    """The phase a transaction mined in block b sees, and the first block after it (0: none)."""
     stage: uint256 = self.stage
+    timeout: uint256 = params.timeout_blocks
     if stage == STAGE_REGISTRATION:
-        if block.number < registration_end:
-            return PHASE_REGISTRATION
-        return PHASE_AWAIT_START
-    if stage == STAGE_SEEDING:
-        end: uint256 = self.stage_start + params.seed_commit_blocks
-        if block.number < end:
-            return PHASE_SEED_COMMIT
-        if block.number < end + params.seed_reveal_blocks:
-            return PHASE_SEED_REVEAL
-        return PHASE_AWAIT_DRAW
-    if stage == STAGE_ROUND:
-        end: uint256 = self.stage_start + params.propose_blocks
-        if block.number < end:
-            return PHASE_PROPOSE
-        end += params.vote_commit_blocks
-        if block.number < end:
-            return PHASE_VOTE_COMMIT
-        if block.number < end + params.vote_reveal_blocks:
-            return PHASE_VOTE_REVEAL
-        return PHASE_AWAIT_FINALIZE
+        if b < registration_end:
+            return PHASE_REGISTRATION, registration_end
+        if b < registration_end + timeout:
+            return PHASE_AWAIT_START, registration_end + timeout
+        return PHASE_STALLED, 0
     if stage == STAGE_ENDED:
-        return PHASE_ENDED
-    return PHASE_CANCELLED
+        return PHASE_ENDED, 0
+    if stage == STAGE_CANCELLED:
+        return PHASE_CANCELLED, 0
+    end: uint256 = self.stage_start
+    if stage == STAGE_SEEDING:
+        end += params.seed_commit_blocks
+        if b < end:
+            return PHASE_SEED_COMMIT, end
+        end += params.seed_reveal_blocks
+        if b < end:
+            return PHASE_SEED_REVEAL, end
+        if b < end + timeout:
+            return PHASE_AWAIT_DRAW, end + timeout
+        return PHASE_STALLED, 0
+    end += params.propose_commit_blocks
+    if b < end:
+        return PHASE_PROPOSE_COMMIT, end
+    end += params.propose_reveal_blocks
+    if b < end:
+        return PHASE_PROPOSE_REVEAL, end
+    end += params.vote_commit_blocks
+    if b < end:
+        return PHASE_VOTE_COMMIT, end
+    end += params.vote_reveal_blocks
+    if b < end:
+        return PHASE_VOTE_REVEAL, end
+    if b < end + timeout:
+        return PHASE_AWAIT_FINALIZE, end + timeout
+    return PHASE_STALLED, 0
+
+
+@internal
+@view
+def _phase() -> uint256:
+    ph: uint256 = 0
+    end: uint256 = 0
+    ph, end = self._phase_at(block.number)
+    return ph
 
 
 @external
@@ -370,33 +503,23 @@ def phase() -> uint256:
 
 @external
 @view
-def phase_end() -> uint256:
-    """@notice First block outside the current timed phase; 0 if it waits for a call."""
-    ph: uint256 = self._phase()
-    start: uint256 = self.stage_start
-    if ph == PHASE_REGISTRATION:
-        return registration_end
-    if ph == PHASE_SEED_COMMIT:
-        return start + params.seed_commit_blocks
-    if ph == PHASE_SEED_REVEAL:
-        return start + params.seed_commit_blocks + params.seed_reveal_blocks
-    if ph == PHASE_PROPOSE:
-        return start + params.propose_blocks
-    if ph == PHASE_VOTE_COMMIT:
-        return start + params.propose_blocks + params.vote_commit_blocks
-    if ph == PHASE_VOTE_REVEAL:
-        return start + params.propose_blocks + params.vote_commit_blocks + params.vote_reveal_blocks
-    return 0
+def phase_at(b: uint256) -> (uint256, uint256):
+    """
+    @notice The phase a transaction mined in block b would see if no transition happens
+            before, and the first block after that phase (0 when it has no end).
+    """
+    return self._phase_at(b)
 
 
 @external
 @view
 def round_reward() -> uint256:
-    """@notice The reward the current round would pay out in full, at today's pool."""
+    """@notice What the current round would pay out in full at today's pool."""
     r: uint256 = self.current_round
     if r >= params.rounds:
         return 0
-    return self.pool // (params.rounds - r)
+    pool: uint256 = self.pool
+    return (pool - min(params.keeper_fee, pool)) // (params.rounds - r)
 
 
 @external
@@ -439,13 +562,21 @@ def voters_of(r: uint256) -> DynArray[address, MAX_PARTICIPANTS]:
 
 @external
 @view
+def proposal_of(r: uint256, who: address) -> (bytes32, bytes32, bool):
+    """@notice A proposer's commitment and revealed digest in round r, and whether it is valid."""
+    digest: bytes32 = self.digests[r][who]
+    return self.proposal_commitments[r][who], digest, self._valid(r, who, digest)
+
+
+@external
+@view
 def proposals(r: uint256) -> (DynArray[address, MAX_PARTICIPANTS], DynArray[bytes32, MAX_PARTICIPANTS]):
-    """@notice The proposers of round r that submitted, and their digests, in draw order."""
+    """@notice The valid proposals of round r (proposer, digest), in draw order."""
     who: DynArray[address, MAX_PARTICIPANTS] = []
     what: DynArray[bytes32, MAX_PARTICIPANTS] = []
     for p: address in self.round_proposers[r]:
         d: bytes32 = self.digests[r][p]
-        if d != empty(bytes32):
+        if self._valid(r, p, d):
             who.append(p)
             what.append(d)
     return who, what
@@ -473,20 +604,70 @@ def result(r: uint256) -> RoundResult:
 
 
 @internal
-def _slash(r: uint256, who: address, reason: uint256) -> uint256:
-    return self._slash_part(r, who, 1, 1, reason)
+@view
+def _valid(r: uint256, who: address, digest: bytes32) -> bool:
+    return digest != empty(bytes32) and self.digest_owner[r][digest] == who
 
 
 @internal
-def _slash_part(r: uint256, who: address, parts: uint256, whole: uint256, reason: uint256) -> uint256:
-    """Move parts/whole of slash_pct% of the stake into the pool (a voter wrong on `parts` of
-    `whole` proposals loses that share of a full slash)."""
-    amount: uint256 = self.stakes[who] * params.slash_pct * parts // (100 * whole)
+def _slash(r: uint256, who: address, pct: uint256, parts: uint256, whole: uint256, reason: uint256) -> uint256:
+    """Move parts/whole of pct% of the stake into the pool."""
+    amount: uint256 = self.stakes[who] * pct * parts // (100 * whole)
     self.stakes[who] -= amount
     self.total_staked -= amount
     self.pool += amount
     log Slashed(round=r, participant=who, amount=amount, reason=reason)
     return amount
+
+
+@internal
+def _no_show(r: uint256, who: address, reason: uint256) -> (uint256, bool):
+    """Slash a missed duty and count the missed round; True when it is time to evict."""
+    amount: uint256 = self._slash(r, who, params.no_show_pct, 1, 1, reason)
+    missed: uint256 = self.missed_rounds[who] + 1
+    self.missed_rounds[who] = missed
+    return amount, missed >= params.max_missed_rounds
+
+
+@internal
+def _remove(who: address):
+    index: uint256 = self.participant_index[who]
+    last: address = self.participants.pop()
+    if last != who:
+        self.participants[index - 1] = last
+        self.participant_index[last] = index
+    self.participant_index[who] = 0
+
+
+@internal
+def _credit(who: address, amount: uint256):
+    self.rewards[who] += amount
+    self.total_unclaimed += amount
+
+
+@internal
+def _evict(r: uint256, who: address):
+    self._remove(who)
+    refund: uint256 = self.stakes[who]
+    self.stakes[who] = 0
+    self.total_staked -= refund
+    self._credit(who, refund)
+    log Evicted(round=r, participant=who, refund=refund)
+
+
+@internal
+def _reward(r: uint256, who: address, amount: uint256):
+    self._credit(who, amount)
+    log Rewarded(round=r, participant=who, amount=amount)
+
+
+@internal
+def _pay_keeper(r: uint256):
+    fee: uint256 = min(params.keeper_fee, self.pool)
+    if fee > 0:
+        self.pool -= fee
+        self._credit(msg.sender, fee)
+        log KeeperPaid(round=r, keeper=msg.sender, amount=fee)
 
 
 @internal
@@ -501,13 +682,6 @@ def _popcount(x: uint256) -> uint256:
         count += y & 1
         y = y >> 1
     return count
-
-
-@internal
-def _reward(r: uint256, who: address, amount: uint256):
-    self.rewards[who] += amount
-    self.total_unclaimed += amount
-    log Rewarded(round=r, participant=who, amount=amount)
 
 
 @internal
@@ -528,27 +702,45 @@ def _next_round():
 
 @external
 @nonreentrant
-def join(amount: uint256):
-    """@notice Stake `amount` (approve it first) and register for the task."""
-    assert self._phase() == PHASE_REGISTRATION, "join: only in REGISTRATION"
+def join(amount: uint256, endpoint: String[MAX_ENDPOINT]):
+    """
+    @notice Stake `amount` (approve it first) and register, with the URL where this
+            participant serves its blobs. Open in REGISTRATION, and in SEED_COMMIT while
+            a slot is free.
+    """
+    ph: uint256 = self._phase()
+    assert ph == PHASE_REGISTRATION or ph == PHASE_SEED_COMMIT, (
+        "join: only in REGISTRATION or SEED_COMMIT"
+    )
     assert not self.joined[msg.sender], "join: already joined"
     assert amount >= params.min_stake, "join: stake below min_stake"
+    assert amount <= MAX_STAKE, "join: stake above MAX_STAKE"
     assert len(self.participants) < params.max_participants, "join: task is full"
     self.joined[msg.sender] = True
     self.participants.append(msg.sender)
     self.participant_index[msg.sender] = len(self.participants)
     self.stakes[msg.sender] = amount
     self.total_staked += amount
-    log Joined(participant=msg.sender, amount=amount)
+    self.endpoints[msg.sender] = endpoint
+    log Joined(participant=msg.sender, amount=amount, endpoint=endpoint)
     assert extcall token.transferFrom(msg.sender, self, amount, default_return_value=True), (
         "join: token transfer failed"
     )
 
 
 @external
+def set_endpoint(endpoint: String[MAX_ENDPOINT]):
+    """@notice Change the URL where this participant serves its blobs."""
+    assert self.participant_index[msg.sender] != 0, "set_endpoint: not a participant"
+    self.endpoints[msg.sender] = endpoint
+    log EndpointSet(participant=msg.sender, endpoint=endpoint)
+
+
+@external
 def start():
     """@notice Close registration: start round 0, or cancel if too few joined."""
     assert self._phase() == PHASE_AWAIT_START, "start: only in AWAIT_START"
+    self._pay_keeper(0)
     n: uint256 = len(self.participants)
     if n < params.min_participants:
         self.stage = STAGE_CANCELLED
@@ -594,29 +786,53 @@ def reveal_seed(seed: bytes32):
 
 @external
 def draw_roles():
-    """@notice Slash seed withholders, then draw this round's proposers and voters."""
+    """@notice Slash members that missed the seeds, then draw this round's proposers and voters."""
     assert self._phase() == PHASE_AWAIT_DRAW, "draw_roles: only in AWAIT_DRAW"
     r: uint256 = self.current_round
+    self._pay_keeper(r)
     eligible: DynArray[address, MAX_PARTICIPANTS] = []
-    withheld: uint256 = 0
+    leaving: DynArray[address, MAX_PARTICIPANTS] = []
+    slashed: uint256 = 0
     for p: address in self.participants:
         if self.seed_revealed[r][p]:
             eligible.append(p)
-        elif self.seed_commitments[r][p] != empty(bytes32):
-            withheld += self._slash(r, p, SLASH_SEED_NOT_REVEALED)
+            continue
+        reason: uint256 = SLASH_SEED_NOT_COMMITTED
+        if self.seed_commitments[r][p] != empty(bytes32):
+            reason = SLASH_SEED_NOT_REVEALED
+        amount: uint256 = 0
+        evict: bool = False
+        amount, evict = self._no_show(r, p, reason)
+        slashed += amount
+        if evict:
+            leaving.append(p)
+    for p: address in leaving:
+        self._evict(r, p)
     # finalize adds its own slashes to these
-    self.results[r].slashed = withheld
+    self.results[r].slashed = slashed
     n: uint256 = len(eligible)
     n_prop: uint256 = params.proposers_per_round
     need: uint256 = n_prop + params.voters_per_round
     if n < need:
         self.results[r].outcome = OUTCOME_VOID
         log RoundFinalized(
-            round=r, outcome=OUTCOME_VOID, reward=0, paid=0, slashed=withheld, accepted=0, revealed_stake=0
+            round=r,
+            outcome=OUTCOME_VOID,
+            reward=0,
+            paid=0,
+            slashed=slashed,
+            accepted=0,
+            rejected=0,
+            committed_weight=0,
         )
         self._next_round()
         return
-    seed: bytes32 = keccak256(abi_encode(self.seed_xor[r], r, self))
+    # the hash of the reveal window's last block: mined after every reveal, so no revealer
+    # knows it when deciding whether to reveal (timeout_blocks <= 255 keeps it readable)
+    last_reveal_block: uint256 = (
+        self.stage_start + params.seed_commit_blocks + params.seed_reveal_blocks - 1
+    )
+    seed: bytes32 = keccak256(abi_encode(self.seed_xor[r], blockhash(last_reveal_block), r, self))
     self.round_seed[r] = seed
     proposers: DynArray[address, MAX_PARTICIPANTS] = []
     voters: DynArray[address, MAX_PARTICIPANTS] = []
@@ -643,37 +859,72 @@ def draw_roles():
 
 
 @external
-def propose(digest: bytes32):
-    """@notice Submit the sha2-256 digest of this round's update CID (once)."""
-    assert self._phase() == PHASE_PROPOSE, "propose: only in PROPOSE"
+def commit_proposal(commitment: bytes32):
+    """@notice Commit keccak256(abi_encode(digest, salt, sender)) of this round's update (once)."""
+    assert self._phase() == PHASE_PROPOSE_COMMIT, "commit_proposal: only in PROPOSE_COMMIT"
     r: uint256 = self.current_round
-    assert self.roles[r][msg.sender] == ROLE_PROPOSER, "propose: not a proposer this round"
-    assert digest != empty(bytes32), "propose: empty digest"
-    assert self.digests[r][msg.sender] == empty(bytes32), "propose: already proposed"
+    assert self.roles[r][msg.sender] == ROLE_PROPOSER, "commit_proposal: not a proposer this round"
+    assert commitment != empty(bytes32), "commit_proposal: empty commitment"
+    assert self.proposal_commitments[r][msg.sender] == empty(bytes32), (
+        "commit_proposal: already committed"
+    )
+    order: uint256 = self.proposal_commits[r] + 1
+    self.proposal_commits[r] = order
+    self.proposal_commitments[r][msg.sender] = commitment
+    self.proposal_order[r][msg.sender] = order
+    log ProposalCommitted(round=r, proposer=msg.sender, commitment=commitment)
+
+
+@external
+def reveal_proposal(digest: bytes32, salt: bytes32):
+    """
+    @notice Open the committed proposal: the sha2-256 digest of the update's CID. A digest
+            already revealed by a proposer that committed earlier is a duplicate.
+    """
+    assert self._phase() == PHASE_PROPOSE_REVEAL, "reveal_proposal: only in PROPOSE_REVEAL"
+    r: uint256 = self.current_round
+    commitment: bytes32 = self.proposal_commitments[r][msg.sender]
+    assert commitment != empty(bytes32), "reveal_proposal: no proposal committed"
+    assert self.digests[r][msg.sender] == empty(bytes32), "reveal_proposal: already revealed"
+    assert digest != empty(bytes32), "reveal_proposal: empty digest"
+    assert keccak256(abi_encode(digest, salt, msg.sender)) == commitment, (
+        "reveal_proposal: digest does not match commitment"
+    )
     self.digests[r][msg.sender] = digest
-    self.proposal_count[r] += 1
-    log Proposed(round=r, proposer=msg.sender, digest=digest)
+    log ProposalRevealed(round=r, proposer=msg.sender, digest=digest)
+    owner: address = self.digest_owner[r][digest]
+    if owner == empty(address):
+        self.digest_owner[r][digest] = msg.sender
+        self.proposal_count[r] += 1
+    elif self.proposal_order[r][msg.sender] < self.proposal_order[r][owner]:
+        self.digest_owner[r][digest] = msg.sender
+        log DuplicateProposal(round=r, proposer=owner, original=msg.sender)
+    else:
+        log DuplicateProposal(round=r, proposer=msg.sender, original=owner)
 
 
 @external
 def commit_vote(commitment: bytes32):
-    """@notice Commit keccak256(abi_encode(accepts, score, salt, sender)) (once)."""
+    """@notice Commit keccak256(abi_encode(accepts, salt, sender)) (once); weight = stake now."""
     assert self._phase() == PHASE_VOTE_COMMIT, "commit_vote: only in VOTE_COMMIT"
     r: uint256 = self.current_round
     assert self.roles[r][msg.sender] == ROLE_VOTER, "commit_vote: not a voter this round"
-    assert self.proposal_count[r] > 0, "commit_vote: no proposals this round"
+    assert self.proposal_count[r] > 0, "commit_vote: no valid proposals this round"
     assert commitment != empty(bytes32), "commit_vote: empty commitment"
     assert self.votes[r][msg.sender].commitment == empty(bytes32), "commit_vote: already voted"
-    self.votes[r][msg.sender].commitment = commitment
-    log VoteCommitted(round=r, voter=msg.sender, commitment=commitment)
+    weight: uint256 = self.stakes[msg.sender]
+    self.votes[r][msg.sender] = Vote(commitment=commitment, weight=weight, revealed=False, accepts=0)
+    self.tallies[r].committed_weight += weight
+    self.tallies[r].committed_count += 1
+    log VoteCommitted(round=r, voter=msg.sender, commitment=commitment, weight=weight)
 
 
 @external
-def reveal_vote(accepts: uint256, score: uint64, salt: bytes32):
+def reveal_vote(accepts: uint256, salt: bytes32):
     """
-    @notice Open the committed vote; it counts with the voter's current stake.
+    @notice Open the committed ballot.
     @param accepts bit i set: accept the proposal of proposers_of(round)[i]; bits of
-           proposers that did not submit are ignored; bits at or above
+           proposals that are not valid are ignored; bits at or above
            len(proposers_of(round)) are refused
     """
     assert self._phase() == PHASE_VOTE_REVEAL, "reveal_vote: only in VOTE_REVEAL"
@@ -681,22 +932,17 @@ def reveal_vote(accepts: uint256, score: uint64, salt: bytes32):
     vote: Vote = self.votes[r][msg.sender]
     assert vote.commitment != empty(bytes32), "reveal_vote: no vote committed"
     assert not vote.revealed, "reveal_vote: already revealed"
-    assert keccak256(abi_encode(accepts, score, salt, msg.sender)) == vote.commitment, (
+    assert keccak256(abi_encode(accepts, salt, msg.sender)) == vote.commitment, (
         "reveal_vote: vote does not match commitment"
     )
     assert accepts >> len(self.round_proposers[r]) == 0, (
         "reveal_vote: accepts has bits beyond the round's proposers"
     )
-    weight: uint256 = self.stakes[msg.sender]
-    self.votes[r][msg.sender] = Vote(
-        commitment=vote.commitment, revealed=True, accepts=accepts, score=score, weight=weight
-    )
-    t: Tally = self.tallies[r]
-    t.revealed_stake += weight
-    t.revealed_count += 1
-    t.score_sum += convert(score, uint256)
-    self.tallies[r] = t
-    log VoteRevealed(round=r, voter=msg.sender, accepts=accepts, score=score, weight=weight)
+    self.votes[r][msg.sender].revealed = True
+    self.votes[r][msg.sender].accepts = accepts
+    self.tallies[r].revealed_weight += vote.weight
+    self.tallies[r].revealed_count += 1
+    log VoteRevealed(round=r, voter=msg.sender, accepts=accepts, weight=vote.weight)
 
 
 @external
@@ -704,100 +950,126 @@ def finalize():
     """@notice Settle the round (anyone, after VOTE_REVEAL): judge, pay, slash, open the next."""
     assert self._phase() == PHASE_AWAIT_FINALIZE, "finalize: only in AWAIT_FINALIZE"
     r: uint256 = self.current_round
+    self._pay_keeper(r)
     reward: uint256 = self.pool // (params.rounds - r)
-    total: uint256 = self.tallies[r].revealed_stake
+    tally: Tally = self.tallies[r]
+    committed: uint256 = tally.committed_weight
     proposers: DynArray[address, MAX_PARTICIPANTS] = self.round_proposers[r]
     voters: DynArray[address, MAX_PARTICIPANTS] = self.round_voters[r]
     n_prop: uint256 = len(proposers)
 
-    # which proposals were submitted, and the weight accepting each (voters x proposers,
-    # both bounded by MAX_PARTICIPANTS, in memory)
-    submitted: uint256 = 0  # bit mask
-    n_submitted: uint256 = 0
+    # valid proposals, and each revealed ballot in memory (voters x proposers, both bounded)
+    valid: uint256 = 0  # bit mask
+    n_valid: uint256 = 0
     for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
-        if self.digests[r][proposers[i]] != empty(bytes32):
-            submitted |= 1 << i
-            n_submitted += 1
+        p: address = proposers[i]
+        if self._valid(r, p, self.digests[r][p]):
+            valid |= 1 << i
+            n_valid += 1
+    ballots: DynArray[Vote, MAX_PARTICIPANTS] = []
     accept_weight: uint256[MAX_PARTICIPANTS] = empty(uint256[MAX_PARTICIPANTS])
     for v: address in voters:
         vote: Vote = self.votes[r][v]
+        ballots.append(vote)
         if vote.revealed:
             for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
                 if (vote.accepts >> i) & 1 == 1:
                     accept_weight[i] += vote.weight
 
-    accepted: uint256 = 0  # bit mask
+    # verdicts against the committed weight: withheld weight counts on neither side
+    accepted: uint256 = 0  # bit masks
+    rejected: uint256 = 0
     accepted_stake: uint256 = 0
-    outcome: uint256 = OUTCOME_REJECTED
-    if n_submitted == 0:
+    for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
+        if (valid >> i) & 1 == 0:
+            continue
+        accept: uint256 = accept_weight[i]
+        reject: uint256 = tally.revealed_weight - accept
+        if committed > 0 and accept * 100 >= params.threshold_pct * committed:
+            accepted |= 1 << i
+            accepted_stake += self.stakes[proposers[i]]
+        elif reject * 100 > (100 - params.threshold_pct) * committed:
+            rejected |= 1 << i
+        log ProposalJudged(
+            round=r,
+            proposer=proposers[i],
+            accept_stake=accept,
+            reject_stake=reject,
+            accepted=(accepted >> i) & 1 == 1,
+            rejected=(rejected >> i) & 1 == 1,
+        )
+    decided: uint256 = accepted | rejected
+    outcome: uint256 = OUTCOME_NO_QUORUM
+    if n_valid == 0:
         outcome = OUTCOME_NO_PROPOSALS
-    elif total == 0:
-        outcome = OUTCOME_NO_QUORUM
-    else:
-        for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
-            if (submitted >> i) & 1 == 1:
-                ok: bool = accept_weight[i] * 100 >= params.threshold_pct * total
-                if ok:
-                    accepted |= 1 << i
-                    accepted_stake += self.stakes[proposers[i]]
-                log ProposalJudged(
-                    round=r,
-                    proposer=proposers[i],
-                    accept_stake=accept_weight[i],
-                    reject_stake=total - accept_weight[i],
-                    accepted=ok,
-                )
-        if accepted != 0:
-            outcome = OUTCOME_ACCEPTED
-    decided: bool = outcome == OUTCOME_ACCEPTED or outcome == OUTCOME_REJECTED
+    elif accepted != 0:
+        outcome = OUTCOME_ACCEPTED
+    elif rejected != 0:
+        outcome = OUTCOME_REJECTED
 
     voter_budget: uint256 = 0
-    if decided:
+    if decided != 0:
         voter_budget = reward * params.voter_reward_pct // 100
     proposer_budget: uint256 = 0
-    if outcome == OUTCOME_ACCEPTED:
+    if accepted != 0:
         proposer_budget = reward - voter_budget
 
     paid: uint256 = 0
-    slashed: uint256 = self.results[r].slashed  # seed withholders, slashed at the draw
+    slashed: uint256 = self.results[r].slashed  # seed no-shows, slashed at the draw
+    leaving: DynArray[address, MAX_PARTICIPANTS] = []
     for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
         p: address = proposers[i]
-        if (submitted >> i) & 1 == 0:
-            slashed += self._slash(r, p, SLASH_NO_PROPOSAL)
+        if (valid >> i) & 1 == 0:
+            reason: uint256 = SLASH_NO_PROPOSAL
+            if self.digests[r][p] != empty(bytes32):
+                reason = SLASH_DUPLICATE_PROPOSAL
+            amount: uint256 = 0
+            evict: bool = False
+            amount, evict = self._no_show(r, p, reason)
+            slashed += amount
+            if evict:
+                leaving.append(p)
         elif (accepted >> i) & 1 == 1:
             if accepted_stake > 0:
                 share: uint256 = proposer_budget * self.stakes[p] // accepted_stake
                 self._reward(r, p, share)
                 paid += share
-        elif decided:
-            slashed += self._slash(r, p, SLASH_PROPOSAL_REJECTED)
+        elif (rejected >> i) & 1 == 1:
+            slashed += self._slash(r, p, params.slash_pct, 1, 1, SLASH_PROPOSAL_REJECTED)
 
-    # a voter's agreements: submitted proposals where its bit equals the verdict
+    # a voter's right verdicts: decided proposals where its bit equals the verdict
     agreement_weight: uint256 = 0
-    if decided:
-        for v: address in voters:
-            vote: Vote = self.votes[r][v]
-            if vote.revealed:
-                agreed: uint256 = n_submitted - self._popcount((vote.accepts ^ accepted) & submitted)
-                agreement_weight += vote.weight * agreed
-    for v: address in voters:
-        vote: Vote = self.votes[r][v]
+    n_decided: uint256 = self._popcount(decided)
+    for vote: Vote in ballots:
+        if vote.revealed:
+            agreement_weight += vote.weight * (n_decided - self._popcount((vote.accepts ^ accepted) & decided))
+    for j: uint256 in range(len(voters), bound=MAX_PARTICIPANTS):
+        v: address = voters[j]
+        vote: Vote = ballots[j]
+        if n_valid == 0:
+            break  # voting was closed: nobody owed a ballot
         if not vote.revealed:
-            if n_submitted > 0:
-                slashed += self._slash(r, v, SLASH_VOTE_NOT_REVEALED)
-        elif decided:
-            wrong: uint256 = self._popcount((vote.accepts ^ accepted) & submitted)
-            if wrong < n_submitted and agreement_weight > 0:
-                share: uint256 = voter_budget * vote.weight * (n_submitted - wrong) // agreement_weight
+            amount: uint256 = 0
+            evict: bool = False
+            amount, evict = self._no_show(r, v, SLASH_VOTE_NOT_REVEALED)
+            slashed += amount
+            if evict:
+                leaving.append(v)
+        elif decided != 0:
+            wrong: uint256 = self._popcount((vote.accepts ^ accepted) & decided)
+            if wrong < n_decided and agreement_weight > 0:
+                share: uint256 = voter_budget * vote.weight * (n_decided - wrong) // agreement_weight
                 self._reward(r, v, share)
                 paid += share
             if wrong > 0:
-                slashed += self._slash_part(r, v, wrong, n_submitted, SLASH_LOSING_VOTE)
+                slashed += self._slash(r, v, params.slash_pct, wrong, n_valid, SLASH_LOSING_VOTE)
+    for p: address in leaving:
+        self._evict(r, p)
 
     # slashes were added to the pool as they happened; payments leave it here
     self.pool -= paid
     self.results[r] = RoundResult(
-        outcome=outcome, reward=reward, paid=paid, slashed=slashed, accepted=accepted
+        outcome=outcome, reward=reward, paid=paid, slashed=slashed, accepted=accepted, rejected=rejected
     )
     log RoundFinalized(
         round=r,
@@ -806,7 +1078,8 @@ def finalize():
         paid=paid,
         slashed=slashed,
         accepted=accepted,
-        revealed_stake=total,
+        rejected=rejected,
+        committed_weight=committed,
     )
     self._next_round()
 
@@ -817,7 +1090,7 @@ def finalize():
 @external
 @nonreentrant
 def claim():
-    """@notice Pull every reward credited so far."""
+    """@notice Pull everything credited so far: rewards, keeper fees, an eviction refund."""
     amount: uint256 = self.rewards[msg.sender]
     assert amount > 0, "claim: nothing to claim"
     self.rewards[msg.sender] = 0
@@ -831,15 +1104,31 @@ def claim():
 @external
 @nonreentrant
 def withdraw():
-    """@notice Take the stake back once the task has ended or was cancelled."""
-    stage: uint256 = self.stage
-    assert stage == STAGE_ENDED or stage == STAGE_CANCELLED, "withdraw: only in ENDED or CANCELLED"
+    """
+    @notice Take the stake back once the task is over (ENDED, CANCELLED or STALLED), with a
+            pro-rata share of what is left of the pool if the task had started.
+    """
+    ph: uint256 = self._phase()
+    assert ph == PHASE_ENDED or ph == PHASE_CANCELLED or ph == PHASE_STALLED, (
+        "withdraw: only in ENDED, CANCELLED or STALLED"
+    )
     amount: uint256 = self.stakes[msg.sender]
     assert amount > 0, "withdraw: no stake"
+    share: uint256 = 0
+    if self.stage != STAGE_CANCELLED and self.stage != STAGE_REGISTRATION:
+        if not self.closed:
+            self.closed = True
+            self.closing_pool = self.pool
+            self.closing_staked = self.total_staked
+        if amount == self.total_staked:
+            share = self.pool  # the last one out takes the rounding dust
+        else:
+            share = self.closing_pool * amount // self.closing_staked
+        self.pool -= share
     self.stakes[msg.sender] = 0
     self.total_staked -= amount
-    log Withdrawn(participant=msg.sender, amount=amount)
-    assert extcall token.transfer(msg.sender, amount, default_return_value=True), (
+    log Withdrawn(participant=msg.sender, stake=amount, share=share)
+    assert extcall token.transfer(msg.sender, amount + share, default_return_value=True), (
         "withdraw: token transfer failed"
     )
 
@@ -850,21 +1139,16 @@ def exit():
     """@notice Leave mid-task with the stake: before committing a seed, or while unassigned."""
     ph: uint256 = self._phase()
     r: uint256 = self.current_round
-    index: uint256 = self.participant_index[msg.sender]
-    assert index != 0, "exit: not a participant"
+    assert self.participant_index[msg.sender] != 0, "exit: not a participant"
     if ph == PHASE_SEED_COMMIT:
         assert self.seed_commitments[r][msg.sender] == empty(bytes32), (
             "exit: seed committed this round"
         )
-    elif ph >= PHASE_PROPOSE and ph <= PHASE_AWAIT_FINALIZE:
+    elif ph >= PHASE_PROPOSE_COMMIT and ph <= PHASE_AWAIT_FINALIZE:
         assert self.roles[r][msg.sender] == ROLE_NONE, "exit: has a role this round"
     else:
         raise "exit: only in SEED_COMMIT or while unassigned in a round"
-    last: address = self.participants.pop()
-    if last != msg.sender:
-        self.participants[index - 1] = last
-        self.participant_index[last] = index
-    self.participant_index[msg.sender] = 0
+    self._remove(msg.sender)
     amount: uint256 = self.stakes[msg.sender]
     self.stakes[msg.sender] = 0
     self.total_staked -= amount
@@ -878,10 +1162,17 @@ def exit():
 @external
 @nonreentrant
 def reclaim_pool():
-    """@notice The creator takes back what is left of the pool after the task."""
+    """
+    @notice The creator takes the pool back if the task was cancelled or never started,
+            or if nobody is left to share it.
+    """
     assert msg.sender == creator, "reclaim_pool: only the creator"
-    stage: uint256 = self.stage
-    assert stage == STAGE_ENDED or stage == STAGE_CANCELLED, "reclaim_pool: only in ENDED or CANCELLED"
+    ph: uint256 = self._phase()
+    never_ran: bool = ph == PHASE_CANCELLED or (ph == PHASE_STALLED and self.stage == STAGE_REGISTRATION)
+    nobody_left: bool = (ph == PHASE_ENDED or ph == PHASE_STALLED) and self.total_staked == 0
+    assert never_ran or nobody_left, (
+        "reclaim_pool: only after a cancelled or unstarted task, or when no stake is left"
+    )
     amount: uint256 = self.pool
     assert amount > 0, "reclaim_pool: pool is empty"
     self.pool = 0

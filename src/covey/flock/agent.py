@@ -1,0 +1,538 @@
+"""A FLock participant: one account, its private data, its own folder; it plays by the chain.
+
+`Participant.step()` looks at the task's phase and does the one thing that is due for this
+participant, if any: join, commit or reveal its seed, call a due transition (start, draw_roles,
+finalize: anyone may, and a second caller's revert is harmless), train and commit a proposal,
+publish and reveal it, judge the round's proposals and commit a ballot, reveal it, and at the
+end claim and withdraw. Everything it decides from is either on chain or in its folder, so a
+participant killed at any moment and started again continues where it was:
+
+    FOLDER/
+      state.json     secrets (seeds, proposal and ballot salts) and what they commit to,
+                     written atomically *before* the transaction that commits to them; per
+                     round its role, proposal (CID, training metrics) and ballot (verdicts,
+                     scores); `costs`: gas, bytes fetched and fetch time per round
+      pending/       its update between committing and revealing (unpublished: a copier
+                     would otherwise see it before the commit window closes)
+      store/         every blob it holds, served by its gateway (`GET /ipfs/{cid}`)
+      globals/       the CIDs of the global adapters it derived (`covey.flock.ledger`)
+
+`covey flock join` runs one `Participant` in a loop against a real node; the simulation
+(`covey.flock.protocol`) steps N of them on an embedded chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covey.atomic import atomic_write_bytes
+from covey.config import RunConfig
+from covey.data.prompts import Example
+from covey.errors import CoveyError, DataError
+from covey.fed.attacks import UPDATE_ATTACKS, attack_update
+from covey.fed.rounds import RunModel
+from covey.fed.validation import validate_update
+from covey.flock.chain import ChainError, ContractRevert
+from covey.flock.commitments import (
+    accept_mask,
+    proposal_commitment,
+    seed_commitment,
+    vote_commitment,
+)
+from covey.flock.history import finished_rounds
+from covey.flock.ledger import Blobs, Ledger
+from covey.flock.scoring import judge_proposals
+from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, Role
+from covey.state import State
+from covey.store.cid import cid_for, cid_from_digest, digest_of
+from covey.store.updates import deserialize_update, serialize_update
+from covey.train.local import train_local
+
+log = logging.getLogger("covey.flock.agent")
+
+FINISHED = (Phase.ENDED, Phase.CANCELLED, Phase.STALLED)
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a participant deviates from the protocol: for robustness experiments only.
+
+    `update_attack` (`covey.fed.attacks`: sign_flip, noise, scale, free_rider) changes what it
+    proposes; `vote` is `honest`, `always_accept` (colludes with every proposal) or
+    `random_vote`. Recorded as experiment ground truth; no honest participant reads it.
+    """
+
+    update_attack: str = ""
+    strength: float = 1.0
+    vote: str = "honest"
+
+    @property
+    def malicious(self) -> bool:
+        return bool(self.update_attack) or self.vote != "honest"
+
+    @classmethod
+    def from_attack(cls, kind: str, strength: float) -> Behaviour:
+        """Behaviour of `attack.kind` (as the other engines): an update attack also colludes
+        when voting; a vote attack only votes."""
+        if kind == "none":
+            return cls()
+        if kind in UPDATE_ATTACKS:
+            return cls(update_attack=kind, strength=strength, vote="always_accept")
+        return cls(vote=kind)
+
+
+SecretSource = Callable[[int, str], bytes]
+"""`secret(round, purpose) -> 32 bytes`: fresh randomness on a real network; seeded in the
+simulation so runs repeat."""
+
+
+def random_secret(round_: int, purpose: str) -> bytes:
+    return secrets.token_bytes(32)
+
+
+class LocalState:
+    """The participant's own memory (`state.json`): every secret before it is committed."""
+
+    def __init__(self, folder: Path, task: str, address: str) -> None:
+        self.path = folder / STATE_FILE
+        self.data: dict[str, Any] = {"task": task, "address": address, "rounds": {}}
+        if self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text())
+            except json.JSONDecodeError as e:
+                raise DataError(f"{self.path}: unreadable participant state ({e})") from None
+            if saved.get("task") != task or saved.get("address") != address:
+                raise DataError(
+                    f"{self.path} belongs to participant {saved.get('address')} of task "
+                    f"{saved.get('task')}, not {address} of {task}; use another --state folder"
+                )
+            self.data = saved
+
+    def round(self, round_: int) -> dict[str, Any]:
+        rounds: dict[str, dict[str, Any]] = self.data["rounds"]
+        return rounds.setdefault(str(round_), {})
+
+    def save(self) -> None:
+        atomic_write_bytes(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
+
+    def secret(self, round_: int, purpose: str, source: SecretSource) -> bytes:
+        """The round's secret for `purpose`, made and saved the first time it is asked for."""
+        entry = self.round(round_)
+        if purpose not in entry:
+            entry[purpose] = source(round_, purpose).hex()
+            self.save()
+        return bytes.fromhex(entry[purpose])
+
+
+@dataclass
+class Participant:
+    """One FLock participant (see the module docstring)."""
+
+    task: FlockTask
+    address: str
+    cfg: RunConfig
+    model: RunModel
+    train: Sequence[Example]
+    validation: Sequence[Example]
+    folder: Path
+    blobs: Blobs
+    ledger: Ledger
+    endpoint: str = ""
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    secret: SecretSource = random_secret
+    name: str = ""
+    done: bool = False
+    """Set once the task has finished and this participant has claimed and withdrawn."""
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.state = LocalState(self.folder, self.task.address, self.address)
+        self.name = self.name or self.address[:10]
+        self._derived = 0
+
+    # ---------------------------------------------------------------- the state machine
+
+    def step(self) -> bool:
+        """Do what is due now; True if a transaction was sent (or work done toward one)."""
+        if self.done:
+            return False
+        phase = self.task.phase()
+        round_ = self.task.current_round()
+        self._report_finished_rounds(round_, phase)
+        self._derive_globals()
+        gas, fetched, fetch_s = _gas_spent(self.task), self.blobs.fetched_bytes, self.blobs.fetch_s
+        try:
+            return self._act(phase, round_)
+        except PhaseError as e:  # the window closed under us: the next step sees the new phase
+            log.info("%s: %s", self.name, e)
+            return False
+        except ContractRevert as e:
+            if self.task.phase() != phase or self.task.current_round() != round_:
+                return False  # someone else moved the phase first (start, draw, finalize)
+            raise ChainError(f"{self.name}: {e}") from None
+        finally:  # what this step cost, for the round's record and benchmarks/
+            costs = {
+                "gas": _gas_spent(self.task) - gas,
+                "fetched_bytes": self.blobs.fetched_bytes - fetched,
+                "fetch_s": self.blobs.fetch_s - fetch_s,
+            }
+            if any(costs.values()):
+                bucket = (
+                    "join" if phase == Phase.REGISTRATION
+                    else "settle" if phase in FINISHED
+                    else str(round_)
+                )  # fmt: skip
+                entry = self.state.data.setdefault("costs", {}).setdefault(bucket, {})
+                for key, value in costs.items():
+                    entry[key] = entry.get(key, 0) + value
+                self.state.save()
+
+    def _derive_globals(self) -> None:
+        """Derive the global adapter after each finished round as soon as it is final, while
+        the proposers whose updates it averages are still online to serve them."""
+        finished = finished_rounds(self.task)
+        if self._derived >= finished:
+            return
+        try:
+            _, cid = self.ledger.global_state(finished)
+        except DataError as e:  # nobody serves an accepted update yet: try again next step
+            log.warning("%s: global adapter after round %d: %s", self.name, finished - 1, e)
+            return
+        self._derived = finished
+        log.info("%s: global adapter after %d round(s): %s", self.name, finished, cid)
+
+    def _act(self, phase: Phase, round_: int) -> bool:
+        me = self.address
+        if phase in FINISHED:
+            return self._settle(phase)
+        if self.task.joined(me) and self._update_endpoint():
+            return True  # a restart on another address: peers must find our blobs again
+        if phase == Phase.REGISTRATION:
+            return self._join() if not self.task.joined(me) else False
+        if phase in (Phase.AWAIT_START, Phase.AWAIT_DRAW, Phase.AWAIT_FINALIZE):
+            return self._keep(phase)
+        if not self._member():
+            if phase == Phase.SEED_COMMIT and not self.task.joined(me):
+                return self._join()  # a free slot after an eviction or exit
+            return False
+        if phase == Phase.SEED_COMMIT:
+            return self._commit_seed(round_)
+        if phase == Phase.SEED_REVEAL:
+            return self._reveal_seed(round_)
+        role = self.task.role_of(round_, me)
+        self._note_role(round_, role)
+        if role == Role.PROPOSER and phase == Phase.PROPOSE_COMMIT:
+            return self._commit_proposal(round_)
+        if role == Role.PROPOSER and phase == Phase.PROPOSE_REVEAL:
+            return self._reveal_proposal(round_)
+        if role == Role.VOTER and phase == Phase.VOTE_COMMIT:
+            return self._commit_ballot(round_)
+        if role == Role.VOTER and phase == Phase.VOTE_REVEAL:
+            return self._reveal_ballot(round_)
+        return False
+
+    def _member(self) -> bool:
+        return any(p.lower() == self.address.lower() for p in self.task.participants())
+
+    # ---------------------------------------------------------------- registration
+
+    def _join(self) -> bool:
+        if self.state.data.get("left"):
+            return False
+        stake_and_join(self.task, self.address, self.endpoint, self.name)
+        return True
+
+    def _update_endpoint(self) -> bool:
+        if self.endpoint and self.task.endpoint_of(self.address) != self.endpoint:
+            self.task.set_endpoint(self.endpoint, sender=self.address)
+            log.info("%s: now serving blobs at %s", self.name, self.endpoint)
+            return True
+        return False
+
+    # ---------------------------------------------------------------- transitions
+
+    def _keep(self, phase: Phase) -> bool:
+        """Call the due transition; whoever is first gets the keeper fee, later callers see the
+        phase move on (their revert is caught in `step`)."""
+        call = {
+            Phase.AWAIT_START: self.task.start,
+            Phase.AWAIT_DRAW: self.task.draw_roles,
+            Phase.AWAIT_FINALIZE: self.task.finalize,
+        }[phase]
+        try:
+            call(sender=self.address)
+        except ContractRevert as e:  # another participant called it first: harmless
+            log.debug("%s: %s not needed (%s)", self.name, call.__name__, e)
+            return False
+        log.info("%s: called %s", self.name, call.__name__)
+        return True
+
+    # ---------------------------------------------------------------- seeds
+
+    def _commit_seed(self, round_: int) -> bool:
+        commitment, _ = self.task.seed_status(round_, self.address)
+        if any(commitment):
+            return False
+        seed = self.state.secret(round_, "seed", self.secret)  # saved before it is committed
+        self.task.commit_seed(seed_commitment(seed, self.address), sender=self.address)
+        log.info("%s: round %d: committed a seed", self.name, round_)
+        return True
+
+    def _reveal_seed(self, round_: int) -> bool:
+        commitment, revealed = self.task.seed_status(round_, self.address)
+        if not any(commitment) or revealed:
+            return False
+        seed = self.state.secret(round_, "seed", self.secret)
+        self.task.reveal_seed(seed, sender=self.address)
+        log.info("%s: round %d: revealed its seed", self.name, round_)
+        return True
+
+    def _note_role(self, round_: int, role: Role) -> None:
+        entry = self.state.round(round_)
+        if "role" not in entry:
+            entry["role"] = role.name.lower()
+            self.state.save()
+            log.info("%s: round %d: role %s", self.name, round_, entry["role"])
+
+    # ---------------------------------------------------------------- proposing
+
+    def _commit_proposal(self, round_: int) -> bool:
+        if any(self.task.proposal_of(round_, self.address).commitment):
+            return False
+        entry = self.state.round(round_)
+        if "proposal" not in entry:  # a restart after training reuses the trained update
+            global_state, global_cid = self.ledger.global_state(round_)
+            data, line = self._train(round_, global_state)
+            pending = self.folder / "pending"
+            pending.mkdir(exist_ok=True)
+            cid = cid_for(data)
+            atomic_write_bytes(pending / cid, data)
+            entry["proposal"] = {"cid": cid, "from": global_cid, "training": line}
+            self.state.save()
+        proposal = entry["proposal"]
+        salt = self.state.secret(round_, "proposal_salt", self.secret)
+        commitment = proposal_commitment(digest_of(proposal["cid"]), salt, self.address)
+        self.task.commit_proposal(commitment, sender=self.address)
+        log.info("%s: round %d: committed proposal %s", self.name, round_, proposal["cid"])
+        return True
+
+    def _train(self, round_: int, global_state: State) -> tuple[bytes, dict[str, float]]:
+        """Train from the round's global adapter on the private data (or attack); the update's
+        canonical bytes and the training metrics."""
+        seed = int.from_bytes(self.state.secret(round_, "train_seed", self.secret)[:4], "big")
+        attack = self.behaviour.update_attack
+        metrics: dict[str, float] = {}
+        if attack == "free_rider":
+            state = global_state
+        else:
+            update = train_local(
+                self.model.model, self.train, global_state, self.cfg.train, seed,
+                self.model.pad_id,
+            )  # fmt: skip
+            state, metrics = update.state, update.metrics
+            log.info(
+                "%s: round %d: trained on %d examples (loss %.4f, %.0f tokens/s)",
+                self.name, round_, len(self.train), metrics["train_loss"], metrics["tokens_per_s"],
+            )  # fmt: skip
+        if attack:
+            state = attack_update(attack, global_state, state, self.behaviour.strength, seed)
+        # fixed metadata: the bytes, and so the CID, depend only on the tensors
+        return serialize_update(state, {"format": "covey-flock-update/1"}), metrics
+
+    def _reveal_proposal(self, round_: int) -> bool:
+        status = self.task.proposal_of(round_, self.address)
+        proposal = self.state.round(round_).get("proposal")
+        if not any(status.commitment) or any(status.digest) or proposal is None:
+            return False
+        cid = proposal["cid"]
+        data = (self.folder / "pending" / cid).read_bytes()
+        self.blobs.put(data)  # published now that no one can commit a copy any more
+        proposal["bytes"] = len(data)
+        salt = self.state.secret(round_, "proposal_salt", self.secret)
+        self.task.reveal_proposal(digest_of(cid), salt, sender=self.address)
+        log.info("%s: round %d: revealed proposal %s", self.name, round_, cid)
+        return True
+
+    # ---------------------------------------------------------------- voting
+
+    def _commit_ballot(self, round_: int) -> bool:
+        if any(self.task.vote_of(round_, self.address).commitment):
+            return False
+        if self.task.proposal_count(round_) == 0:
+            return False  # the contract closes voting on a round without a valid proposal
+        entry = self.state.round(round_)
+        if "ballot" not in entry:
+            entry["ballot"] = self._judge(round_)
+            self.state.save()
+        ballot = entry["ballot"]
+        salt = self.state.secret(round_, "ballot_salt", self.secret)
+        mask = accept_mask(ballot["accepts"])
+        self.task.commit_vote(vote_commitment(mask, salt, self.address), sender=self.address)
+        log.info(
+            "%s: round %d: committed ballot %s",
+            self.name, round_, "".join("+-"[not a] for a in ballot["accepts"]),
+        )  # fmt: skip
+        return True
+
+    def _judge(self, round_: int) -> dict[str, Any]:
+        """Fetch every valid proposal by CID, validate it against the round's global adapter,
+        score it on the private validation split: the ballot, a verdict per proposer in draw
+        order (a proposer without a valid, fetchable, well-formed update is rejected)."""
+        started = time.perf_counter()
+        global_state, _ = self.ledger.global_state(round_)
+        digests = dict(self.task.proposals(round_))
+        proposers = self.task.proposers_of(round_)
+        candidates: list[State | None] = []
+        cids: list[str | None] = []
+        for proposer in proposers:
+            state: State | None = None
+            cid = cid_from_digest(digests[proposer]) if proposer in digests else None
+            if cid is not None:
+                try:  # the bytes are re-hashed against the CID on the way
+                    state = deserialize_update(self.blobs.get(cid, proposer))
+                except DataError as e:
+                    log.warning("%s: round %d: proposal %s refused: %s", self.name, round_, cid, e)
+                if state is not None:
+                    verdict = validate_update(
+                        state, global_state, 1, 1, self.cfg.fed.max_update_norm
+                    )
+                    if not verdict.accepted:
+                        log.warning(
+                            "%s: round %d: proposal %s invalid: %s",
+                            self.name, round_, cid, verdict.reason,
+                        )  # fmt: skip
+                        state = None
+            candidates.append(state)
+            cids.append(cid)
+        judged = judge_proposals(
+            self.model.model, self.validation, global_state, candidates, self.cfg.flock.harm_z,
+            self.cfg.eval.batch_size, self.model.pad_id,
+        )  # fmt: skip
+        accepts = [j is not None and j.accept for j in judged]
+        if self.behaviour.vote == "always_accept":
+            accepts = [True] * len(proposers)
+        elif self.behaviour.vote == "random_vote":
+            digest = self.state.secret(round_, "random_vote", self.secret)
+            coins = np.random.default_rng(list(digest)).integers(2, size=len(proposers))
+            accepts = [bool(c) for c in coins]
+        return {
+            "accepts": accepts,
+            "cids": cids,
+            "gains": [None if j is None else round(j.gain, 6) for j in judged],
+            "harm_z": [None if j is None else round(j.harm_z, 3) for j in judged],
+            "seconds": time.perf_counter() - started,
+        }
+
+    def _reveal_ballot(self, round_: int) -> bool:
+        vote = self.task.vote_of(round_, self.address)
+        ballot = self.state.round(round_).get("ballot")
+        if not any(vote.commitment) or vote.revealed or ballot is None:
+            return False
+        salt = self.state.secret(round_, "ballot_salt", self.secret)
+        self.task.reveal_vote(accept_mask(ballot["accepts"]), salt, sender=self.address)
+        log.info("%s: round %d: revealed its ballot", self.name, round_)
+        return True
+
+    # ---------------------------------------------------------------- the end
+
+    def _settle(self, phase: Phase) -> bool:
+        me = self.address
+        if self.task.reward_of(me) > 0:
+            amount = self.task.reward_of(me)
+            self.task.claim(sender=me)
+            log.info("%s: claimed %s tokens", self.name, _tokens(amount))
+            return True
+        if self.task.stake_of(me) > 0:
+            result = self.task.withdraw(sender=me)
+            for event in result.named("Withdrawn"):
+                log.info(
+                    "%s: withdrew its stake of %s tokens and %s of the pool",
+                    self.name, _tokens(event["stake"]), _tokens(event["share"]),
+                )  # fmt: skip
+            return True
+        self.done = True
+        log.info("%s: task %s; nothing left to claim", self.name, phase.name.lower())
+        return False
+
+    def _report_finished_rounds(self, round_: int, phase: Phase) -> None:
+        """One line per finished round: what this participant earned and lost in it."""
+        finished = finished_rounds(self.task)
+        reported = int(self.state.data.get("reported", 0))
+        if reported >= finished:
+            return
+        me = self.address.lower()
+        # events of the rounds still to report are all at or after the block that opened the
+        # stage they were read in (the draw's slashes are in the block that opened the round)
+        since = self.state.data.get("scanned_from")
+        next_since = self.task.stage_start()
+        rewards = self.task.events("Rewarded", since)
+        slashes = self.task.events("Slashed", since)
+        for r in range(reported, min(finished, self.task.params.rounds)):
+            result = self.task.result(r)
+            got = sum(e["amount"] for e in rewards if _of(e, r, me))
+            lost = sum(e["amount"] for e in slashes if _of(e, r, me))
+            log.info(
+                "%s: round %d: %s; reward %s, slash %s",
+                self.name, r, result.outcome.name.lower(), _tokens(got), _tokens(lost),
+            )  # fmt: skip
+        self.state.data["reported"] = finished
+        self.state.data["scanned_from"] = next_since
+        self.state.save()
+
+
+def stake_and_join(task: FlockTask, address: str, endpoint: str, name: str) -> None:
+    """Approve and stake the task's minimum, registering where this participant serves blobs."""
+    stake = task.params.min_stake
+    balance = task.token.balance_of(address)
+    if balance < stake:
+        raise CoveyError(
+            f"{address} holds {balance / TOKEN_UNIT:g} tokens of {task.token.address}; the "
+            f"stake is {stake / TOKEN_UNIT:g}: ask the task's creator to fund the address"
+        )
+    task.join(stake, endpoint, sender=address)
+    log.info("%s: joined with a stake of %s tokens; serving blobs at %s", name, _tokens(stake),
+             endpoint or "(nowhere)")  # fmt: skip
+
+
+def _gas_spent(task: FlockTask) -> int:
+    """Gas of every transaction this process has sent on `task`'s chain connection."""
+    return sum(sum(used) for used in task.chain.gas.values())
+
+
+def _of(event: dict[str, Any], round_: int, who: str) -> bool:
+    return bool(event["round"] == round_ and str(event["participant"]).lower() == who)
+
+
+def _tokens(wei: int) -> str:
+    return f"{wei / TOKEN_UNIT:.2f}"
+
+
+def data_split(examples: Sequence[Example], keep: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): every k-th example is private validation data, never trained on
+    (at most a quarter of the examples, at least one)."""
+    keep = min(keep, len(examples) // 4)
+    step = max(1, len(examples) // max(keep, 1))
+    chosen = set(range(0, len(examples), step)[:keep]) if keep else set()
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    validation = [e for i, e in enumerate(examples) if i in chosen] or list(examples[:1])
+    return train, validation
+
+
+def seeded_secret(seed: int, index: int) -> SecretSource:
+    """Secrets derived from a run seed, so a simulation repeats exactly (never on a network)."""
+
+    def secret(round_: int, purpose: str) -> bytes:
+        return hashlib.sha256(f"{seed}/{round_}/{index}/{purpose}".encode()).digest()
+
+    return secret

@@ -1,0 +1,185 @@
+"""The global adapter of a FLock task, derived from public facts, never trusted.
+
+Nobody publishes "the" global adapter. Every participant, and any outsider (`covey flock
+fetch`), computes it the same way from the chain and the content-addressed updates:
+
+    global(0)     = the task bundle's initial adapter
+    global(r + 1) = global(r) if round r accepted nothing, else the equal-weight average of
+                    the updates round r accepted (the `accepted` bits of result(r), over
+                    proposers_of(r) in draw order) that pass validation against global(r)
+                    (`covey.fed.validation`: keys, shapes, dtypes, finite, fed.max_update_norm)
+
+The arithmetic is `covey.fed.strategies.fedavg` on the CPU and the bytes are those of the
+adapter's PEFT file (fixed metadata: the bundle's base model id), so every party holds the
+same bytes under the same CID.
+An accepted update that fails validation is left out by everyone alike (validation is
+deterministic). One that nobody can fetch stops the derivation with a DataError until some
+peer serves it: every participant serves every blob it holds, so a round's voters can.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from covey.atomic import atomic_write_bytes
+from covey.config import FedConfig
+from covey.errors import DataError
+from covey.fed.strategies import aggregate, get_strategy
+from covey.fed.validation import validate_update
+from covey.flock.task import FlockTask, Outcome
+from covey.state import State
+from covey.store.cid import cid_from_digest
+from covey.store.gateway import DEFAULT_MAX_BYTES, fetch
+from covey.store.local import LocalStore
+from covey.store.updates import deserialize_update, serialize_update
+
+log = logging.getLogger("covey.flock")
+
+
+class Blobs:
+    """Where a participant keeps, serves and finds blobs: its own store (which its gateway
+    serves) first, then the publisher's registered endpoint, every other participant's, and
+    any configured gateways. Whatever is fetched is verified and kept, so it is served on."""
+
+    def __init__(
+        self,
+        store: LocalStore,
+        task: FlockTask | None = None,
+        gateways: Sequence[str] = (),
+        *,
+        timeout: float = 30.0,
+        attempts: int = 3,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.store = store
+        self.task = task
+        self.gateways = list(gateways)
+        self.timeout, self.attempts, self.max_bytes = timeout, attempts, max_bytes
+        self.fetched_bytes = 0
+        """Bytes received from other parties so far (not counting the local store)."""
+        self.fetch_s = 0.0
+
+    def put(self, data: bytes) -> str:
+        return self.store.put(data)
+
+    def get(self, cid: str, publisher: str | None = None) -> bytes:
+        if cid in self.store:
+            return self.store.get(cid)
+        started = time.perf_counter()
+        try:
+            data = fetch(
+                cid, self.sources(publisher), max_bytes=self.max_bytes, timeout=self.timeout,
+                attempts=self.attempts,
+            )  # fmt: skip
+        finally:
+            self.fetch_s += time.perf_counter() - started
+        self.fetched_bytes += len(data)
+        self.store.put(data)
+        return data
+
+    def sources(self, publisher: str | None = None) -> list[str]:
+        """Gateways to ask, the publisher's first."""
+        urls: list[str] = []
+        if self.task is not None:
+            members = self.task.participants()
+            if publisher is not None:
+                members = [publisher, *[m for m in members if m.lower() != publisher.lower()]]
+            urls = [self.task.endpoint_of(m) for m in members]
+        return [u for u in dict.fromkeys([*urls, *self.gateways]) if u]
+
+
+def global_bytes(state: State, base_model: str) -> bytes:
+    """The canonical bytes of a global adapter: the adapter_model.safetensors that
+    `covey.model.lora.adapter_files` writes for it, so the PEFT folder's file has the CID."""
+    return serialize_update(state, {"format": "pt", "base_model": base_model})
+
+
+class Ledger:
+    """Global adapters of one task, derived round by round and cached in `cache` by CID."""
+
+    def __init__(
+        self,
+        task: FlockTask,
+        blobs: Blobs,
+        initial_cid: str,
+        max_update_norm: float,
+        base_model: str,
+        cache: Path | None = None,
+    ) -> None:
+        self.task = task
+        self.blobs = blobs
+        self.initial_cid = initial_cid
+        self.base_model = base_model
+        self.max_update_norm = max_update_norm
+        self.cache = cache
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+        self._cids: dict[int, str] = {}
+
+    def global_state(self, round_: int) -> tuple[State, str]:
+        """The adapter round `round_` trains from (`round_` = the number of finished rounds
+        gives the task's final adapter), and its CID. Rounds before `round_` must be final."""
+        if round_ == 0:
+            data = self.blobs.get(self.initial_cid)
+            return deserialize_update(data), self.initial_cid
+        cid = self._known_cid(round_)
+        if cid is not None and cid in self.blobs.store:
+            return deserialize_update(self.blobs.store.get(cid)), cid
+        previous, previous_cid = self.global_state(round_ - 1)
+        accepted = self.accepted_updates(round_ - 1)
+        states = []
+        for proposer, update_cid in accepted:
+            data = self.blobs.get(update_cid, proposer)  # DataError: nobody serves it (yet)
+            try:
+                update = deserialize_update(data)
+            except DataError as e:
+                problem = str(e)
+            else:
+                problem = validate_update(update, previous, 1, 1, self.max_update_norm).reason
+            if problem:
+                log.warning(
+                    "round %d: accepted update %s left out: %s", round_ - 1, update_cid, problem
+                )
+                continue
+            states.append(update)
+        if not states:
+            self._remember(round_, previous_cid)
+            return previous, previous_cid
+        merged, _ = aggregate(
+            get_strategy("fedavg"),
+            {k: v.cpu() for k, v in previous.items()},
+            [{k: v.cpu() for k, v in s.items()} for s in states],
+            [1.0] * len(states),
+            {},
+            FedConfig(),
+        )
+        cid = self.blobs.put(global_bytes(merged, self.base_model))
+        self._remember(round_, cid)
+        return merged, cid
+
+    def accepted_updates(self, round_: int) -> list[tuple[str, str]]:
+        """(proposer, update CID) of each proposal round `round_` accepted, in draw order."""
+        result = self.task.result(round_)
+        if result.outcome != Outcome.ACCEPTED:
+            return []
+        digests = dict(self.task.proposals(round_))
+        accepted = []
+        for i, proposer in enumerate(self.task.proposers_of(round_)):
+            if result.accepted >> i & 1 and proposer in digests:
+                accepted.append((proposer, cid_from_digest(digests[proposer])))
+        return accepted
+
+    def _known_cid(self, round_: int) -> str | None:
+        if round_ in self._cids:
+            return self._cids[round_]
+        if self.cache is not None and (self.cache / f"global_{round_:04d}.cid").is_file():
+            return (self.cache / f"global_{round_:04d}.cid").read_text().strip()
+        return None
+
+    def _remember(self, round_: int, cid: str) -> None:
+        self._cids[round_] = cid
+        if self.cache is not None:
+            atomic_write_bytes(self.cache / f"global_{round_:04d}.cid", f"{cid}\n".encode())

@@ -1,0 +1,220 @@
+"""FLock as a network: one `covey flock join` process per participant on a real node (anvil).
+
+Each participant is a separate OS process with its own key file, data file, folder and HTTP
+gateway; they share only the chain and HTTP. One of them attacks (its update sign-flipped x100), one is
+killed with SIGKILL in round 0 and started again with the same command. The task must end with
+the attacker's proposals voted down and slashed, the restarted participant carrying on from its
+folder (its committed seed still there), and every participant, and an outsider's `fetch`,
+holding the same global adapter bytes. Skips without anvil (`make anvil`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from covey.config import load_recipe
+from covey.data.split import SplitConfig, run_split
+from covey.flock.chain import Chain
+from covey.flock.commitments import seed_commitment
+from covey.flock.devnet import fund_eth, join_command, new_key_file
+from covey.flock.devnode import find_anvil, run_anvil
+from covey.flock.keys import load_private_key
+from covey.flock.ledger import Blobs, Ledger
+from covey.flock.network import (
+    archive_rounds,
+    attach_task,
+    base_model_id_of,
+    create_task,
+    fetch_adapter,
+    task_status,
+)
+from covey.flock.task import Phase, SlashReason
+from covey.store.gateway import Gateway
+from covey.store.local import LocalStore
+from tests.conftest import dolly_records, write_records
+
+pytestmark = [
+    pytest.mark.chain,
+    pytest.mark.slow,
+    pytest.mark.skipif(find_anvil() is None, reason="no anvil binary: run `make anvil`"),
+]
+
+PARTICIPANTS = 4
+ATTACKER, RESTARTED = 0, 1
+RULED = (SlashReason.PROPOSAL_REJECTED,)
+"""Slashes of slash_pct% (a verdict); the other reasons are missed duties (no_show_pct%)."""
+
+
+def recipe(tiny_model_dir: Path, data: Path) -> Path:
+    text = f"""
+[model]
+base = "{tiny_model_dir}"
+[data]
+dir = "{data}"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+[prompt]
+template = "chat"
+cutoff_len = 128
+[train]
+epochs = 1
+batch_size = 8
+micro_batch_size = 8
+lr = 3e-2
+[fed]
+consensus = "flock"
+rounds = 3
+[flock]
+proposers_per_round = 3
+voters_per_round = 1
+validation_examples = 4
+harm_z = 0.0
+[attack]
+strength = 100.0
+"""
+    path = data.parent / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def wait_for_line(log: Path, text: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{log} never said {text!r}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def test_participants_in_separate_processes_finish_a_task_on_anvil(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    source = write_records(tmp_path / "source.jsonl", dolly_records(per_category=10))
+    data = tmp_path / "split"
+    run_split(SplitConfig(input=str(source), out=data, clients=PARTICIPANTS, min_size=8,
+                          scheme="iid", test_per_category=2))  # fmt: skip
+    cfg = load_recipe(recipe(tiny_model_dir, data), [])
+    folders = [tmp_path / f"participant_{i}" for i in range(PARTICIPANTS)]
+    with run_anvil(block_time_s=1) as url:
+        node = Chain.connect(url)
+        creator = new_key_file(tmp_path / "creator" / "key")
+        addresses = [new_key_file(f / "key") for f in folders]
+        assert all(os.stat(f / "key").st_mode & 0o077 == 0 for f in folders)  # owner-only
+        fund_eth(node, [creator, *addresses])
+        chain = Chain.connect(url, key=load_private_key(tmp_path / "creator" / "key"))
+        store = LocalStore(tmp_path / "creator" / "store")
+        created = create_task(
+            cfg, chain, store, participants=PARTICIPANTS, block_time_s=1, train_s=8, tx_s=3,
+            registration_s=200, fund=dict.fromkeys(addresses, 2 * cfg.flock.stake),
+        )  # fmt: skip
+        with Gateway(store) as gateway:
+            commands = [
+                join_command(
+                    created.task,
+                    url,
+                    folder,
+                    data / f"client_{i}.jsonl",
+                    gateway.url,
+                    cfg,
+                    "sign_flip" if i == ATTACKER else "none",
+                )
+                for i, folder in enumerate(folders)
+            ]
+            processes = [
+                subprocess.Popen(c, stdout=(f / "join.log").open("ab"), stderr=subprocess.STDOUT)
+                for c, f in zip(commands, folders, strict=True)
+            ]
+            log = folders[RESTARTED] / "join.log"
+            wait_for_line(log, "round 0: committed a seed", timeout_s=400)
+            processes[RESTARTED].send_signal(signal.SIGKILL)
+            processes[RESTARTED].wait()
+            with log.open("ab") as out:
+                out.write(b"--- killed with SIGKILL, started again ---\n")
+            processes[RESTARTED] = subprocess.Popen(
+                commands[RESTARTED], stdout=log.open("ab"), stderr=subprocess.STDOUT
+            )
+            # the creator archives each round's accepted updates, as `create --serve` does
+            task = attach_task(node, created.task)
+            archive = Ledger(task, Blobs(store, task), created.initial_adapter,
+                             cfg.fed.max_update_norm, base_model_id_of(store, created))  # fmt: skip
+            deadline = time.monotonic() + 900
+            while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+                archive_rounds(archive)
+                time.sleep(2)
+            archive_rounds(archive)
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+            logs = {f.name: (f / "join.log").read_text(errors="replace")[-2500:] for f in folders}
+            assert [p.returncode for p in processes] == [0] * PARTICIPANTS, logs
+
+            assert task.phase() == Phase.ENDED
+            status = task_status(task)
+            # the attacker's proposals are voted down and slashed (3 of 4 propose each round:
+            # the draw, which mixes in block hashes, leaves it out of all 3 rounds 1.6% of runs)
+            attacked = [
+                p for r in status["history"] for p in r["proposals"]
+                if p["address"] == addresses[ATTACKER]
+            ]  # fmt: skip
+            assert all(p["rejected"] and not p["accepted"] for p in attacked), status["history"]
+            honest = [
+                p for r in status["history"] for p in r["proposals"]
+                if p["address"] != addresses[ATTACKER]
+            ]  # fmt: skip
+            assert any(p["accepted"] for p in honest), status["history"]
+            # every slash follows the contract's documented rule, replayed from the events
+            params = task.params
+            stakes = dict.fromkeys(addresses, params.min_stake)
+            rejected_slashes = 0
+            for event in task.events("Slashed"):
+                who, reason = str(event["participant"]), SlashReason(int(event["reason"]))
+                if reason == SlashReason.LOSING_VOTE:  # the share of verdicts it got wrong
+                    assert event["amount"] <= stakes[who] * params.slash_pct // 100
+                else:
+                    pct = params.slash_pct if reason in RULED else params.no_show_pct
+                    assert event["amount"] == stakes[who] * pct // 100, (event, reason)
+                rejected_slashes += reason == SlashReason.PROPOSAL_REJECTED
+                stakes[who] -= event["amount"]
+            assert rejected_slashes == len(attacked)
+            # tokens are conserved: whatever is not in a wallet is still in the task's pool
+            token = task.token
+            holders = [created.task, chain.default_account, *addresses]
+            assert sum(token.balance_of(h) for h in holders) == token.call("totalSupply")
+            assert token.balance_of(created.task) == task.pool()
+            # the restarted participant's seed was on disk before its commitment went out
+            saved = json.loads((folders[RESTARTED] / "state.json").read_text())
+            seed = bytes.fromhex(saved["rounds"]["0"]["seed"])
+            on_chain, _ = task.seed_status(0, addresses[RESTARTED])
+            assert on_chain == seed_commitment(seed, addresses[RESTARTED])
+            assert "killed with SIGKILL" in logs[folders[RESTARTED].name]
+            # everyone withdrew: no stake or credit is left in the task
+            assert all(b["stake"] == 0 and b["unclaimed"] == 0 for b in status["balances"])
+            # every participant derived the same global adapter bytes, and so does an outsider
+            finals = {(f / "final" / "adapter_model.safetensors").read_bytes() for f in folders}
+            assert len(finals) == 1
+            blobs = Blobs(LocalStore(tmp_path / "outsider"), task, [gateway.url])
+            out, cid = fetch_adapter(task, blobs, tmp_path / "fetched", None, None)
+            assert (out / "adapter_model.safetensors").read_bytes() in finals
+            meta = json.loads((folders[0] / "final" / "covey-flock.json").read_text())
+            assert meta["cid"] == cid
+            # and the CLI tells the same story from the chain alone
+            shown = subprocess.run(
+                [sys.executable, "-m", "covey", "flock", "status", created.task,
+                 "--chain-url", url, "--json"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert json.loads(shown.stdout)["phase"] == "ENDED"
+            # no key was ever printed
+            for f in folders:
+                key = (f / "key").read_text().strip()
+                assert key not in (f / "join.log").read_text(errors="replace")
