@@ -1,10 +1,12 @@
 """Local-training throughput: Covey's `train_local` against a bare PyTorch loop.
 
-Both run the same optimizer steps (same micro-batches, same padding, same model, same AdamW) in
-one process, alternated A B A B ... after a warm-up, so machine noise hits both alike. The bare
-loop is what a person would write by hand: forward, summed cross-entropy, backward, clip, step.
-Covey's extra work (copying the global adapter in, the LR schedule, bookkeeping, copying the
-adapter out) is what the ratio measures. Writes benchmarks/results/local_train_<device>.json.
+Both run the same optimizer steps (same micro-batches laid out the same way, same loss
+computation, same model, same AdamW) in one process, alternated A B A B ... after a warm-up, so
+machine noise hits both alike. The bare loop is what a person would write by hand around
+Covey's micro-batch math (`make_batch`, `summed_loss`): forward, backward, clip, step. Covey's
+extra work (copying the global adapter in, the LR schedule, bookkeeping, copying the adapter out)
+is what the ratio measures; how much less the micro-batch math computes than a stock Trainer is
+`bench_vs_trainer.py`'s question. Writes benchmarks/results/local_train_<device>.json.
 
     .venv/bin/python benchmarks/bench_local_train.py                  # SmolLM2 GGUF, CPU
     python benchmarks/bench_local_train.py --random-init --device cuda   # on a GPU machine
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -31,7 +34,9 @@ from covey.data.prompts import tokenize_records
 from covey.data.records import load_records
 from covey.data.split import bundled_sample_path
 from covey.model.lora import adapter_state, wrap_with_lora
-from covey.train.local import collate, plan_steps, token_loss_sum, train_local
+from covey.train.local import plan_steps, train_local
+from covey.train.loss import summed_loss
+from covey.train.packing import make_batch, packs_by_default
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_ARCH = {  # SmolLM2-135M-Instruct's config.json, for --random-init
@@ -71,13 +76,14 @@ def bare_loop(model: Any, examples: list, steps: list, cfg: TrainConfig, pad_id:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     tokens = 0
+    packed = packs_by_default(model)
     for micro_batches in steps:
         optimizer.zero_grad(set_to_none=True)
         targets = sum(examples[i].num_target_tokens for mb in micro_batches for i in mb)
         for micro in micro_batches:
-            ids, mask, labels = collate([examples[i] for i in micro], pad_id, device)
-            (token_loss_sum(model, ids, mask, labels) / targets).backward()
-            tokens += int(mask.sum())
+            batch = make_batch([examples[i] for i in micro], pad_id, device, packed)
+            (summed_loss(model, batch) / targets).backward()
+            tokens += batch.tokens
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
     model.eval()
@@ -149,6 +155,8 @@ def main() -> None:
         else platform.processor() or "cpu",
         "dtype": str(next(peft.parameters()).dtype),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1min_at_end": os.getloadavg()[0],
         "steps": len(steps),
         "batch": args.batch,
         "micro_batch": args.micro,

@@ -21,8 +21,10 @@ from covey.config import RunConfig, load_recipe
 from covey.errors import ConfigError
 from covey.fed import engine
 from covey.fed.checkpoint import content_hash
-from covey.fed.rounds import RunHistory
+from covey.fed.rounds import Played, RunFolder, RunHistory, client_line, run_rounds
+from covey.fed.strategies import Accumulator
 from covey.model.loading import base_model_id, load_base_model
+from covey.state import State
 
 
 def tiny_config(tiny_model_dir: Path, client_data_dir: Path, out: Path, *sets: str) -> RunConfig:
@@ -130,6 +132,32 @@ def test_updates_beyond_the_norm_bound_are_rejected_and_the_round_completes(
     before = load_file(tmp_path / "r" / "round_000" / "adapter_model.safetensors")
     after = load_file(tmp_path / "r" / "round_001" / "adapter_model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_engine_that_hands_over_the_next_adapter_skips_the_strategy(
+    tiny_model_dir: Path, client_data_dir: Path, tmp_path: Path
+) -> None:
+    """FLock derives the next global adapter from the chain: the loop must save that adapter,
+    leave the strategy's accumulator and server state alone, and record the engine's lines."""
+    cfg = tiny_config(
+        tiny_model_dir, client_data_dir, tmp_path / "r", "fed.rounds=1", "fed.strategy=fedadam"
+    )
+    model, tokenizer = load_base_model(cfg.model)
+    fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    handed: dict[str, torch.Tensor] = {}
+    line = client_line(0, 5, False, {})
+
+    def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
+        handed.update({k: v + 0.5 for k, v in global_state.items()})
+        return Played(selected=[0], merge=merge, merged=[line], next_state=handed)
+
+    folder = RunFolder.check(cfg, resume=False)
+    record = run_rounds(cfg, folder, fed.run_model, play).records[-1]
+    saved = load_file(tmp_path / "r" / "round_001" / "adapter_model.safetensors")
+    assert saved.keys() == handed.keys()
+    assert all(torch.equal(saved[k], handed[k]) for k in saved)
+    assert record["clients"] == [line]
+    assert not (tmp_path / "r" / "round_001" / "server_state.safetensors").exists()
 
 
 def test_existing_run_needs_resume_and_the_same_settings(

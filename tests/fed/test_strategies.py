@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 
 from covey.config import FedConfig
 from covey.errors import ConfigError
-from covey.fed.strategies import (
-    STRATEGIES,
-    ServerState,
-    State,
-    Strategy,
-    fedavg,
-    fedavgm,
-    fedprox,
-    get_strategy,
-    weighted_average,
-)
+from covey.fed.strategies import STRATEGIES, ServerState, State, aggregate, get_strategy
 
 ALL = sorted(STRATEGIES)
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -51,31 +43,38 @@ def assert_state(got: dict[str, torch.Tensor], want: dict[str, list[float]]) -> 
         )
 
 
-# ---- FedAvg / FedProx and the plain average ----
+def run(
+    name: str,
+    glob: State,
+    states: list[State],
+    weights: list[float],
+    server: ServerState,
+    cfg: FedConfig,
+) -> tuple[State, ServerState]:
+    """The strategy `name` over a list of updates (start, add each, finish)."""
+    return aggregate(get_strategy(name), glob, states, weights, server, cfg)
 
 
-def test_weighted_average_respects_weights() -> None:
-    # (1*[1, 2] + 3*[3, 6]) / 4 = [2.5, 5.0]
-    assert_state(weighted_average([st([1, 2]), st([3, 6])], [1, 3]), {"w": [2.5, 5.0]})
-    # only ratios matter
-    assert_state(weighted_average([st([1, 2]), st([3, 6])], [20, 60]), {"w": [2.5, 5.0]})
+# ---- FedAvg / FedProx ----
 
 
-@pytest.mark.parametrize("fn", [fedavg, fedprox])
-def test_fedavg_weighted_by_samples(fn: Strategy) -> None:
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_fedavg_weighted_by_samples(name: str) -> None:
     glob = st([100.0, -100.0])  # FedAvg ignores the old global values
     states = [st([0.0, 10.0]), st([4.0, 2.0]), st([8.0, 0.0])]
     # weights 1, 1, 2: ([0,10] + [4,2] + 2*[8,0]) / 4 = [5.0, 3.0]
-    new, server = fn(glob, states, [10, 10, 20], {}, FedConfig())
+    new, server = run(name, glob, states, [10, 10, 20], {}, FedConfig())
     assert_state(new, {"w": [5.0, 3.0]})
     assert server == {}
+    # only ratios matter
+    assert_state(run(name, glob, states, [1, 1, 2], {}, FedConfig())[0], {"w": [5.0, 3.0]})
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox"])
 def test_fedavg_family_equal_states_give_that_state(name: str) -> None:
     glob = lora_state(0)
     same = lora_state(1)
-    new, _ = get_strategy(name)(glob, [same, clone(same), clone(same)], [1, 5, 7], {}, FedConfig())
+    new, _ = run(name, glob, [same, clone(same), clone(same)], [1, 5, 7], {}, FedConfig())
     for key in same:
         assert torch.equal(new[key], same[key])  # exact: offsets from identical states are 0
 
@@ -83,7 +82,7 @@ def test_fedavg_family_equal_states_give_that_state(name: str) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_clients_returning_global_leave_it_unchanged(name: str) -> None:
     glob = lora_state(0)
-    new, _ = get_strategy(name)(glob, [clone(glob), clone(glob)], [3, 4], {}, FedConfig())
+    new, _ = run(name, glob, [clone(glob), clone(glob)], [3, 4], {}, FedConfig())
     for key in glob:
         assert torch.equal(new[key], glob[key])  # exact: a zero pseudo-gradient takes no step
 
@@ -91,10 +90,63 @@ def test_clients_returning_global_leave_it_unchanged(name: str) -> None:
 def test_fedavgm_without_momentum_is_fedavg() -> None:
     glob, states = lora_state(0), [lora_state(1), lora_state(2)]
     cfg = FedConfig(server_lr=1.0, server_momentum=0.0)
-    a, _ = fedavg(glob, states, [2, 3], {}, cfg)
-    m, _ = fedavgm(glob, states, [2, 3], {}, cfg)
+    a, _ = run("fedavg", glob, states, [2, 3], {}, cfg)
+    m, _ = run("fedavgm", glob, states, [2, 3], {}, cfg)
     for key in glob:
         torch.testing.assert_close(a[key], m[key])
+
+
+# ---- streaming: updates summed as they arrive ----
+
+
+def test_streaming_fedavg_by_hand_whatever_the_order() -> None:
+    """Added one at a time, in any order, the running sum gives the hand-computed mean."""
+    glob = st([0.0, 0.0])
+    updates = [(st([1.0, -3.0]), 1.0), (st([4.0, 0.0]), 2.0), (st([-2.0, 9.0]), 3.0)]
+    # (1*[1, -3] + 2*[4, 0] + 3*[-2, 9]) / 6 = [3/6, 24/6]
+    want = {"w": [0.5, 4.0]}
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        accumulator = get_strategy("fedavg").start(glob)
+        for i in order:
+            accumulator.add(*updates[i])
+        assert_state(accumulator.finish({}, FedConfig())[0], want)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_streaming_equals_the_list_form_for_every_strategy(name: str) -> None:
+    """Two rounds fed one update at a time (each dropped after `add`) give the same adapter and
+    server state as the list form, whose own values the hand-computed tests pin down."""
+    cfg = FedConfig(server_momentum=0.5)
+    weights = [3.0, 1.0, 2.0]
+    glob: State = lora_state(0)
+    listed: tuple[State, ServerState] = (glob, {})
+    streamed: tuple[State, ServerState] = (glob, {})
+    for round_seed in (10, 20):
+        states = [lora_state(round_seed + i) for i in range(3)]
+        listed = run(name, listed[0], states, weights, listed[1], cfg)
+        accumulator = get_strategy(name).start(streamed[0])
+        for i, w in enumerate(weights):
+            accumulator.add(lora_state(round_seed + i), w)  # a fresh copy, dropped at once
+        streamed = accumulator.finish(streamed[1], cfg)
+        for got, want in zip(streamed, listed, strict=True):
+            assert got.keys() == want.keys()
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_running_mean_keeps_no_update_but_the_first() -> None:
+    """Memory stays flat in the number of clients: an added update is not referenced after
+    `add` returns (the first is kept as the anchor of the offsets)."""
+    accumulator = get_strategy("fedadam").start(lora_state(0))
+    alive = []
+    for seed in range(1, 6):
+        state = lora_state(seed)
+        tensor = weakref.ref(state[A])
+        accumulator.add(state, 1.0)
+        del state
+        gc.collect()
+        alive.append(tensor() is not None)
+    assert alive == [True, False, False, False, False]
 
 
 # ---- stateful strategies: two rounds by hand ----
@@ -181,14 +233,13 @@ def test_stateful_strategies_two_rounds(
     server2: dict[str, list[float]],
     new2: list[float],
 ) -> None:
-    fn = get_strategy(name)
-    glob1, s1 = fn(st(g0), [st(c) for c in clients], [7] * len(clients), {}, cfg)
+    glob1, s1 = run(name, st(g0), [st(c) for c in clients], [7] * len(clients), {}, cfg)
     assert_state(glob1, {"w": new1})
     assert_state(s1, server1)
     assert all(t.dtype == torch.float32 for t in s1.values())
 
     client2 = {"w": glob1["w"] + torch.tensor(delta2)}
-    glob2, s2 = fn(glob1, [client2], [3], s1, cfg)
+    glob2, s2 = run(name, glob1, [client2], [3], s1, cfg)
     assert_state(glob2, {"w": new2})
     assert_state(s2, server2)
 
@@ -196,10 +247,10 @@ def test_stateful_strategies_two_rounds(
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_server_state_carries_over(name: str) -> None:
     """Round 2 with round 1's server state differs from a cold start: the state is used."""
-    fn, cfg = get_strategy(name), FedConfig(server_momentum=0.5)
-    glob1, s1 = fn(st([0.0, 0.0]), [st([1.0, -2.0])], [1], {}, cfg)
-    warm, _ = fn(glob1, [st([2.0, -1.0])], [1], s1, cfg)
-    cold, _ = fn(glob1, [st([2.0, -1.0])], [1], {}, cfg)
+    cfg = FedConfig(server_momentum=0.5)
+    glob1, s1 = run(name, st([0.0, 0.0]), [st([1.0, -2.0])], [1], {}, cfg)
+    warm, _ = run(name, glob1, [st([2.0, -1.0])], [1], s1, cfg)
+    cold, _ = run(name, glob1, [st([2.0, -1.0])], [1], {}, cfg)
     assert not torch.allclose(warm["w"], cold["w"])
 
 
@@ -210,9 +261,9 @@ def test_server_state_carries_over(name: str) -> None:
 def test_dtype_preserved(name: str) -> None:
     glob = lora_state(0, torch.bfloat16)
     states = [lora_state(1, torch.bfloat16), lora_state(2, torch.bfloat16)]
-    fn, cfg = get_strategy(name), FedConfig()
-    new, server = fn(glob, states, [1, 2], {}, cfg)
-    new, server = fn(new, states, [1, 2], server, cfg)
+    cfg = FedConfig()
+    new, server = run(name, glob, states, [1, 2], {}, cfg)
+    new, server = run(name, new, states, [1, 2], server, cfg)
     assert {k: v.dtype for k, v in new.items()} == {A: torch.bfloat16, B: torch.bfloat16}
     assert all(v.dtype == torch.float32 for v in server.values())
     assert all(torch.isfinite(v).all() for v in new.values())
@@ -220,12 +271,12 @@ def test_dtype_preserved(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_inputs_not_mutated(name: str) -> None:
-    fn, cfg = get_strategy(name), FedConfig()
+    cfg = FedConfig()
     glob = lora_state(0)
     states = [lora_state(1), lora_state(2)]
-    _, server = fn(glob, states, [1, 2], {}, cfg)
+    _, server = run(name, glob, states, [1, 2], {}, cfg)
     before = (clone(glob), [clone(s) for s in states], clone(server))
-    new, new_server = fn(glob, states, [1, 2], server, cfg)
+    new, new_server = run(name, glob, states, [1, 2], server, cfg)
     for got, want in zip((glob, *states, server), (before[0], *before[1], before[2]), strict=True):
         assert got.keys() == want.keys()
         for key in want:
@@ -239,7 +290,7 @@ def test_inputs_not_mutated(name: str) -> None:
 def test_no_states_returns_inputs_unchanged(name: str) -> None:
     glob = lora_state(0)
     server: ServerState = {"m.x": torch.ones(1)}
-    new, new_server = get_strategy(name)(glob, [], [], server, FedConfig())
+    new, new_server = run(name, glob, [], [], server, FedConfig())
     assert new.keys() == glob.keys() and all(new[k] is glob[k] for k in glob)
     assert new_server == server
 
@@ -248,16 +299,17 @@ def test_no_states_returns_inputs_unchanged(name: str) -> None:
 @pytest.mark.parametrize("weights", [[0, 0], [1], [1, -1], [1, math.nan]])
 def test_bad_weights_raise(name: str, weights: list[float]) -> None:
     with pytest.raises(ValueError):
-        get_strategy(name)(st([0.0]), [st([1.0]), st([2.0])], weights, {}, FedConfig())
+        run(name, st([0.0]), [st([1.0]), st([2.0])], weights, {}, FedConfig())
 
 
-def test_weighted_average_rejects_mismatched_states() -> None:
-    with pytest.raises(ValueError, match="keys differ"):
-        weighted_average([st([1.0]), {"other": torch.ones(1)}], [1, 1])
-    with pytest.raises(ValueError, match="shape"):
-        weighted_average([st([1.0]), st([1.0, 2.0])], [1, 1])
-    with pytest.raises(ValueError, match="empty"):
-        weighted_average([], [])
+@pytest.mark.parametrize("name", ALL)
+def test_mismatched_states_are_refused_when_added(name: str) -> None:
+    accumulator = get_strategy(name).start(st([0.0]))
+    with pytest.raises(ValueError, match="state 0 keys differ"):
+        accumulator.add({"other": torch.ones(1)}, 1.0)
+    accumulator.add(st([1.0]), 1.0)
+    with pytest.raises(ValueError, match=r"state 1: w has shape \(2,\)"):
+        accumulator.add(st([1.0, 2.0]), 1.0)
 
 
 def test_unknown_strategy_is_a_config_error() -> None:

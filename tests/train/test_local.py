@@ -62,19 +62,35 @@ def test_same_seed_same_adapter_other_seed_other(setup: tuple) -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+STOCK = {"packed": False, "targets_only": False}
+"""The stock computation: padded rows, output layer and loss at every position."""
+
+
 @pytest.mark.parametrize(
-    "variant",
-    [{"micro_batch_size": 2}, {"micro_batch_size": 8}, {"group_by_length": False}],
-    ids=["micro2", "micro8", "ungrouped"],
+    ("variant", "path"),
+    [
+        ({"micro_batch_size": 2}, STOCK),
+        ({"micro_batch_size": 8}, STOCK),
+        ({"group_by_length": False}, STOCK),
+        ({}, {"packed": True, "targets_only": False}),
+        ({}, {"packed": False, "targets_only": True}),
+        ({}, {}),  # the device's default: packed here, target positions only
+        ({"micro_batch_size": 2, "group_by_length": False}, {}),
+    ],
+    ids=["micro2", "micro8", "ungrouped", "packed", "targets-only", "default", "default-micro2"],
 )
-def test_batching_does_not_change_what_a_step_learns(setup: tuple, variant: dict) -> None:
-    """Accumulation and length grouping only change padding and memory, not the gradient."""
+def test_batching_does_not_change_what_a_step_learns(
+    setup: tuple, variant: dict, path: dict
+) -> None:
+    """Accumulation, length grouping, packing and the target-only output layer change compute
+    and memory, not the gradient: two steps end at the stock computation's adapter."""
     model, tokenizer, examples, start = setup
     cfg = replace(CFG, epochs=1, max_steps=2)
-    reference = train_local(model, examples, start, cfg, seed=5, pad_id=tokenizer.pad_token_id)
-    other = train_local(
-        model, examples, start, replace(cfg, **variant), seed=5, pad_id=tokenizer.pad_token_id
-    )
+    pad = tokenizer.pad_token_id
+    reference = train_local(model, examples, start, cfg, seed=5, pad_id=pad, **STOCK)
+    other = train_local(model, examples, start, replace(cfg, **variant), seed=5, pad_id=pad, **path)
+    assert other.metrics["train_loss"] == pytest.approx(reference.metrics["train_loss"], rel=1e-5)
+    assert other.metrics["tokens"] == reference.metrics["tokens"]  # real tokens, never padding
     for key in reference.state:
         torch.testing.assert_close(other.state[key], reference.state[key], rtol=1e-4, atol=1e-5)
 

@@ -2,7 +2,8 @@
 
 Each simulated client is only its tokenized data; training a client means copying the global
 adapter into the model's LoRA parameters and running `train_local`. Memory therefore grows with
-the clients' tokenized data and the adapters of one round, not with the number of clients.
+the clients' tokenized data, not with the number of clients trained: each accepted update is
+summed into the round's aggregate as soon as it is validated.
 
 `run_federated` wires the in-process round (`play_round`: select, train, validate) into the
 shared loop of `covey.fed.rounds`, which aggregates, evaluates and checkpoints.
@@ -24,7 +25,6 @@ from covey.data.records import Record, load_records
 from covey.errors import ConfigError
 from covey.fed.attacks import UPDATE_ATTACKS, attack_update, malicious_participants
 from covey.fed.rounds import (
-    Accepted,
     Hooks,
     Played,
     RunFolder,
@@ -37,6 +37,7 @@ from covey.fed.rounds import (
     run_rounds,
 )
 from covey.fed.selection import select_clients
+from covey.fed.strategies import Accumulator
 from covey.fed.validation import validate_update
 from covey.model.lora import wrap_with_lora
 from covey.state import State
@@ -144,16 +145,22 @@ def run_federated(
     hooks = hooks or Hooks()
     folder = folder or RunFolder.check(cfg, resume)
 
-    def play(round_index: int, global_state: State) -> Played:
-        return play_round(cfg, fed, round_index, global_state, hooks)
+    def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
+        return play_round(cfg, fed, round_index, global_state, merge, hooks)
 
     return run_rounds(cfg, folder, fed.run_model, play, hooks)
 
 
 def play_round(
-    cfg: RunConfig, fed: Federation, round_index: int, global_state: State, hooks: Hooks
+    cfg: RunConfig,
+    fed: Federation,
+    round_index: int,
+    global_state: State,
+    merge: Accumulator,
+    hooks: Hooks,
 ) -> Played:
-    """Select clients, train each from the global adapter, validate each update."""
+    """Select clients, train each from the global adapter, validate each update and merge it
+    at once (so a round holds one update at a time, however many clients train)."""
     # Shepherd seeds selection with the 0-based round number
     selected = select_clients(
         len(fed.clients), cfg.fed.client_fraction, round_index - 1, cfg.fed.selection_seed
@@ -161,7 +168,7 @@ def play_round(
     hooks.round_start(round_index, cfg.fed.rounds, selected)
     # experiment ground truth: which clients attack (the server never reads this)
     attackers = malicious_participants(len(fed.clients), cfg.attack)
-    played = Played(selected=selected)
+    played = Played(selected=selected, merge=merge)
     for client in selected:
         data = fed.clients[client]
         hooks.client_start(client, len(data.examples))
@@ -189,7 +196,7 @@ def play_round(
             log.warning("round %d: rejected %s: %s", round_index, data.name, verdict.reason)
             played.rejected.append(rejection(client, verdict.reason, attacked))
             continue
-        played.accepted.append(Accepted(update.state, float(verdict.num_samples), line))
+        played.accept(update.state, float(verdict.num_samples), line)
     return played
 
 

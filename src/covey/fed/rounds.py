@@ -8,8 +8,8 @@ so each passes a `PlayRound` function to `run_rounds`, and everything else is he
     folder = RunFolder.check(cfg, resume)        # before any model loads: nothing to lose yet
     ...load the model, tokenize...
     history = run_rounds(cfg, folder, run_model, play, hooks)
-        # for each remaining round: play it, aggregate the accepted updates with fed.strategy,
-        # evaluate on the held-out set, save the round folder atomically
+        # for each remaining round: play it (accepted updates go into fed.strategy's
+        # accumulator as they arrive), aggregate, evaluate, save the round folder atomically
 
 A round's `round.json` has the layout of `RoundRecord`; engine-specific parts (FLock's roles
 and payouts, Flower's bytes and nodes) sit in `RoundRecord.engine` and are written beside the
@@ -32,7 +32,7 @@ from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record
 from covey.errors import ConfigError
 from covey.fed import checkpoint
-from covey.fed.strategies import get_strategy
+from covey.fed.strategies import Accumulator, get_strategy
 from covey.model.lora import adapter_files, adapter_state, load_adapter_state
 from covey.state import ServerState, State
 from covey.train.evaluate import evaluate_loss, generate_answers
@@ -118,21 +118,14 @@ def train_summary(lines: list[dict[str, Any]]) -> dict[str, float]:
 
 
 @dataclass
-class Accepted:
-    """An update that passed the engine's decision and joins the aggregate."""
-
-    state: State
-    weight: float
-    line: dict[str, Any]
-    """Its `client_line`."""
-
-
-@dataclass
 class Played:
-    """What an engine's round function hands back to the loop, before aggregation."""
+    """What an engine's round function hands back to the loop, after feeding the accepted
+    updates to `merge` (the strategy's accumulator, opened by the loop)."""
 
     selected: list[int]
-    accepted: list[Accepted] = field(default_factory=list)
+    merge: Accumulator
+    merged: list[dict[str, Any]] = field(default_factory=list)
+    """`client_line` of every update added to `merge`."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
     trained: list[dict[str, Any]] = field(default_factory=list)
     """`client_line` of every update trained this round, accepted or not (`train_summary`)."""
@@ -146,12 +139,19 @@ class Played:
     chain's state, to resume from)."""
     next_state: State | None = None
     """The next global adapter, when the engine derives it itself (FLock: from the chain, as
-    every participant does); the loop then skips `fed.strategy`, and `accepted` carries only
-    the merged updates' lines."""
+    every participant does); the loop then leaves `merge` unfinished and skips `fed.strategy`,
+    and the engine appends the merged updates' lines to `merged` without calling `accept`."""
+
+    def accept(self, state: State, weight: float, line: dict[str, Any]) -> None:
+        """Merge an update that passed the engine's decision; `line` is its `client_line`.
+        The update is summed at once (FedAvg family), so the round need not keep it."""
+        self.merge.add(state, weight)
+        self.merged.append(line)
 
 
-PlayRound = Callable[[int, State], Played]
-"""`play(round_index, global_state) -> Played`: one engine's way of playing a round."""
+PlayRound = Callable[[int, State, Accumulator], Played]
+"""`play(round_index, global_state, merge) -> Played`: one engine's way of playing a round; it
+hands `merge` to its `Played` and accepts updates into it as they arrive."""
 
 
 @dataclass
@@ -393,23 +393,17 @@ def run_rounds(
     global_state, server_state = folder.begin(run_model, baseline, baseline_files)
     for round_index in range(folder.next_round, cfg.fed.rounds + 1):
         started = time.perf_counter()
-        played = play(round_index, global_state)
+        played = play(round_index, global_state, strategy.start(global_state))
         if played.next_state is not None:
             global_state = played.next_state
         else:
-            global_state, server_state = strategy(
-                global_state,
-                [a.state for a in played.accepted],
-                [a.weight for a in played.accepted],
-                server_state,
-                cfg.fed,
-            )
+            global_state, server_state = played.merge.finish(server_state, cfg.fed)
         eval_started = time.perf_counter()
         evaluation = run_model.evaluate(cfg, global_state)
         record = RoundRecord(
             round=round_index,
             selected=played.selected,
-            clients=[a.line for a in played.accepted],
+            clients=played.merged,
             rejected=played.rejected,
             train=train_summary(played.trained),
             eval=evaluation["eval"],

@@ -1,10 +1,18 @@
-"""Server aggregation strategies: pure functions from client adapters to the next global adapter.
+"""Server aggregation strategies: the next global adapter from the round's accepted updates.
 
-Every strategy has the same signature,
-`(global_state, states, weights, server_state, cfg) -> (new_global_state, new_server_state)`,
-and keeps nothing between calls: whatever must persist across rounds (momentum, second moments)
-is in the returned `ServerState`, which the engine saves next to each checkpoint (safetensors), so
-a resumed run continues exactly. Server-state keys are `"<buffer>.<param key>"`: `momentum.` for
+A strategy opens an accumulator per round, `start(global_state)`; the round feeds it each
+accepted update as it arrives, `add(state, weight)`, and closes it,
+`finish(server_state, cfg) -> (new_global_state, new_server_state)`. `aggregate` is the same in
+one call, for updates already in a list.
+
+Every strategy here is of the FedAvg family: its server step reads only the weighted mean of the
+updates, so `RunningMean` sums them as they come and holds two adapters, however many clients
+train in a round. A strategy that needs every update at once (a coordinate-wise median, Krum)
+would return an accumulator that keeps them and does its math on the list in `finish`.
+
+Strategies keep nothing between rounds: whatever must persist (momentum, second moments) is in
+the returned `ServerState`, which the engine saves next to each checkpoint (safetensors), so a
+resumed run continues exactly. Server-state keys are `"<buffer>.<param key>"`: `momentum.` for
 FedAvgM, `m.` and `v.` for the adaptive strategies.
 
 Arithmetic is float32 whatever the adapter dtype (bf16 sums lose too much), and each returned
@@ -20,7 +28,8 @@ global adapter and drift little from it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -30,129 +39,159 @@ from covey.errors import ConfigError
 from covey.state import ServerState, State
 
 
+class Accumulator(Protocol):
+    """One round's aggregation in progress."""
+
+    def add(self, state: State, weight: float) -> None:
+        """Take one accepted update with its weight (normally its sample count)."""
+
+    def finish(self, server_state: ServerState, cfg: FedConfig) -> tuple[State, ServerState]:
+        """The next global adapter and server state (the inputs unchanged when nothing was
+        added)."""
+
+
 class Strategy(Protocol):
-    """The common signature of every aggregation strategy."""
+    """What every aggregation strategy provides."""
 
-    def __call__(
-        self,
-        global_state: State,
-        states: Sequence[State],
-        weights: Sequence[float],
-        server_state: ServerState,
-        cfg: FedConfig,
-    ) -> tuple[State, ServerState]: ...
+    def start(self, global_state: State) -> Accumulator:
+        """Open the aggregation of a round that started from `global_state`."""
 
 
-def _normalised(weights: Sequence[float], count: int) -> list[float]:
-    if len(weights) != count:
-        raise ValueError(f"got {count} states but {len(weights)} weights")
-    values = [float(w) for w in weights]
-    if any(not math.isfinite(w) or w < 0 for w in values):
-        raise ValueError(f"weights must be finite and >= 0, got {values}")
-    total = math.fsum(values)
-    if total <= 0:
-        raise ValueError(f"weights must sum to > 0, got {values}")
-    return [w / total for w in values]
-
-
-def _check_keys(reference: State, states: Sequence[State]) -> None:
-    """Aggregation needs identical key sets and shapes; validation should have ensured it."""
-    for i, state in enumerate(states):
-        if state.keys() != reference.keys():
-            missing = sorted(reference.keys() - state.keys())
-            extra = sorted(state.keys() - reference.keys())
-            raise ValueError(
-                f"state {i} keys differ: missing {missing[:1]}, unexpected {extra[:1]}"
-            )
-        for key, ref in reference.items():
-            if state[key].shape != ref.shape:
-                raise ValueError(
-                    f"state {i}: {key} has shape {tuple(state[key].shape)}, "
-                    f"expected {tuple(ref.shape)}"
-                )
-
-
-def _mean_offset(states: Sequence[State], weights: Sequence[float], anchor: State) -> State:
-    """sum_i w_i * (state_i - anchor) with normalised weights: float32, on the anchor's devices.
-
-    Summing offsets rather than raw values keeps the precision where it matters (the update) and
-    makes the result exactly zero when every state equals the anchor, so adaptive strategies do
-    not amplify rounding noise into a step.
-    """
-    if not states:
-        raise ValueError("cannot average an empty list of states")
-    norm = _normalised(weights, len(states))
-    _check_keys(anchor, states)
-    out: State = {}
-    for key, ref in anchor.items():
-        base = ref.to(torch.float32)
-        acc: torch.Tensor | None = None
-        for state, w in zip(states, norm, strict=True):
-            # out of place: a new tensor, so add_ below never writes into an input
-            term = (state[key].to(device=ref.device, dtype=torch.float32) - base) * w
-            acc = term if acc is None else acc.add_(term)
-        assert acc is not None
-        out[key] = acc
-    return out
-
-
-def weighted_average(states: Sequence[State], weights: Sequence[float]) -> State:
-    """The weighted mean of `states` (weights normalised), in the first state's dtypes.
-
-    Computed as first + mean offset from it, so identical states average to themselves exactly.
-    """
-    if not states:
-        raise ValueError("cannot average an empty list of states")
-    first = states[0]
-    offset = _mean_offset(states, weights, first)
-    return {k: (first[k].to(torch.float32) + offset[k]).to(first[k].dtype) for k in first}
-
-
-def _unchanged(global_state: State, server_state: ServerState) -> tuple[State, ServerState]:
-    return dict(global_state), dict(server_state)
-
-
-def fedavg(
+def aggregate(
+    strategy: Strategy,
     global_state: State,
     states: Sequence[State],
     weights: Sequence[float],
     server_state: ServerState,
     cfg: FedConfig,
+) -> tuple[State, ServerState]:
+    """`strategy` over updates already in a list: start, add each, finish."""
+    if len(weights) != len(states):
+        raise ValueError(f"got {len(states)} states but {len(weights)} weights")
+    accumulator = strategy.start(global_state)
+    for state, weight in zip(states, weights, strict=True):
+        accumulator.add(state, weight)
+    return accumulator.finish(server_state, cfg)
+
+
+class RunningMean:
+    """The weighted mean of the updates added so far, in O(1) adapters of memory.
+
+    Kept as the first update plus the running sum of w_i * (state_i - first) in float32: summing
+    offsets keeps the precision where it matters (the update), and identical updates average to
+    themselves exactly. An update is checked (keys, shapes, weight) when it is added.
+    """
+
+    def __init__(self, global_state: State, step: MeanStep) -> None:
+        self.global_state = global_state
+        self._step = step
+        self._first: State | None = None
+        self._offset: State = {}
+        self._weights: list[float] = []
+
+    def add(self, state: State, weight: float) -> None:
+        w = float(weight)
+        index = len(self._weights)
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"state {index}: weight must be finite and >= 0, got {weight}")
+        _check_keys(self.global_state, state, index)
+        if self._first is None:
+            self._first = state
+            self._offset = {
+                k: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                for k, p in self.global_state.items()
+            }
+        else:
+            for key, acc in self._offset.items():
+                first = self._first[key].to(device=acc.device, dtype=torch.float32)
+                acc.add_(state[key].to(device=acc.device, dtype=torch.float32) - first, alpha=w)
+        self._weights.append(w)
+
+    def finish(self, server_state: ServerState, cfg: FedConfig) -> tuple[State, ServerState]:
+        if self._first is None:
+            return dict(self.global_state), dict(server_state)
+        if math.fsum(self._weights) <= 0:
+            raise ValueError(f"weights must sum to > 0, got {self._weights}")
+        return self._step(self.global_state, self, server_state, cfg)
+
+    def mean(self) -> State:
+        """The weighted mean of the updates, in the global adapter's dtypes and devices."""
+        assert self._first is not None, "no update was added"
+        first, total = self._first, math.fsum(self._weights)
+        return {
+            k: (first[k].to(device=p.device, dtype=torch.float32) + self._offset[k] / total).to(
+                p.dtype
+            )
+            for k, p in self.global_state.items()
+        }
+
+    def mean_delta(self) -> State:
+        """mean - global, float32: the pseudo-gradient of the server optimizers (exactly zero
+        when every update equals the global adapter)."""
+        assert self._first is not None, "no update was added"
+        first, total = self._first, math.fsum(self._weights)
+        return {
+            k: (first[k].to(device=p.device, dtype=torch.float32) - p.to(torch.float32))
+            + self._offset[k] / total
+            for k, p in self.global_state.items()
+        }
+
+
+MeanStep = Callable[[State, RunningMean, ServerState, FedConfig], tuple[State, ServerState]]
+"""A FedAvg-family server step: (global_state, the round's mean, server_state, cfg) ->
+(new global state, new server state)."""
+
+
+@dataclass(frozen=True)
+class MeanStrategy:
+    """A strategy whose server step needs only the weighted mean of the updates."""
+
+    step: MeanStep
+
+    def start(self, global_state: State) -> RunningMean:
+        return RunningMean(global_state, self.step)
+
+
+def _check_keys(reference: State, state: State, index: int) -> None:
+    """Aggregation needs identical key sets and shapes; validation should have ensured it."""
+    if state.keys() != reference.keys():
+        missing = sorted(reference.keys() - state.keys())
+        extra = sorted(state.keys() - reference.keys())
+        raise ValueError(
+            f"state {index} keys differ: missing {missing[:1]}, unexpected {extra[:1]}"
+        )
+    for key, ref in reference.items():
+        if state[key].shape != ref.shape:
+            raise ValueError(
+                f"state {index}: {key} has shape {tuple(state[key].shape)}, "
+                f"expected {tuple(ref.shape)}"
+            )
+
+
+def fedavg(
+    global_state: State, mean: RunningMean, server_state: ServerState, cfg: FedConfig
 ) -> tuple[State, ServerState]:
     """FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
     Decentralized Data", AISTATS): the sample-count-weighted mean of the client adapters.
 
     Stateless: `server_state` is returned as given (normally `{}`).
     """
-    if not states:
-        return _unchanged(global_state, server_state)
-    _check_keys(global_state, states)
-    avg = weighted_average(states, weights)
-    new = {k: avg[k].to(device=p.device, dtype=p.dtype) for k, p in global_state.items()}
-    return new, dict(server_state)
+    return mean.mean(), dict(server_state)
 
 
 def fedprox(
-    global_state: State,
-    states: Sequence[State],
-    weights: Sequence[float],
-    server_state: ServerState,
-    cfg: FedConfig,
+    global_state: State, mean: RunningMean, server_state: ServerState, cfg: FedConfig
 ) -> tuple[State, ServerState]:
     """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks", MLSys).
 
     The server side is plain FedAvg; what makes it FedProx is the proximal term
     mu/2 * ||w - w_global||^2 in each client's local loss, set by `train.prox_mu`.
     """
-    return fedavg(global_state, states, weights, server_state, cfg)
+    return fedavg(global_state, mean, server_state, cfg)
 
 
 def fedavgm(
-    global_state: State,
-    states: Sequence[State],
-    weights: Sequence[float],
-    server_state: ServerState,
-    cfg: FedConfig,
+    global_state: State, mean: RunningMean, server_state: ServerState, cfg: FedConfig
 ) -> tuple[State, ServerState]:
     """FedAvgM (Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution for
     Federated Visual Classification"): server momentum on the averaged update.
@@ -161,9 +200,7 @@ def fedavgm(
     With server_momentum=0 and server_lr=1 it is FedAvg. Buffer keys: `momentum.<key>`, zero
     when missing.
     """
-    if not states:
-        return _unchanged(global_state, server_state)
-    mean_delta = _mean_offset(states, weights, global_state)
+    mean_delta = mean.mean_delta()
     new_state: State = {}
     new_server: ServerState = {}
     for key, param in global_state.items():
@@ -191,16 +228,13 @@ def _buffer(server_state: ServerState, name: str, param: torch.Tensor, fill: flo
 def _adaptive(
     kind: str,
     global_state: State,
-    states: Sequence[State],
-    weights: Sequence[float],
+    mean: RunningMean,
     server_state: ServerState,
     cfg: FedConfig,
 ) -> tuple[State, ServerState]:
     """Algorithm 2 of Reddi et al. 2021; `kind` picks the second-moment update."""
-    if not states:
-        return _unchanged(global_state, server_state)
     b1, b2, tau, lr = cfg.beta1, cfg.beta2, cfg.tau, cfg.server_lr
-    mean_delta = _mean_offset(states, weights, global_state)
+    mean_delta = mean.mean_delta()
     new_state: State = {}
     new_server: ServerState = {}
     for key, param in global_state.items():
@@ -222,11 +256,7 @@ def _adaptive(
 
 
 def fedadam(
-    global_state: State,
-    states: Sequence[State],
-    weights: Sequence[float],
-    server_state: ServerState,
-    cfg: FedConfig,
+    global_state: State, mean: RunningMean, server_state: ServerState, cfg: FedConfig
 ) -> tuple[State, ServerState]:
     """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization", ICLR, Algorithm 2).
 
@@ -234,46 +264,38 @@ def fedadam(
     new = global + server_lr * m / (sqrt(v) + tau). No bias correction, as in the paper;
     m starts at 0 and v at tau^2.
     """
-    return _adaptive("adam", global_state, states, weights, server_state, cfg)
+    return _adaptive("adam", global_state, mean, server_state, cfg)
 
 
 def fedyogi(
-    global_state: State,
-    states: Sequence[State],
-    weights: Sequence[float],
-    server_state: ServerState,
-    cfg: FedConfig,
+    global_state: State, mean: RunningMean, server_state: ServerState, cfg: FedConfig
 ) -> tuple[State, ServerState]:
     """FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization", ICLR, Algorithm 2).
 
     As FedAdam but v = v - (1-beta2)*delta^2*sign(v - delta^2): v grows additively and shrinks
     slowly, which the paper finds more robust than Adam's multiplicative decay.
     """
-    return _adaptive("yogi", global_state, states, weights, server_state, cfg)
+    return _adaptive("yogi", global_state, mean, server_state, cfg)
 
 
 def fedadagrad(
-    global_state: State,
-    states: Sequence[State],
-    weights: Sequence[float],
-    server_state: ServerState,
-    cfg: FedConfig,
+    global_state: State, mean: RunningMean, server_state: ServerState, cfg: FedConfig
 ) -> tuple[State, ServerState]:
     """FedAdagrad (Reddi et al. 2021, "Adaptive Federated Optimization", ICLR, Algorithm 2).
 
     v = v + delta^2 (beta2 unused); like the paper, m still uses beta1 (beta1=0 gives plain
     Adagrad on the pseudo-gradient).
     """
-    return _adaptive("adagrad", global_state, states, weights, server_state, cfg)
+    return _adaptive("adagrad", global_state, mean, server_state, cfg)
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "fedavg": fedavg,
-    "fedprox": fedprox,
-    "fedavgm": fedavgm,
-    "fedadam": fedadam,
-    "fedyogi": fedyogi,
-    "fedadagrad": fedadagrad,
+    "fedavg": MeanStrategy(fedavg),
+    "fedprox": MeanStrategy(fedprox),
+    "fedavgm": MeanStrategy(fedavgm),
+    "fedadam": MeanStrategy(fedadam),
+    "fedyogi": MeanStrategy(fedyogi),
+    "fedadagrad": MeanStrategy(fedadagrad),
 }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from covey.atomic import atomic_write_bytes
 from covey.config import FedConfig
 from covey.errors import DataError
-from covey.fed.strategies import fedavg
+from covey.fed.strategies import aggregate, get_strategy
 from covey.fed.validation import validate_update
 from covey.flock.task import FlockTask, Outcome
 from covey.state import State
@@ -148,7 +148,8 @@ class Ledger:
         if not states:
             self._remember(round_, previous_cid)
             return previous, previous_cid
-        merged, _ = fedavg(
+        merged, _ = aggregate(
+            get_strategy("fedavg"),
             {k: v.cpu() for k, v in previous.items()},
             [{k: v.cpu() for k, v in s.items()} for s in states],
             [1.0] * len(states),

@@ -33,7 +33,6 @@ from covey.fed import checkpoint
 from covey.fed.attacks import malicious_participants
 from covey.fed.engine import Federation
 from covey.fed.rounds import (
-    Accepted,
     Hooks,
     Played,
     RunFolder,
@@ -42,6 +41,7 @@ from covey.fed.rounds import (
     rejection,
     run_rounds,
 )
+from covey.fed.strategies import Accumulator
 from covey.flock.agent import FINISHED, Behaviour, Participant, data_split, seeded_secret
 from covey.flock.bundle import TaskBundle, bundle_recipe, task_params, weights_sha256
 from covey.flock.chain import Chain
@@ -193,8 +193,8 @@ def run_flock(
         saved = ((last / CHAIN_STATE).read_bytes(), json.loads(first.read_text())["flock"]["task"])
     sim = setup(cfg, fed, folder.out, saved)
 
-    def play(round_index: int, global_state: State) -> Played:
-        played = play_round(sim, round_index - 1, hooks)
+    def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
+        played = play_round(sim, round_index - 1, merge, hooks)
         played.files[CHAIN_STATE] = dump_embedded(sim.chain)
         return played
 
@@ -221,8 +221,9 @@ def run_flock(
     return history
 
 
-def play_round(sim: Simulation, round_: int, hooks: Hooks) -> Played:
-    """Let the agents play chain round `round_` to its settlement; report it."""
+def play_round(sim: Simulation, round_: int, merge: Accumulator, hooks: Hooks) -> Played:
+    """Let the agents play chain round `round_` to its settlement; report it. The next global
+    adapter comes from the chain's ledger, so `merge` stays unused."""
     task = sim.task
     sim.drive(lambda: task.current_round() > round_ or task.phase() in FINISHED)
     facts = round_facts(task, sim.history.read(), round_)
@@ -230,7 +231,7 @@ def play_round(sim: Simulation, round_: int, hooks: Hooks) -> Played:
     hooks.round_start(round_ + 1, task.params.rounds, proposers)
     next_state, _ = sim.ledger.global_state(round_ + 1)
     merged = {proposer for proposer, _ in sim.ledger.accepted_updates(round_)}
-    played = Played(selected=proposers, next_state=next_state)
+    played = Played(selected=proposers, merge=merge, next_state=next_state)
     for proposal in facts["proposals"]:
         i = sim.index(proposal["address"])
         agent = sim.agents[i]
@@ -241,7 +242,7 @@ def play_round(sim: Simulation, round_: int, hooks: Hooks) -> Played:
         played.trained.append(line)
         played.train_seconds += training.get("seconds", 0.0)
         if proposal["address"] in merged:
-            played.accepted.append(Accepted({}, 1.0, line))
+            played.merged.append(line)
         else:
             played.rejected.append(rejection(i, _why_not_merged(proposal, facts), attacker))
     for vote in facts["votes"]:

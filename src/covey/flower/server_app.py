@@ -46,6 +46,7 @@ from covey.flower.wire import (
 
 if TYPE_CHECKING:
     from covey.fed.rounds import Played, RunModel
+    from covey.fed.strategies import Accumulator
     from covey.state import State
 
 log = logging.getLogger("covey.flower")
@@ -260,8 +261,8 @@ def run_server(
     provenance = {"runtime": "flower", "flwr": flwr.__version__, "run_id": str(run_id)}
     pool = NodePool(grid, folder.config_toml, settings)
 
-    def play(round_index: int, global_state: State) -> Played:
-        played = play_round(cfg, server, pool, settings, round_index, global_state)
+    def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
+        played = play_round(cfg, server, pool, settings, round_index, global_state, merge)
         played.engine["flower"] = provenance
         return played
 
@@ -277,6 +278,7 @@ def play_round(
     settings: FlowerSettings,
     round_index: int,
     global_state: State,
+    merge: Accumulator,
 ) -> Played:
     """Send the global adapter to the selected SuperNodes and validate what comes back."""
     from covey.fed.attacks import UPDATE_ATTACKS, malicious_participants
@@ -325,7 +327,7 @@ def play_round(
     replies = exchange(pool.grid, messages, settings.round_timeout)
     flagged = attackers if update_attack else set()
     played, up_bytes, failed = _collect(
-        cfg, server, pool, members, selected, replies, global_state, wire, flagged
+        cfg, server, pool, members, selected, replies, global_state, wire, flagged, merge
     )
     played.engine |= {
         "failed": failed,
@@ -339,7 +341,7 @@ def play_round(
     }
     log.info(
         "round %d: %d accepted, %d rejected, %d failed; sent %s, received %s",
-        round_index, len(played.accepted), len(played.rejected), len(failed),
+        round_index, len(played.merged), len(played.rejected), len(failed),
         _size(down * len(messages)), _size(up_bytes),
     )  # fmt: skip
     return played
@@ -355,14 +357,15 @@ def _collect(
     global_state: State,
     wire: Any,
     attackers: set[int],
+    merge: Accumulator,
 ) -> tuple[Played, int, list[dict[str, Any]]]:
     """Decode and validate each selected client's reply, in client order (as the engine):
     (the round so far, bytes received, clients that failed)."""
-    from covey.fed.rounds import Accepted, Played, client_line, rejection
+    from covey.fed.rounds import Played, client_line, rejection
     from covey.fed.validation import validate_update
     from covey.flower.codec import CodecError, cast_like, decode, record_bytes
 
-    played = Played(selected=selected)
+    played = Played(selected=selected, merge=merge)
     up_bytes = 0
     failed: list[dict[str, Any]] = []
     for client, reply in zip(selected, replies, strict=True):
@@ -404,7 +407,7 @@ def _collect(
             played.rejected.append(rejection(client, verdict.reason, attacked))
             continue
         assert isinstance(update, dict)
-        played.accepted.append(Accepted(update, float(verdict.num_samples), line))
+        played.accept(update, float(verdict.num_samples), line)
     return played, up_bytes, failed
 
 

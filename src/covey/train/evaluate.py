@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from covey.data.prompts import IGNORE_INDEX, Example, build_prompt
+from covey.data.prompts import Example, build_prompt
 from covey.data.records import Record
-from covey.train.local import collate
+from covey.train.loss import example_loss_sums
+from covey.train.packing import make_batch, packs_by_default
 
 
 @torch.no_grad()
@@ -43,24 +43,18 @@ def _loss_sums(
     model: Any, examples: Sequence[Example], batch_size: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example, in the examples' order: summed target-token loss (float64) and its token
-    count. Batches are formed longest first to limit padding."""
+    count. Batches are formed longest first to limit padding where they are not packed."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(examples), dtype=torch.float64)
     counts = torch.zeros(len(examples), dtype=torch.float64)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+    packed = packs_by_default(model)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        ids, mask, labels = collate([examples[i] for i in rows], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        target = labels[:, 1:]
-        per_token = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )  # fmt: skip
-        sums[rows] = per_token.sum(dim=1).double().cpu()
-        counts[rows] = (target != IGNORE_INDEX).sum(dim=1).double().cpu()
+        batch = make_batch([examples[i] for i in rows], pad_id, device, packed)
+        sums[rows], counts[rows] = example_loss_sums(model, batch, len(rows))
     model.train(was_training)
     return sums, counts
 

@@ -7,8 +7,10 @@ and returns the new adapter with the sample count and metrics. It is seeded per 
 
 Batching: an optimizer step covers `batch_size` examples drawn in a seeded random order; with
 `group_by_length`, the step's examples are sorted by length before being cut into micro-batches.
-That cuts padding without changing what the step learns: the gradient of a step is the same sum
-over the same examples, however they are grouped.
+Each micro-batch is packed into one row where that is faster on the device (`covey.train.packing`),
+else padded, and only its target positions reach the output layer (`covey.train.loss`). None of
+this changes what a step learns: its gradient is the same sum over the same examples' target
+tokens, however they are grouped, laid out or projected.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from covey.config import TrainConfig
-from covey.data.prompts import IGNORE_INDEX, Example
+from covey.data.prompts import Example
 from covey.errors import ConfigError
 from covey.model.lora import adapter_state, load_adapter_state
 from covey.state import State
+from covey.train.loss import summed_loss
+from covey.train.packing import make_batch, packs_by_default
 
 StepCallback = Callable[[int, int, int], None]
 """Called after each optimizer step with (step, total_steps, tokens_in_step)."""
@@ -73,34 +76,6 @@ def plan_steps(
     return planned
 
 
-def collate(
-    examples: Sequence[Example], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest example: (input_ids, attention_mask, labels)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        mask[row, : len(e.input_ids)] = 1
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def token_loss_sum(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """Summed next-token cross-entropy over non-masked labels (float32 for stability)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup to `lr`, then constant, linear or cosine decay to zero at `total`."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -125,11 +100,19 @@ def train_local(
     seed: int,
     pad_id: int,
     on_step: StepCallback | None = None,
+    *,
+    packed: bool | None = None,
+    targets_only: bool = True,
 ) -> LocalResult:
-    """Train the model's adapter from `start_state` on `examples`; return the new adapter."""
+    """Train the model's adapter from `start_state` on `examples`; return the new adapter.
+
+    `packed` (default: `packs_by_default(model)`) and `targets_only` pick how a
+    micro-batch is computed, never what it computes: benchmarks and tests set them to compare.
+    """
     if not examples:
         raise ValueError("a client with no examples cannot train")
     device = next(model.parameters()).device
+    packed = packs_by_default(model) if packed is None else packed
     load_adapter_state(model, start_state)
     torch.manual_seed(seed)  # LoRA dropout
     steps = plan_steps([len(e.input_ids) for e in examples], cfg, np.random.default_rng(seed))
@@ -150,12 +133,12 @@ def train_local(
         step_tokens = 0
         optimizer.zero_grad(set_to_none=True)
         for micro in micro_batches:
-            ids, mask, labels = collate([examples[i] for i in micro], pad_id, device)
-            summed = token_loss_sum(model, ids, mask, labels)
+            batch = make_batch([examples[i] for i in micro], pad_id, device, packed)
+            summed = summed_loss(model, batch, targets_only)
             # normalise by the whole step's target tokens: accumulation then equals one big batch
             torch.autograd.backward(summed / max(step_targets, 1))
             loss_sum += summed.item()
-            step_tokens += int(mask.sum())
+            step_tokens += batch.tokens
         if anchors:
             proximal = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
             torch.autograd.backward(0.5 * cfg.prox_mu * proximal)
