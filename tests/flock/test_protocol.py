@@ -206,8 +206,10 @@ def test_flock_records_have_every_engines_layout(
     result = flock_run(
         config(
             tiny_model_dir, five_clients, tmp_path / "r", "fed.rounds=1",
-            "attack.kind=noise", "attack.malicious_fraction=0.4", "attack.strength=100000",
-            "flock.harm_z=0", "flock.proposers_per_round=3", "flock.voters_per_round=2",
+            # free riders propose the global adapter back: no honest voter accepts that, on any
+            # model; a unanimous threshold makes one honest voter enough to reject it
+            "attack.kind=free_rider", "attack.malicious_fraction=0.4", "flock.threshold_pct=100",
+            "flock.proposers_per_round=3", "flock.voters_per_round=2",
         )
     )  # fmt: skip
     record = result.records[1]

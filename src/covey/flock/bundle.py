@@ -14,8 +14,8 @@ from the contract, fetches the bundle, checks it, and trains exactly what everyo
     }
 
 The bundle is canonical JSON (sorted keys, no spaces), so the same task has the same CID on
-every machine. `task_params` turns the same recipe into the contract's parameters. It is parsed as JSON and checked field by field; nothing in it is executed or
-unpickled.
+every machine. It is parsed as JSON and checked field by field; nothing in it is executed or
+unpickled. `task_params` turns the same recipe into the contract's parameters.
 """
 
 from __future__ import annotations
