@@ -27,7 +27,7 @@ from covey.config import load_recipe
 from covey.data.split import SplitConfig, run_split
 from covey.flock.chain import Chain
 from covey.flock.commitments import seed_commitment
-from covey.flock.devnet import fund_eth, join_command, new_key_file
+from covey.flock.devnet import fund_eth, join_command, new_key_file, participant_env
 from covey.flock.devnode import find_anvil, run_anvil
 from covey.flock.keys import load_private_key
 from covey.flock.ledger import Blobs, Ledger
@@ -132,8 +132,11 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
                 )
                 for i, folder in enumerate(folders)
             ]
+            env = participant_env(PARTICIPANTS)
             processes = [
-                subprocess.Popen(c, stdout=(f / "join.log").open("ab"), stderr=subprocess.STDOUT)
+                subprocess.Popen(
+                    c, stdout=(f / "join.log").open("ab"), stderr=subprocess.STDOUT, env=env
+                )
                 for c, f in zip(commands, folders, strict=True)
             ]
             log = folders[RESTARTED] / "join.log"
@@ -143,7 +146,7 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
             with log.open("ab") as out:
                 out.write(b"--- killed with SIGKILL, started again ---\n")
             processes[RESTARTED] = subprocess.Popen(
-                commands[RESTARTED], stdout=log.open("ab"), stderr=subprocess.STDOUT
+                commands[RESTARTED], stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env
             )
             # the creator archives each round's accepted updates, as `create --serve` does
             task = attach_task(node, created.task)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import subprocess
 import sys
@@ -68,6 +69,15 @@ def fund_eth(node: Chain, addresses: list[str]) -> None:
     ]
     for h in hashes:
         node.w3.eth.wait_for_transaction_receipt(h, timeout=60)
+
+
+def participant_env(participants: int) -> dict[str, str]:
+    """The environment of one participant process on a shared machine: its share of the cores
+    for torch's threads (oversubscribed threads made a 2-core devnet train ~20x slower), unless
+    OMP_NUM_THREADS is set already. On its own machine a participant uses all of them."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // participants)))
+    return env
 
 
 def join_command(
@@ -125,7 +135,12 @@ def run_devnet(
                 )
                 with (folder / "join.log").open("ab") as logfile:
                     processes.append(
-                        subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT)
+                        subprocess.Popen(
+                            command,
+                            stdout=logfile,
+                            stderr=subprocess.STDOUT,
+                            env=participant_env(len(files)),
+                        )
                     )
             params = created.params
             per_round = sum(

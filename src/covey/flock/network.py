@@ -35,7 +35,14 @@ from covey.data.prompts import tokenize_records
 from covey.data.records import load_records
 from covey.errors import ConfigError, CoveyError, DataError
 from covey.fed.rounds import HeldOut, RunModel
-from covey.flock.agent import FINISHED, Behaviour, Participant, data_split, stake_and_join
+from covey.flock.agent import (
+    FINISHED,
+    Behaviour,
+    LocalState,
+    Participant,
+    data_split,
+    stake_and_join,
+)
 from covey.flock.bundle import TaskBundle, bundle_recipe, task_params, weights_sha256
 from covey.flock.chain import Chain, ChainError, ContractRevert
 from covey.flock.history import TaskHistory, balances, finished_rounds, round_facts
@@ -242,6 +249,9 @@ def join_task(settings: JoinSettings) -> Path:
         # restart on another address point peers at it, so our published blobs stay reachable
         if task.phase() == Phase.REGISTRATION and not task.joined(me):
             stake_and_join(task, me, endpoint, me[:10])
+            local = LocalState(state, task.address, me)  # the join's gas, for benchmarks/
+            local.data.setdefault("costs", {})["join"] = {"gas": sum(map(sum, chain.gas.values()))}
+            local.save()
         elif task.joined(me) and task.endpoint_of(me) != endpoint:
             task.set_endpoint(endpoint, sender=me)
             log.info("%s: now serving blobs at %s", me[:10], endpoint)
