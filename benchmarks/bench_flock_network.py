@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,8 +97,7 @@ def main() -> None:
         for bucket in ("join", "settle")
     }
     result = {
-        "command": "python benchmarks/bench_flock_network.py "
-        + " ".join(f"--set {s}" for s in args.set),
+        "command": "python benchmarks/bench_flock_network.py " + " ".join(sys.argv[1:]),
         "recipe": args.recipe,
         "participants": len(states),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
