@@ -204,7 +204,9 @@ def fetch(
         None, "--round", help="After this many rounds (default: all)."
     ),
     base: str | None = typer.Option(None, help="This machine's copy of the base model."),
-    store: Path | None = typer.Option(None, help="Keep fetched blobs here (default: OUT/.store)."),
+    store: Path | None = typer.Option(
+        None, help="Keep fetched blobs here (default: OUT.store beside OUT)."
+    ),
 ) -> None:
     """Rebuild the task's global adapter from the chain and the blobs (every CID checked)."""
     from covey.flock.ledger import Blobs
