@@ -307,5 +307,8 @@ def main() -> None:
         app()
     except CoveyError as e:
         # Text, not markup: messages contain brackets such as "record [3]"
-        Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False)
+        # soft_wrap: off a terminal the message stays on one line (logs and tests grep it)
+        Console(stderr=True).print(
+            Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True
+        )
         raise SystemExit(2) from None

@@ -86,27 +86,23 @@ def test_honest_flock_run_accepts_learns_and_pays(
     assert sum(row[5] or 0 for row in view.flock.rows) > 0  # rewards paid
 
 
-def test_noise_attackers_are_voted_down_and_earn_less(
+def test_free_riders_are_voted_down_and_earn_less(
     tiny_model_dir: Path, five_clients: Path, tmp_path: Path
 ) -> None:
+    """A free rider proposes the global adapter back: no honest voter's loss improves, so every
+    honest voter rejects it on any model (noise or a sign flip of a fresh adapter can lower a
+    random tiny model's loss). 4 of 5 participants propose each round, so the one attacker
+    proposes before an honest voter in at least one of 4 rounds but for 0.2% of draws."""
     out = tmp_path / "attacked"
     result = flock_run(
         config(
-            tiny_model_dir,
-            five_clients,
-            out,
-            "attack.kind=noise",
-            "attack.malicious_fraction=0.2",
-            "attack.strength=100000",
-            # On this random tiny model even a huge perturbation moves the loss on a voter's 4
-            # examples by only ~0.01, inside the noise that flock.harm_z tolerates; the strict
-            # rule sees it. (tests/flock/test_judge.py covers the tolerant rule; the robustness
-            # benchmark runs it on SmolLM2, where attacked updates are far outside the noise.)
-            "flock.harm_z=0",
-            # a slash (10% of 10) outweighs what a voter can earn in a round (20% of 1 token)
+            tiny_model_dir, five_clients, out, "fed.rounds=4",
+            "attack.kind=free_rider", "attack.malicious_fraction=0.2",
+            "flock.proposers_per_round=4", "flock.voters_per_round=1",
+            # a slash (10% of 10) outweighs what a voter can earn in a round (20% of 0.75 token)
             "flock.reward_pool=3",
         )
-    )
+    )  # fmt: skip
     s = summary(out)
     attackers = {p["participant"] for p in s["participants"] if p["attacker"]}
     assert len(attackers) == 1
