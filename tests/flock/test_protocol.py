@@ -198,19 +198,20 @@ def test_a_killed_flock_run_resumes_to_the_same_end(
 def test_flock_records_have_every_engines_layout(
     tiny_model_dir: Path, five_clients: Path, tmp_path: Path
 ) -> None:
-    """Rejections carry `attacker` and timings carry train/eval as in the other engines."""
+    """Rejections carry `attacker` and timings carry train/eval as in the other engines. One
+    free rider among 5, 4 proposers and 1 voter a round: its proposal meets an honest voter,
+    who rejects it on any model, in at least one of 3 rounds but for 0.8% of draws."""
     result = flock_run(
         config(
-            tiny_model_dir, five_clients, tmp_path / "r", "fed.rounds=1",
-            # free riders propose the global adapter back: no honest voter accepts that, on any
-            # model; a unanimous threshold makes one honest voter enough to reject it
-            "attack.kind=free_rider", "attack.malicious_fraction=0.4", "flock.threshold_pct=100",
-            "flock.proposers_per_round=3", "flock.voters_per_round=2",
+            tiny_model_dir, five_clients, tmp_path / "r", "fed.rounds=3",
+            "attack.kind=free_rider", "attack.malicious_fraction=0.2",
+            "flock.proposers_per_round=4", "flock.voters_per_round=1",
         )
     )  # fmt: skip
-    record = result.records[1]
-    assert set(record["seconds"]) >= {"round", "train", "eval", "vote"}
-    assert record["seconds"]["train"] > 0
-    for line in record["rejected"]:
-        assert set(line) == {"client", "reason", "attacker"}
-    assert record["rejected"], "no proposal was rejected: the attack did not reach the vote"
+    for record in result.records[1:]:
+        assert set(record["seconds"]) >= {"round", "train", "eval", "vote"}
+        assert record["seconds"]["train"] > 0
+        for line in record["rejected"]:
+            assert set(line) == {"client", "reason", "attacker"}
+    rejected = [line for r in result.records[1:] for line in r["rejected"]]
+    assert rejected, "no proposal was rejected: the attack did not reach the vote"
