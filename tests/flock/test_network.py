@@ -30,13 +30,13 @@ from covey.flock.commitments import seed_commitment
 from covey.flock.devnet import fund_eth, join_command, new_key_file, participant_env
 from covey.flock.devnode import find_anvil, run_anvil
 from covey.flock.keys import load_private_key
-from covey.flock.ledger import Blobs, Ledger
+from covey.flock.ledger import Blobs
 from covey.flock.network import (
     archive_rounds,
     attach_task,
-    base_model_id_of,
     create_task,
     fetch_adapter,
+    task_archive,
     task_status,
 )
 from covey.flock.task import Phase, SlashReason
@@ -150,8 +150,7 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
             )
             # the creator archives each round's accepted updates, as `create --serve` does
             task = attach_task(node, created.task)
-            archive = Ledger(task, Blobs(store, task), created.initial_adapter,
-                             cfg.fed.max_update_norm, base_model_id_of(store, created))  # fmt: skip
+            archive = task_archive(task, store, created, cfg.fed.max_update_norm)
             deadline = time.monotonic() + 900
             while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
                 archive_rounds(archive)

@@ -169,8 +169,9 @@ class Participant:
             return False
         phase = self.task.phase()
         round_ = self.task.current_round()
-        self._report_finished_rounds(round_, phase)
-        self._derive_globals()
+        finished = finished_rounds(self.task)
+        self._report_finished_rounds(finished)
+        self._derive_globals(finished)
         gas, fetched, fetch_s = _gas_spent(self.task), self.blobs.fetched_bytes, self.blobs.fetch_s
         try:
             return self._act(phase, round_)
@@ -198,10 +199,9 @@ class Participant:
                     entry[key] = entry.get(key, 0) + value
                 self.state.save()
 
-    def _derive_globals(self) -> None:
-        """Derive the global adapter after each finished round as soon as it is final, while
-        the proposers whose updates it averages are still online to serve them."""
-        finished = finished_rounds(self.task)
+    def _derive_globals(self, finished: int) -> None:
+        """Derive the global adapter after the `finished` rounds as soon as they are final,
+        while the proposers whose updates it averages are still online to serve them."""
         if self._derived >= finished:
             return
         try:
@@ -465,9 +465,8 @@ class Participant:
         log.info("%s: task %s; nothing left to claim", self.name, phase.name.lower())
         return False
 
-    def _report_finished_rounds(self, round_: int, phase: Phase) -> None:
-        """One line per finished round: what this participant earned and lost in it."""
-        finished = finished_rounds(self.task)
+    def _report_finished_rounds(self, finished: int) -> None:
+        """One line per newly finished round: what this participant earned and lost in it."""
         reported = int(self.state.data.get("reported", 0))
         if reported >= finished:
             return

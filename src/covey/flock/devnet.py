@@ -34,13 +34,13 @@ from covey.fed.engine import check_data_dir
 from covey.flock.chain import Chain
 from covey.flock.devnode import run_anvil
 from covey.flock.keys import load_private_key, write_private_file
-from covey.flock.ledger import Blobs, Ledger
+from covey.flock.ledger import Blobs
 from covey.flock.network import (
     archive_rounds,
     attach_task,
-    base_model_id_of,
     create_task,
     fetch_adapter,
+    task_archive,
     task_status,
     write_json,
 )
@@ -153,8 +153,7 @@ def run_devnet(
             budget = timeout_s or block_time_s * (
                 params.registration_blocks + params.rounds * (per_round + 3 * params.timeout_blocks)
             )
-            archive = Ledger(task, Blobs(store, task), created.initial_adapter,
-                             cfg.fed.max_update_norm, base_model_id_of(store, created))  # fmt: skip
+            archive = task_archive(task, store, created, cfg.fed.max_update_norm)
             try:
                 _wait_all(processes, budget, folders, lambda: archive_rounds(archive))
             finally:

@@ -366,8 +366,7 @@ def serve_until_done(
     from them, so that `fetch` works after the participants have gone."""
     task = attach_task(chain, created.task)
     host, _, port = listen.rpartition(":")
-    archive = Ledger(task, Blobs(store, task), created.initial_adapter, max_update_norm,
-                     base_model=base_model_id_of(store, created))  # fmt: skip
+    archive = task_archive(task, store, created, max_update_norm)
     with Gateway(store, host or "127.0.0.1", int(port or 0)) as gateway:
         log.info("serving the task's blobs at %s until it ends (Ctrl-C stops)", gateway.url)
         try:
@@ -380,8 +379,13 @@ def serve_until_done(
             pass
 
 
-def base_model_id_of(store: LocalStore, created: Created) -> str:
-    return TaskBundle.from_bytes(store.get(created.bundle_cid)).base_model
+def task_archive(
+    task: FlockTask, store: LocalStore, created: Created, max_update_norm: float
+) -> Ledger:
+    """The creator's ledger of `task` over its own store (which holds the bundle), for
+    `archive_rounds`."""
+    base_model = TaskBundle.from_bytes(store.get(created.bundle_cid)).base_model
+    return Ledger(task, Blobs(store, task), created.initial_adapter, max_update_norm, base_model)
 
 
 def archive_rounds(archive: Ledger) -> None:
