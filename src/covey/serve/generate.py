@@ -348,9 +348,12 @@ class _StopWhenSet:
 
 
 def load_session(source: AdapterSource) -> ServeSession:
-    """The adapter loaded onto its base, with its prompt template checked."""
+    """The adapter loaded onto its base, with its prompt template checked, ready to decode
+    (`covey.serve.decode`)."""
     from covey.data.prompts import check_template
+    from covey.serve.decode import transpose_output_projection
 
     loaded = load_adapter(source)
     check_template(source.cfg.prompt.template, loaded.tokenizer)
+    transpose_output_projection(loaded.model)
     return ServeSession(loaded.model, loaded.tokenizer, source, loaded.base_id)
