@@ -286,13 +286,34 @@ class FlockConfig:
     harm_z: float = 2.0
     """A voter rejects a proposal that raises its validation loss by at least this many standard
     errors (paired over its examples); 0: accept only a strict improvement (FLock's rule)."""
+    round_relative: bool = False
+    """Voters also compare the round's proposals with each other and reject outliers in size,
+    direction or gain (covey.flock.scoring.round_outliers); needs 3 or more proposers."""
+    round_max_norm_ratio: float = 3.0
+    """Round-relative: reject an update over this many times the round's median size, or under
+    its inverse."""
+    round_min_cosine: float = 0.0
+    """Round-relative: reject an update whose cosine with the others' mean update is below this."""
+    round_max_relative_z: float = 3.0
+    """Round-relative: reject an update whose gain on the voter's examples is this many spreads
+    below the round's median gain."""
 
     def __post_init__(self) -> None:
         for name in ("proposers_per_round", "voters_per_round", "validation_examples"):
             value = getattr(self, name)
             _require(value >= 1, name, f"must be >= 1, got {value}")
         _positive(self, "stake")
-        _non_negative(self, "reward_pool", "harm_z")
+        _non_negative(self, "reward_pool", "harm_z", "round_max_relative_z")
+        _require(
+            self.round_max_norm_ratio > 1,
+            "round_max_norm_ratio",
+            f"must be > 1 (it bounds both sides of the median), got {self.round_max_norm_ratio}",
+        )
+        _require(
+            -1 <= self.round_min_cosine <= 1,
+            "round_min_cosine",
+            f"must be in -1..1, got {self.round_min_cosine}",
+        )
         for name, low in (
             ("slash_pct", 0), ("no_show_pct", 1), ("threshold_pct", 1), ("voter_reward_pct", 0)
         ):  # fmt: skip

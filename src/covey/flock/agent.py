@@ -29,7 +29,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from covey.flock.commitments import (
 )
 from covey.flock.history import finished_rounds
 from covey.flock.ledger import Blobs, Ledger
-from covey.flock.scoring import judge_proposals
+from covey.flock.scoring import RoundRule, judge_proposals
 from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, Role
 from covey.state import State
 from covey.store.cid import cid_for, cid_from_digest, digest_of
@@ -415,9 +415,15 @@ class Participant:
                         state = None
             candidates.append(state)
             cids.append(cid)
+        flock = self.cfg.flock
+        rule = None
+        if flock.round_relative:
+            rule = RoundRule(
+                flock.round_max_norm_ratio, flock.round_min_cosine, flock.round_max_relative_z
+            )
         judged = judge_proposals(
-            self.model.model, self.validation, global_state, candidates, self.cfg.flock.harm_z,
-            self.cfg.eval.batch_size, self.model.pad_id,
+            self.model.model, self.validation, global_state, candidates, flock.harm_z,
+            self.cfg.eval.batch_size, self.model.pad_id, rule,
         )  # fmt: skip
         accepts = [j is not None and j.accept for j in judged]
         if self.behaviour.vote == "always_accept":
@@ -431,6 +437,11 @@ class Participant:
             "cids": cids,
             "gains": [None if j is None else round(j.gain, 6) for j in judged],
             "harm_z": [None if j is None else round(j.harm_z, 3) for j in judged],
+            "reasons": [None if j is None else j.reason for j in judged],
+            "round_views": [
+                None if j is None or j.round_view is None else _rounded(asdict(j.round_view))
+                for j in judged
+            ],
             "seconds": time.perf_counter() - started,
         }
 
@@ -511,6 +522,10 @@ def _gas_spent(task: FlockTask) -> int:
 
 def _of(event: dict[str, Any], round_: int, who: str) -> bool:
     return bool(event["round"] == round_ and str(event["participant"]).lower() == who)
+
+
+def _rounded(view: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in view.items()}
 
 
 def _tokens(wei: int) -> str:

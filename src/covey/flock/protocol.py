@@ -254,6 +254,8 @@ def play_round(sim: Simulation, round_: int, merge: Accumulator, hooks: Hooks) -
             "attacker": i in sim.attackers,
             "gains": ballot.get("gains", []),
             "harm_z": ballot.get("harm_z", []),
+            "reasons": ballot.get("reasons", []),
+            "round_views": ballot.get("round_views", []),
         }
     for key in ("rewards", "slashes", "keeper_fees"):
         for entry in facts[key]:
