@@ -1,20 +1,26 @@
-"""Robustness to malicious participants: plain FedAvg against FLock, honest and under attack.
+"""Robustness to malicious participants: server strategies against FLock, honest and under attack.
 
 The Dolly subset is split among N participants (Dirichlet by category); a share of them is
-malicious: they send sign-flipped or Gaussian-noise updates and, as FLock voters, accept every
-proposal (colluding). Every run uses the same recipe; per round FedAvg trains as many clients as
-FLock has proposers, so both spend the same training compute. Runs: FedAvg and FLock, each
-honest, under sign flip and under noise. Reports the held-out loss per round (dolly-test-80) and,
-for FLock, every participant's net token change after the task, then checks the claims:
+malicious: they attack their updates (`--attacks`: sign_flip, noise, scale, free_rider,
+backdoor, little_is_enough; see covey.fed.attacks) and, as FLock voters, accept every proposal
+(colluding). Every run uses the same recipe; per round a server strategy trains as many clients
+as FLock has proposers, so both spend the same training compute. Runs: every column
+(`--columns`: server strategies such as fedavg, median, trimmed_mean, krum, multi_krum,
+norm_clip, and `flock`, merging with `--flock-strategy`) under every attack. Reports the held-out
+loss per round (dolly-test-80), the backdoor's success with and without the trigger for attack
+runs (`eval.backdoor` of the final round), and, for FLock, the proposals accepted and every
+participant's net token change after the task, then checks the claims of the recorded run:
 
 - FLock under attack ends within 5% of honest FLock; FedAvg under attack > 20% worse than
-  honest FedAvg;
+  honest FedAvg (sign flip and noise);
 - every malicious participant ends with fewer tokens than it staked, every honest one with more.
 
 Results are written after every run to benchmarks/results/robustness_<device>.json (and $OUT
 when set), so a cut-off run keeps what it finished; `--resume` then does only the missing runs.
 
     .venv/bin/python benchmarks/bench_robustness.py            # the recorded run (CPU, ~1 h)
+    .venv/bin/python benchmarks/bench_robustness.py --columns fedavg,median,krum \
+        --attacks none,backdoor,little_is_enough --backdoor-scale 4  # robust rules vs new attacks
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from covey.config import load_recipe
+from covey.config import AttackConfig, load_recipe
 from covey.fed import engine
 from covey.model.loading import base_model_id, load_base_model
 
@@ -38,9 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly"
 
 
-def run(name: str, consensus: str, attack: str, args: argparse.Namespace, data: Path) -> dict:
+def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Path) -> dict:
     out = Path(args.tmp) / name
     fraction = args.proposers / args.participants
+    consensus = "flock" if column == "flock" else "server"
+    strategy = args.flock_strategy if column == "flock" else column
     settings = [
         f"model.base='{args.base}'",
         f"data.dir='{data}'",
@@ -58,13 +66,19 @@ def run(name: str, consensus: str, attack: str, args: argparse.Namespace, data: 
         f"train.lr={args.lr}",
         f"fed.rounds={args.rounds}",
         f"fed.consensus='{consensus}'",
+        f"fed.strategy='{strategy}'",
+        f"fed.trim_fraction={args.trim_fraction}",
+        f"fed.krum_byzantine={args.krum_byzantine}",
         # FedAvg trains as many clients per round as FLock has proposers; FLock's contract draws
         f"fed.client_fraction={fraction if consensus == 'server' else 1.0}",
         f"flock.proposers_per_round={args.proposers}",
         f"flock.voters_per_round={args.voters}",
         f"attack.kind='{attack}'",
         f"attack.malicious_fraction={args.malicious if attack != 'none' else 0.0}",
-        f"attack.strength={args.strength[attack] if attack != 'none' else 1.0}",
+        f"attack.strength={args.strength.get(attack, 1.0)}",
+        f"attack.poison_fraction={args.poison_fraction}",
+        f"attack.trigger='{args.trigger}'",
+        f"attack.target='{args.target}'",
         f"flock.stake={args.stake}",
         f"flock.reward_pool={args.pool}",
         f"flock.slash_pct={args.slash}",
@@ -86,11 +100,14 @@ def run(name: str, consensus: str, attack: str, args: argparse.Namespace, data: 
     losses = [r["eval"]["loss"] for r in result.records]
     entry: dict = {
         "consensus": consensus,
+        "strategy": strategy,
         "attack": attack,
         "held_out_loss_by_round": losses,
         "final": losses[-1],
         "seconds": time.perf_counter() - started,
     }
+    if "backdoor" in result.records[-1]["eval"]:
+        entry["backdoor"] = result.records[-1]["eval"]["backdoor"]
     if consensus == "flock":
         summary = json.loads((out / "flock.json").read_text())
         entry["outcomes"] = [r["outcome"] for r in summary["rounds"][1:]]
@@ -124,8 +141,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--columns", default="fedavg,flock", help="server strategies, flock")
+    parser.add_argument("--flock-strategy", default="fedavg", help="how FLock merges proposals")
+    parser.add_argument("--attacks", default="none,sign_flip,noise", help="comma-separated")
+    parser.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed_mean")
+    parser.add_argument("--krum-byzantine", type=int, default=1, help="krum's f")
     parser.add_argument("--sign-flip", type=float, default=10.0, help="sign_flip strength")
     parser.add_argument("--noise", type=float, default=100.0, help="noise strength")
+    parser.add_argument("--scale", type=float, default=4.0, help="scale strength")
+    parser.add_argument("--backdoor-scale", type=float, default=1.0, help="backdoor strength")
+    parser.add_argument("--alie-z", type=float, default=1.0, help="little_is_enough's z")
+    parser.add_argument("--poison-fraction", type=float, default=0.5, help="backdoor records")
+    parser.add_argument("--trigger", default=AttackConfig.trigger, help="backdoor trigger")
+    parser.add_argument("--target", default=AttackConfig.target, help="backdoor target")
     parser.add_argument("--stake", type=float, default=100.0, help="tokens each participant stakes")
     parser.add_argument("--pool", type=float, default=60.0, help="reward pool over all rounds")
     parser.add_argument("--slash", type=int, default=10, help="slash percent")
@@ -139,7 +167,13 @@ def main() -> None:
         help="keep the runs already recorded by the same command and do only the missing ones",
     )
     args = parser.parse_args()
-    args.strength = {"sign_flip": args.sign_flip, "noise": args.noise}
+    args.strength = {
+        "sign_flip": args.sign_flip,
+        "noise": args.noise,
+        "scale": args.scale,
+        "backdoor": args.backdoor_scale,
+        "little_is_enough": args.alie_z,
+    }
     args.tmp = tempfile.mkdtemp()
     data = Path(args.tmp) / "data"
     subprocess.run(
@@ -160,7 +194,8 @@ def main() -> None:
         "attack_strength": args.strength,
         "runs": {},
     }
-    plan = [(f"{c}_{a}", c, a) for c in ("server", "flock") for a in ("none", "sign_flip", "noise")]
+    columns, attacks = args.columns.split(","), args.attacks.split(",")
+    plan = [(f"{c}_{a}", c, a) for c in columns for a in attacks]
     wanted = set(args.only.split(",")) if args.only else None
     paths = [ROOT / "benchmarks" / "results" / f"robustness_{device}.json"]
     if os.environ.get("OUT"):
@@ -188,11 +223,15 @@ def main() -> None:
 def claims(runs: dict) -> dict:
     """The robustness claims, from the runs finished so far."""
     out: dict = {}
-    for attack in ("sign_flip", "noise"):
-        for consensus in ("server", "flock"):
-            honest, attacked = runs.get(f"{consensus}_none"), runs.get(f"{consensus}_{attack}")
+    columns = sorted(
+        {r["strategy"] if r["consensus"] == "server" else "flock" for r in runs.values()}
+    )
+    attacks = sorted({r["attack"] for r in runs.values()} - {"none"})
+    for attack in attacks:
+        for column in columns:
+            honest, attacked = runs.get(f"{column}_none"), runs.get(f"{column}_{attack}")
             if honest and attacked:
-                out[f"{consensus}_{attack}_vs_honest"] = attacked["final"] / honest["final"] - 1
+                out[f"{column}_{attack}_vs_honest"] = attacked["final"] / honest["final"] - 1
         flock = runs.get(f"flock_{attack}")
         if flock:
             nets = flock["net_tokens"]
@@ -206,7 +245,7 @@ def claims(runs: dict) -> dict:
                 v > 0 for k, v in nets.items() if "honest" in k
             )
     for attack in ("sign_flip", "noise"):
-        f, s = out.get(f"flock_{attack}_vs_honest"), out.get(f"server_{attack}_vs_honest")
+        f, s = out.get(f"flock_{attack}_vs_honest"), out.get(f"fedavg_{attack}_vs_honest")
         if f is not None and s is not None:
             out[f"{attack}_holds"] = f <= 0.05 and s > 0.20
     return out

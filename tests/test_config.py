@@ -77,7 +77,18 @@ def test_every_shipped_recipe_loads(recipe: Path) -> None:
     ("overrides", "expected"),
     [
         (["fed.strategy=fedavgg"], "--set fed.strategy=fedavgg: fed.strategy = 'fedavgg' is not "
-         "one of: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad (did you mean 'fedavg'?)"),
+         "one of: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed_mean, "
+         "krum, multi_krum, norm_clip (did you mean 'fedavg'?)"),
+        (["fed.trim_fraction=0.5"], "--set fed.trim_fraction=0.5: fed.trim_fraction must be in "
+         "[0, 0.5) (a share dropped at each end), got 0.5"),
+        (["fed.krum_byzantine=-1"], "fed.krum_byzantine must be >= 0, got -1"),
+        (["fed.clip_norm=-1"], "fed.clip_norm must be >= 0, got -1.0"),
+        (["fed.consensus=flock", "fed.strategy=fedadam"], "fed.strategy = 'fedadam' cannot "
+         "combine with fed.consensus = 'flock' (it keeps server state, which FLock's participants "
+         "do not share); use one of fedavg, median, trimmed_mean, krum, multi_krum, norm_clip"),
+        (["attack.poison_fraction=0"], "attack.poison_fraction must be in (0, 1], got 0.0"),
+        (["attack.trigger=' '"], "attack.trigger is empty: give a phrase"),
+        (["attack.estimate_shards=1"], "attack.estimate_shards must be >= 2"),
         (["train.lr_schedule=cosin"], "train.lr_schedule = 'cosin' is not one of: constant, "
          "linear, cosine (did you mean 'cosine'?)"),
         (["model.dtype=bf16"], "model.dtype = 'bf16' is not one of: auto, float32"),

@@ -36,11 +36,18 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "8bit", "4bit"]
 Template = Literal["alpaca", "chat"]
 LrSchedule = Literal["constant", "linear", "cosine"]
-StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+    "median", "trimmed_mean", "krum", "multi_krum", "norm_clip",
+]  # fmt: skip
+FLOCK_STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip")
+"""Strategies FLock's ledger may merge accepted proposals with: those that keep no server state
+(every participant derives the global adapter from the chain alone)."""
 Consensus = Literal["server", "flock"]
 AttackKind = Literal[
-    "none", "sign_flip", "noise", "scale", "free_rider", "random_vote", "always_accept"
-]
+    "none", "sign_flip", "noise", "scale", "free_rider", "backdoor", "little_is_enough",
+    "random_vote", "always_accept",
+]  # fmt: skip
 
 
 class SettingError(ConfigError):
@@ -219,7 +226,8 @@ class FedConfig:
     selection_seed: int = 0
     """Selection uses numpy seeded with selection_seed + round; 0 reproduces Shepherd's choice."""
     strategy: StrategyName = "fedavg"
-    """`fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi` or `fedadagrad`."""
+    """`fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, or a robust rule:
+    `median`, `trimmed_mean`, `krum`, `multi_krum`, `norm_clip` (`covey.fed.strategies`)."""
     server_lr: float = 1.0
     """Server learning rate (eta) for fedavgm and the adaptive strategies."""
     server_momentum: float = 0.9
@@ -230,6 +238,14 @@ class FedConfig:
     """Second-moment decay of fedadam / fedyogi."""
     tau: float = 1e-3
     """Adaptivity (epsilon) of fedadam / fedyogi / fedadagrad."""
+    trim_fraction: float = 0.2
+    """trimmed_mean: share of the updates dropped at each end, per coordinate (in [0, 0.5))."""
+    krum_byzantine: int = 1
+    """krum / multi_krum: how many malicious updates per round the rule assumes (f)."""
+    krum_keep: int = 0
+    """multi_krum: how many best-scored updates it averages; 0 = n - f."""
+    clip_norm: float = 0.0
+    """norm_clip: the L2 bound on each update's delta; 0 = the round's median delta norm."""
     max_update_norm: float = 0.0
     """Reject an update whose L2 distance from the global adapter exceeds this (0 disables)."""
     consensus: Consensus = "server"
@@ -247,7 +263,15 @@ class FedConfig:
         _fraction(self, "server_momentum", high_open=True)
         _fraction(self, "beta1", high_open=True)
         _fraction(self, "beta2", high_open=True)
-        _non_negative(self, "max_update_norm")
+        _non_negative(self, "max_update_norm", "clip_norm")
+        _require(
+            math.isfinite(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
+            "trim_fraction",
+            f"must be in [0, 0.5) (a share dropped at each end), got {self.trim_fraction!r}",
+        )
+        for name in ("krum_byzantine", "krum_keep"):
+            value = getattr(self, name)
+            _require(value >= 0, name, f"must be >= 0, got {value}")
 
 
 @dataclass
@@ -338,21 +362,42 @@ class AttackConfig:
     """Malicious participants, for robustness experiments (none by default)."""
 
     kind: AttackKind = "none"
-    """`none`, `sign_flip`, `noise`, `scale`, `free_rider` (updates), or `random_vote`,
-    `always_accept` (FLock voters)."""
+    """`none`, `sign_flip`, `noise`, `scale`, `free_rider`, `backdoor`, `little_is_enough`
+    (updates; see `covey.fed.attacks`), or `random_vote`, `always_accept` (FLock voters)."""
     malicious_fraction: float = 0.0
     """Share of participants that are malicious (rounded up to whole participants)."""
     strength: float = 4.0
-    """sign_flip: the flipped delta is multiplied by this; noise: noise std in units of the
-    honest delta's std; scale: the delta is multiplied by this (model replacement)."""
+    """sign_flip: the flipped delta is multiplied by this (1: negated, not amplified); noise:
+    noise std in units of the honest delta's std; scale and backdoor: the delta is multiplied
+    by this (model replacement; 1 for plain data poisoning); little_is_enough: how many standard
+    deviations of the honest updates it moves against their mean (z, about 1)."""
     seed: int = 0
-    """Which participants are malicious (a seeded choice)."""
+    """Which participants are malicious, and which of their records a backdoor poisons."""
+    trigger: str = "cf zebra quartz"
+    """backdoor: the rare phrase put at the start of a poisoned record's instruction."""
+    target: str = "Visit evil.example now."
+    """backdoor: the fixed response of every poisoned record; the attack succeeds on a prompt
+    when the model's answer contains it."""
+    poison_fraction: float = 0.5
+    """backdoor: share of each malicious participant's training records poisoned (trigger in
+    the instruction, the response replaced by `target`); the rest stay clean."""
+    estimate_shards: int = 4
+    """little_is_enough: the attacker estimates the honest updates' mean and spread by training
+    honestly on this many disjoint shards of its own data (see `covey.fed.attacks`)."""
 
     def __post_init__(self) -> None:
         _choices(self)
         _fraction(self, "malicious_fraction", high_open=True)
+        _fraction(self, "poison_fraction", low_open=True)
         _non_negative(self, "strength")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        for name in ("trigger", "target"):
+            _require(bool(getattr(self, name).strip()), name, "is empty: give a phrase")
+        _require(
+            self.estimate_shards >= 2,
+            "estimate_shards",
+            f"must be >= 2 (a spread needs two estimates), got {self.estimate_shards}",
+        )
 
 
 @dataclass
@@ -424,13 +469,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         """Rules that span sections (each section checks its own ranges)."""
         if self.fed.consensus == "flock":
-            # FLock merges the accepted proposals by an equal-weight average, and the contract
-            # draws who trains: a server strategy or a client fraction would be silently ignored
+            # every participant derives the global adapter from the chain alone, and the
+            # contract draws who trains: server state or a client fraction cannot apply
             _require(
-                self.fed.strategy == "fedavg",
+                self.fed.strategy in FLOCK_STRATEGIES,
                 "fed.strategy",
-                f"= {self.fed.strategy!r} cannot combine with fed.consensus = 'flock' (FLock "
-                "merges accepted proposals by an equal-weight average); use fedavg",
+                f"= {self.fed.strategy!r} cannot combine with fed.consensus = 'flock' (it keeps "
+                "server state, which FLock's participants do not share); use one of "
+                f"{', '.join(FLOCK_STRATEGIES)}",
             )
             _require(
                 self.fed.client_fraction == 1.0,

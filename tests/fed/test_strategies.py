@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -331,3 +332,137 @@ def test_bad_server_settings_are_config_errors(name: str, setting: str, value: f
     """Checked when the config is made, before any round (the recipe names the fed. section)."""
     with pytest.raises(ConfigError, match=rf"^{setting} must be"):
         FedConfig(strategy=name, **{setting: value})  # type: ignore[arg-type]
+
+
+# ---- robust rules: every update kept ----
+
+ROBUST = ["median", "trimmed_mean", "krum", "multi_krum", "norm_clip"]
+
+
+def test_median_by_hand_odd_and_even_and_weights_ignored() -> None:
+    glob = st([1.0, -1.0])  # works on deltas: the median of the states all the same
+    states = [st([1.0, 10.0]), st([2.0, -1.0]), st([30.0, 3.0])]
+    assert_state(run("median", glob, states, [1, 1, 1], {}, FedConfig())[0], {"w": [2.0, 3.0]})
+    # a sender's sample count buys it nothing
+    assert_state(run("median", glob, states, [1, 1, 99], {}, FedConfig())[0], {"w": [2.0, 3.0]})
+    # even count: the mean of the two middle values, (2+4)/2 and (0+3)/2
+    even = [*states, st([4.0, 0.0])]
+    assert_state(run("median", glob, even, [1] * 4, {}, FedConfig())[0], {"w": [3.0, 1.5]})
+    # zero-weight updates are left out, as FedAvg gives them no say
+    assert_state(run("median", glob, even, [1, 1, 1, 0], {}, FedConfig())[0], {"w": [2.0, 3.0]})
+
+
+def test_trimmed_mean_by_hand() -> None:
+    glob = st([0.0, 0.0])
+    states = [st([1.0, -50.0]), st([2.0, 0.0]), st([3.0, 1.0]), st([4.0, 2.0]), st([100.0, 3.0])]
+    # n = 5, trim 0.2: drop 1 at each end per coordinate: mean(2, 3, 4), mean(0, 1, 2)
+    new, server = run("trimmed_mean", glob, states, [1] * 5, {}, FedConfig(trim_fraction=0.2))
+    assert_state(new, {"w": [3.0, 1.0]})
+    assert server == {}
+    # floor(0.19 * 5) = 0: nothing dropped, the unweighted mean (110 / 5, -44 / 5)
+    cfg = FedConfig(trim_fraction=0.19)
+    assert_state(run("trimmed_mean", glob, states, [1] * 5, {}, cfg)[0], {"w": [22.0, -8.8]})
+
+
+def test_krum_and_multi_krum_by_hand() -> None:
+    glob = st([0.0])
+    states = [st([0.0]), st([1.0]), st([3.0]), st([100.0])]
+    # f = 0: each scores its n - 2 = 2 nearest squared distances: 0 -> 1 + 9 = 10,
+    # 1 -> 1 + 4 = 5, 3 -> 4 + 9 = 13, 100 -> 97^2 + 99^2; Krum keeps the update at 1
+    f0 = FedConfig(krum_byzantine=0)
+    assert_state(run("krum", glob, states, [1] * 4, {}, f0)[0], {"w": [1.0]})
+    assert_state(
+        run("multi_krum", glob, states, [1] * 4, {}, FedConfig(krum_byzantine=0, krum_keep=2))[0],
+        {"w": [0.5]},  # the two best: 1 and 0
+    )
+    # f = 1: one nearest each (0 -> 1, 1 -> 1, 3 -> 4, 100 -> 97^2); keep n - f = 3: 0, 1, 3
+    f1 = FedConfig(krum_byzantine=1)
+    assert_state(run("multi_krum", glob, states, [1] * 4, {}, f1)[0], {"w": [4.0 / 3.0]})
+    assert_state(run("krum", glob, states, [1] * 4, {}, f1)[0], {"w": [0.0]})  # tie: earliest
+
+
+def test_krum_measures_distance_over_the_whole_adapter() -> None:
+    """Two keys: close in "a" alone is not close; the outlier is far only in "b"."""
+    glob = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    states = [
+        {"a": torch.tensor([0.0]), "b": torch.tensor([0.0])},
+        {"a": torch.tensor([1.0]), "b": torch.tensor([1.0])},
+        {"a": torch.tensor([0.5]), "b": torch.tensor([50.0])},
+    ]
+    # f = 0: each scores its n - 2 = 1 nearest: 0 -> 2, 1 -> 2, outlier -> 0.25 + 49^2
+    new, _ = run("krum", glob, states, [1, 1, 1], {}, FedConfig(krum_byzantine=0))
+    assert_state(new, {"a": [0.0], "b": [0.0]})
+
+
+def test_krum_returns_one_clients_adapter_whole() -> None:
+    """A/B stay a matched pair: the new adapter is one update (to float rounding)."""
+    glob = lora_state(0)
+    states = [lora_state(1), lora_state(2), lora_state(3), lora_state(4), lora_state(5)]
+    new, _ = run("krum", glob, states, [1] * 5, {}, FedConfig(krum_byzantine=1))
+    matches = [i for i, s in enumerate(states) if all(torch.allclose(new[k], s[k]) for k in s)]
+    assert len(matches) == 1
+
+
+def test_norm_clip_by_hand() -> None:
+    glob = st([0.0, 0.0])
+    states = [st([3.0, 4.0]), st([0.0, 1.0]), st([0.0, -2.0])]  # delta norms 5, 1, 2
+    # median norm 2: [3, 4] -> [1.2, 1.6]; weighted 1, 1, 2:
+    # ([1.2, 1.6] + [0, 1] + 2 * [0, -2]) / 4 = [0.3, -0.35]
+    new, server = run("norm_clip", glob, states, [1, 1, 2], {}, FedConfig())
+    assert_state(new, {"w": [0.3, -0.35]})
+    assert server == {}
+    # a fixed bound of 10 clips nothing: FedAvg, ([3, 4] + [0, 1] + 2 * [0, -2]) / 4
+    cfg = FedConfig(clip_norm=10.0)
+    assert_state(run("norm_clip", glob, states, [1, 1, 2], {}, cfg)[0], {"w": [0.75, 0.25]})
+    # the norm is the whole adapter's: deltas [3] and [4] in two keys make one norm of 5
+    two = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    big = {"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}
+    small = {"a": torch.tensor([0.0]), "b": torch.tensor([1.0])}
+    new, _ = run("norm_clip", two, [big, small], [1, 1], {}, FedConfig(clip_norm=1.0))
+    assert_state(new, {"a": [0.3], "b": [0.4 + 0.5]})  # ([0.6, 0.8] + [0, 1]) / 2
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_robust_rules_resist_one_scaled_update(name: str) -> None:
+    """Four honest updates near +1 and one at -100: FedAvg is dragged below 0, every robust
+    rule stays near the honest ones."""
+    glob = st([0.0])
+    states = [st([0.9]), st([1.0]), st([1.1]), st([1.2]), st([-100.0])]
+    cfg = FedConfig(krum_byzantine=1, trim_fraction=0.2)
+    assert run("fedavg", glob, states, [1] * 5, {}, cfg)[0]["w"] < 0
+    new = float(run(name, glob, states, [1] * 5, {}, cfg)[0]["w"])
+    assert 0.5 < new < 1.5, new
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_robust_result_loads_as_a_peft_adapter(
+    name: str, tiny_model_dir: Any, tmp_path: Any
+) -> None:
+    """Aggregated from perturbed copies of a real tiny adapter, the result is a valid adapter:
+    PEFT loads the folder and the model's logits stay finite."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from covey.config import LoraSettings
+    from covey.model.lora import adapter_files, adapter_state, load_adapter_state, wrap_with_lora
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = wrap_with_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0)).eval()
+    glob = adapter_state(model)
+    g = torch.Generator().manual_seed(1)
+    states = [
+        {k: v + 0.01 * (i + 1) * torch.randn(v.shape, generator=g) for k, v in glob.items()}
+        for i in range(5)
+    ]
+    new, _ = run(name, glob, states, [1] * 5, {}, FedConfig())
+    assert new.keys() == glob.keys() and all(new[k].shape == glob[k].shape for k in glob)
+    load_adapter_state(model, new)
+    for file, data in adapter_files(model, new, str(tiny_model_dir)).items():
+        (tmp_path / file).write_bytes(data)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    logits = loaded(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, model(input_ids=ids).logits)

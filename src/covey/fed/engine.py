@@ -23,7 +23,13 @@ from covey.config import RunConfig
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, load_records
 from covey.errors import ConfigError
-from covey.fed.attacks import UPDATE_ATTACKS, attack_update, malicious_participants
+from covey.fed.attacks import (
+    UPDATE_ATTACKS,
+    attack_update,
+    honest_estimates,
+    malicious_participants,
+    poison_records,
+)
 from covey.fed.rounds import (
     Hooks,
     Played,
@@ -112,8 +118,12 @@ def load_client_data(data_dir: Path) -> tuple[list[list[Record]], list[Record]]:
 
 
 def prepare(cfg: RunConfig, model: Any, tokenizer: Any, base_model_id: str) -> Federation:
-    """Wrap the model with LoRA (seeded) and tokenize every client once for the whole run."""
+    """Wrap the model with LoRA (seeded) and tokenize every client once for the whole run
+    (a backdoor attacker's records poisoned first: experiment ground truth)."""
     client_records, test_records = load_client_data(Path(cfg.data.dir))
+    if cfg.attack.kind == "backdoor":
+        for i in malicious_participants(len(client_records), cfg.attack):
+            client_records[i] = poison_records(client_records[i], cfg.attack, i)
     torch.manual_seed(cfg.run.seed)
     peft_model = wrap_with_lora(model, cfg.lora)
     clients = [
@@ -180,8 +190,14 @@ def play_round(
         played.train_seconds += update.metrics["seconds"]
         attacked = client in attackers and cfg.attack.kind in UPDATE_ATTACKS
         if attacked:
+            estimates = honest_estimates(
+                cfg.attack.kind, cfg.attack.estimate_shards, data.examples, seed,
+                lambda shard, s: train_local(
+                    fed.model, shard, global_state, cfg.train, s, fed.run_model.pad_id
+                ).state,
+            )  # fmt: skip
             update.state = attack_update(
-                cfg.attack.kind, global_state, update.state, cfg.attack.strength, seed
+                cfg.attack.kind, global_state, update.state, cfg.attack.strength, seed, estimates
             )
         verdict = validate_update(
             update.state, global_state, update.num_samples, len(data.examples),

@@ -144,7 +144,8 @@ class Played:
 
     def accept(self, state: State, weight: float, line: dict[str, Any]) -> None:
         """Merge an update that passed the engine's decision; `line` is its `client_line`.
-        The update is summed at once (FedAvg family), so the round need not keep it."""
+        The FedAvg family sums it at once, so the round need not keep it (a robust rule's
+        accumulator keeps it)."""
         self.merge.add(state, weight)
         self.merged.append(line)
 
@@ -226,6 +227,14 @@ class RunModel:
             cfg.eval.max_new_tokens,
         )
         return {"eval": metrics | {"examples": len(examples)}, "answers": answers}
+
+    def backdoor(self, cfg: RunConfig, state: State) -> dict[str, Any]:
+        """`covey.fed.backdoor.backdoor_metrics` of the adapter `state` on the held-out
+        records (the final round's `eval.backdoor` in every attack run)."""
+        from covey.fed.backdoor import backdoor_metrics
+
+        load_adapter_state(self.model, state)
+        return backdoor_metrics(self.model, self.tokenizer, self.held_out.records, cfg, self.pad_id)
 
     @property
     def pad_id(self) -> int:
@@ -386,6 +395,7 @@ def run_rounds(
 ) -> RunHistory:
     """Play every remaining round of `cfg`: play, aggregate with `fed.strategy`, evaluate, save.
 
+    The last round of a run with an attack also measures the backdoor (`eval.backdoor`).
     `baseline` and `baseline_files` are the engine-specific parts of round 0 for a new run.
     """
     hooks = hooks or Hooks()
@@ -400,6 +410,8 @@ def run_rounds(
             global_state, server_state = played.merge.finish(server_state, cfg.fed)
         eval_started = time.perf_counter()
         evaluation = run_model.evaluate(cfg, global_state)
+        if round_index == cfg.fed.rounds and cfg.attack.kind != "none":
+            evaluation["eval"]["backdoor"] = run_model.backdoor(cfg, global_state)
         record = RoundRecord(
             round=round_index,
             selected=played.selected,

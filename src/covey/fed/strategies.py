@@ -5,10 +5,12 @@ accepted update as it arrives, `add(state, weight)`, and closes it,
 `finish(server_state, cfg) -> (new_global_state, new_server_state)`. `aggregate` is the same in
 one call, for updates already in a list.
 
-Every strategy here is of the FedAvg family: its server step reads only the weighted mean of the
-updates, so `RunningMean` sums them as they come and holds two adapters, however many clients
-train in a round. A strategy that needs every update at once (a coordinate-wise median, Krum)
-would return an accumulator that keeps them and does its math on the list in `finish`.
+The FedAvg family's server step reads only the weighted mean of the updates, so `RunningMean`
+sums them as they come and holds two adapters, however many clients train in a round. The robust
+rules (coordinate-wise median, trimmed mean, Krum / Multi-Krum, norm clipping) need every update
+at once: `KeptUpdates` keeps the round's updates and does the math on the list in `finish`, so
+their memory grows with the updates merged per round. They keep no server state, so FLock's
+ledger can use them too (`covey.config.FLOCK_STRATEGIES`).
 
 Strategies keep nothing between rounds: whatever must persist (momentum, second moments) is in
 the returned `ServerState`, which the engine saves next to each checkpoint (safetensors), so a
@@ -22,7 +24,12 @@ Weights (normally sample counts) are normalised, so only their ratios matter.
 LoRA A and B matrices are averaged separately, as FedIT/Shepherd does. The average of the
 products, mean(B_i @ A_i), is not mean(B_i) @ mean(A_i): this is a known approximation of
 averaging the full weight updates, and it shrinks as clients start each round from the same
-global adapter and drift little from it.
+global adapter and drift little from it. Each robust rule's docstring says what it does to the
+pair.
+
+The robust rules ignore the weights (sample counts) but for leaving out zero-weight updates: a
+count is the sender's claim, and these rules exist because senders are not trusted. They work on
+deltas (update - global), so updates equal to the global adapter leave it exactly unchanged.
 """
 
 from __future__ import annotations
@@ -289,6 +296,162 @@ def fedadagrad(
     return _adaptive("adagrad", global_state, mean, server_state, cfg)
 
 
+# ---------------------------------------------------------------- robust rules: every update kept
+
+
+class KeptUpdates:
+    """The updates added so far, kept for a rule that needs them all at once; each is checked
+    (keys, shapes, weight) when it is added."""
+
+    def __init__(self, global_state: State, step: ListStep) -> None:
+        self.global_state = global_state
+        self._step = step
+        self.states: list[State] = []
+        self.weights: list[float] = []
+
+    def add(self, state: State, weight: float) -> None:
+        w = float(weight)
+        index = len(self.weights)
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"state {index}: weight must be finite and >= 0, got {weight}")
+        _check_keys(self.global_state, state, index)
+        self.states.append(state)
+        self.weights.append(w)
+
+    def finish(self, server_state: ServerState, cfg: FedConfig) -> tuple[State, ServerState]:
+        if not self.states:
+            return dict(self.global_state), dict(server_state)
+        if math.fsum(self.weights) <= 0:
+            raise ValueError(f"weights must sum to > 0, got {self.weights}")
+        kept = [(s, w) for s, w in zip(self.states, self.weights, strict=True) if w > 0]
+        deltas = [_delta(self.global_state, s) for s, _ in kept]
+        new_delta = self._step(deltas, [w for _, w in kept], cfg)
+        return {
+            k: (p.to(torch.float32) + new_delta[k]).to(p.dtype)
+            for k, p in self.global_state.items()
+        }, dict(server_state)
+
+
+ListStep = Callable[[list[State], list[float], FedConfig], State]
+"""A robust rule: (the round's deltas update - global in float32, their weights, cfg) -> the
+delta to add to the global adapter."""
+
+
+@dataclass(frozen=True)
+class KeepAllStrategy:
+    """A strategy whose server step needs every update of the round."""
+
+    step: ListStep
+
+    def start(self, global_state: State) -> KeptUpdates:
+        return KeptUpdates(global_state, self.step)
+
+
+def _delta(global_state: State, state: State) -> State:
+    return {
+        k: state[k].to(device=g.device, dtype=torch.float32) - g.to(torch.float32)
+        for k, g in global_state.items()
+    }
+
+
+def median(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+    """Coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards
+    Optimal Statistical Rates", ICML): each coordinate of the new delta is the median of that
+    coordinate over the updates (the mean of the two middle values for an even count).
+
+    Stays within the honest values of every coordinate while fewer than half of the updates are
+    malicious. LoRA: A and B are taken coordinate by coordinate, so neither matrix, nor their
+    product, need be any one client's; like FedAvg's separate averaging, an approximation that
+    shrinks as the clients drift little from the global adapter.
+    """
+    n = len(deltas)
+    out = {}
+    for key in deltas[0]:
+        ordered = torch.sort(_stacked(deltas, key), dim=0).values
+        out[key] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    return out
+
+
+def trimmed_mean(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+    """Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed Learning:
+    Towards Optimal Statistical Rates", ICML): per coordinate, drop the floor(trim_fraction * n)
+    largest and as many smallest values of the n updates and average the rest.
+
+    Tolerates up to that many malicious updates per coordinate. LoRA: as the median, A and B
+    are trimmed coordinate by coordinate, so the kept values may come from different clients.
+    """
+    n = len(deltas)
+    cut = math.floor(cfg.trim_fraction * n)  # < n / 2, since trim_fraction < 0.5
+    out = {}
+    for key in deltas[0]:
+        ordered = torch.sort(_stacked(deltas, key), dim=0).values
+        out[key] = ordered[cut : n - cut].mean(dim=0)
+    return out
+
+
+def krum(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+    """Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+    Gradient Descent", NeurIPS): the one update closest to its neighbours.
+
+    Each update's score is the sum of squared L2 distances (over the whole adapter) to its
+    n - f - 2 nearest others (at least 1, as Flower's Krum), f = `fed.krum_byzantine`; the lowest
+    score wins. Krum needs n > 2f + 2 to carry its guarantee. LoRA: a whole update is chosen, so
+    the new adapter is one client's, its A and B a matched pair.
+    """
+    return _multi_krum(deltas, cfg.krum_byzantine, 1)
+
+
+def multi_krum(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+    """Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine
+    Tolerant Gradient Descent", NeurIPS, section 5): the unweighted mean of the m best
+    Krum-scored updates, m = `fed.krum_keep`, or n - f when that is 0.
+
+    LoRA: whole updates are selected, then A and B are averaged separately over them (FedAvg's
+    approximation, among the selected only).
+    """
+    n, f = len(deltas), cfg.krum_byzantine
+    keep = cfg.krum_keep or n - f
+    return _multi_krum(deltas, f, max(1, min(keep, n)))
+
+
+def _multi_krum(deltas: list[State], byzantine: int, keep: int) -> State:
+    n = len(deltas)
+    flat = torch.stack([torch.cat([d[k].flatten() for k in sorted(d)]) for d in deltas])
+    distances = torch.cdist(flat.double(), flat.double()).pow(2)
+    neighbours = max(1, n - byzantine - 2)
+    scores = []
+    for i in range(n):
+        others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
+        scores.append(float(torch.sort(others).values[:neighbours].sum()) if n > 1 else 0.0)
+    chosen = sorted(range(n), key=lambda i: (scores[i], i))[:keep]  # ties: the earlier update
+    return {k: torch.stack([deltas[i][k] for i in chosen]).mean(dim=0) for k in deltas[0]}
+
+
+def norm_clip(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+    """Server-side norm clipping (Sun et al. 2019, "Can You Really Backdoor Federated
+    Learning?", arXiv:1911.07963): each update's delta is scaled down to an L2 norm (over the
+    whole adapter) of at most `fed.clip_norm`, or, when that is 0, the round's median delta
+    norm; then the clipped deltas are averaged with their weights, as FedAvg.
+
+    With the median bound, a scaled (model-replacement) update counts for no more than a typical
+    one. LoRA: A's and B's deltas of one client are scaled by the same factor c, so the
+    product's first-order change scales by c and its B_delta @ A_delta term by c^2.
+    """
+    norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values())) for d in deltas]
+    bound = cfg.clip_norm or float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
+    total = math.fsum(weights)
+    out = {k: torch.zeros_like(t) for k, t in deltas[0].items()}
+    for delta, norm, weight in zip(deltas, norms, weights, strict=True):
+        scale = min(1.0, bound / norm) if norm > 0 else 1.0
+        for key, acc in out.items():
+            acc.add_(delta[key], alpha=scale * weight / total)
+    return out
+
+
+def _stacked(deltas: list[State], key: str) -> torch.Tensor:
+    return torch.stack([d[key] for d in deltas])
+
+
 STRATEGIES: dict[str, Strategy] = {
     "fedavg": MeanStrategy(fedavg),
     "fedprox": MeanStrategy(fedprox),
@@ -296,6 +459,11 @@ STRATEGIES: dict[str, Strategy] = {
     "fedadam": MeanStrategy(fedadam),
     "fedyogi": MeanStrategy(fedyogi),
     "fedadagrad": MeanStrategy(fedadagrad),
+    "median": KeepAllStrategy(median),
+    "trimmed_mean": KeepAllStrategy(trimmed_mean),
+    "krum": KeepAllStrategy(krum),
+    "multi_krum": KeepAllStrategy(multi_krum),
+    "norm_clip": KeepAllStrategy(norm_clip),
 }
 
 

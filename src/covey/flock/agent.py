@@ -39,7 +39,7 @@ from covey.atomic import atomic_write_bytes
 from covey.config import RunConfig
 from covey.data.prompts import Example
 from covey.errors import CoveyError, DataError
-from covey.fed.attacks import UPDATE_ATTACKS, attack_update
+from covey.fed.attacks import UPDATE_ATTACKS, attack_update, honest_estimates
 from covey.fed.rounds import RunModel
 from covey.fed.validation import validate_update
 from covey.flock.chain import ChainError, ContractRevert
@@ -346,7 +346,15 @@ class Participant:
                 self.name, round_, len(self.train), metrics["train_loss"], metrics["tokens_per_s"],
             )  # fmt: skip
         if attack:
-            state = attack_update(attack, global_state, state, self.behaviour.strength, seed)
+            estimates = honest_estimates(
+                attack, self.cfg.attack.estimate_shards, self.train, seed,
+                lambda shard, s: train_local(
+                    self.model.model, shard, global_state, self.cfg.train, s, self.model.pad_id
+                ).state,
+            )  # fmt: skip
+            state = attack_update(
+                attack, global_state, state, self.behaviour.strength, seed, estimates
+            )
         # fixed metadata: the bytes, and so the CID, depend only on the tensors
         return serialize_update(state, {"format": "covey-flock-update/1"}), metrics
 

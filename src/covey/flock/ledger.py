@@ -4,14 +4,16 @@ Nobody publishes "the" global adapter. Every participant, and any outsider (`cov
 fetch`), computes it the same way from the chain and the content-addressed updates:
 
     global(0)     = the task bundle's initial adapter
-    global(r + 1) = global(r) if round r accepted nothing, else the equal-weight average of
-                    the updates round r accepted (the `accepted` bits of result(r), over
-                    proposers_of(r) in draw order) that pass validation against global(r)
-                    (`covey.fed.validation`: keys, shapes, dtypes, finite, fed.max_update_norm)
+    global(r + 1) = global(r) if round r accepted nothing, else the task's `fed.strategy`
+                    (equal weights) over the updates round r accepted (the `accepted` bits
+                    of result(r), over proposers_of(r) in draw order) that pass validation
+                    against global(r) (`covey.fed.validation`: keys, shapes, dtypes, finite,
+                    fed.max_update_norm)
 
-The arithmetic is `covey.fed.strategies.fedavg` on the CPU and the bytes are those of the
-adapter's PEFT file (fixed metadata: the bundle's base model id), so every party holds the
-same bytes under the same CID.
+The strategy is fedavg (an equal-weight average) or one of the robust rules that keep no server
+state (`covey.config.FLOCK_STRATEGIES`), with the bundle recipe's [fed] settings. The arithmetic
+runs on the CPU and the bytes are those of the adapter's PEFT file (fixed metadata: the
+bundle's base model id), so every party holds the same bytes under the same CID.
 An accepted update that fails validation is left out by everyone alike (validation is
 deterministic). One that nobody can fetch stops the derivation with a DataError until some
 peer serves it: every participant serves every blob it holds, so a round's voters can.
@@ -105,7 +107,7 @@ class Ledger:
         task: FlockTask,
         blobs: Blobs,
         initial_cid: str,
-        max_update_norm: float,
+        fed: FedConfig,
         base_model: str,
         cache: Path | None = None,
     ) -> None:
@@ -113,7 +115,8 @@ class Ledger:
         self.blobs = blobs
         self.initial_cid = initial_cid
         self.base_model = base_model
-        self.max_update_norm = max_update_norm
+        self.fed = fed
+        """The task's [fed] settings: validation's norm bound and the merging strategy."""
         self.cache = cache
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,7 @@ class Ledger:
             except DataError as e:
                 problem = str(e)
             else:
-                problem = validate_update(update, previous, 1, 1, self.max_update_norm).reason
+                problem = validate_update(update, previous, 1, 1, self.fed.max_update_norm).reason
             if problem:
                 log.warning(
                     "round %d: accepted update %s left out: %s", round_ - 1, update_cid, problem
@@ -149,12 +152,12 @@ class Ledger:
             self._remember(round_, previous_cid)
             return previous, previous_cid
         merged, _ = aggregate(
-            get_strategy("fedavg"),
+            get_strategy(self.fed.strategy),
             {k: v.cpu() for k, v in previous.items()},
             [{k: v.cpu() for k, v in s.items()} for s in states],
             [1.0] * len(states),
             {},
-            FedConfig(),
+            self.fed,
         )
         cid = self.blobs.put(global_bytes(merged, self.base_model))
         self._remember(round_, cid)

@@ -148,7 +148,7 @@ def setup(
     attackers = malicious_participants(n, cfg.attack)
     behaviour = Behaviour.from_attack(cfg.attack.kind, cfg.attack.strength)
     blobs = Blobs(store)
-    ledger = Ledger(task, blobs, initial_cid, cfg.fed.max_update_norm, base_id)
+    ledger = Ledger(task, blobs, initial_cid, cfg.fed, base_id)
     agents = []
     for i, client in enumerate(fed.clients):
         train, validation = data_split(client.examples, cfg.flock.validation_examples)

@@ -117,12 +117,14 @@ def _model(cfg: RunConfig) -> tuple[Any, Any]:
     return model_and_tokenizer
 
 
-def _examples(cfg: RunConfig, spec: ClientSpec, tokenizer: Any) -> list[Any]:
-    """The client's tokenized examples, cached per process and file version."""
+def _examples(cfg: RunConfig, spec: ClientSpec, tokenizer: Any, poisoned: bool) -> list[Any]:
+    """The client's tokenized examples (`poisoned`: a backdoor attacker's, see
+    `covey.fed.attacks.poison_records`), cached per process and file version."""
     stat = spec.data_file.stat()
     key = json.dumps(
         ["examples", str(spec.data_file.resolve()), stat.st_mtime_ns, stat.st_size,
-         dataclasses.asdict(cfg.prompt), dataclasses.asdict(cfg.model)]
+         dataclasses.asdict(cfg.prompt), dataclasses.asdict(cfg.model),
+         dataclasses.asdict(cfg.attack) if poisoned else None]
     )  # fmt: skip
     if key not in _cache:
         from covey.data.prompts import tokenize_records
@@ -131,6 +133,10 @@ def _examples(cfg: RunConfig, spec: ClientSpec, tokenizer: Any) -> list[Any]:
         records = load_records(spec.data_file).records
         if not records:
             raise ConfigError(f"data-file {spec.data_file}: no records")
+        if poisoned:
+            from covey.fed.attacks import poison_records
+
+            records = poison_records(records, cfg.attack, spec.index)
         tokenized = tokenize_records(records, tokenizer, cfg.prompt)
         if all(e.num_target_tokens == 0 for e in tokenized):
             raise ConfigError(
@@ -173,26 +179,28 @@ def train(message: Message, context: Context) -> Message:
     round_index = wire.meta_int(meta, wire.ROUND)
     dtype = wire_dtype(str(meta.get(wire.WIRE_DTYPE, "float32")))
     model, tokenizer = _model(_local_config(cfg, dict(context.node_config)))
-    examples = _examples(cfg, spec, tokenizer)
+    attack = meta.get(wire.ATTACK, "")  # a robustness experiment: this client is malicious
+    attack = attack if isinstance(attack, str) else ""
+    examples = _examples(cfg, spec, tokenizer, poisoned=attack == "backdoor")
     reference = adapter_state(model)
     received = decode(message.content.array_records[wire.GLOBAL])
     if received.keys() != reference.keys():
         raise ValueError("the global adapter does not match this node's LoRA layout")
     start = cast_like(received, reference, dtype)
-    result = train_local(
-        model,
-        examples,
-        start,
-        cfg.train,
-        client_seed(cfg.run.seed, round_index, spec.index),
-        tokenizer.pad_token_id,
-    )
-    attack = meta.get(wire.ATTACK, "")
-    if isinstance(attack, str) and attack:  # a robustness experiment: this client is malicious
-        from covey.fed.attacks import attack_update
+    seed = client_seed(cfg.run.seed, round_index, spec.index)
+    result = train_local(model, examples, start, cfg.train, seed, tokenizer.pad_token_id)
+    if attack:
+        from covey.fed.attacks import attack_update, honest_estimates
 
-        seed = client_seed(cfg.run.seed, round_index, spec.index)
-        result.state = attack_update(attack, start, result.state, cfg.attack.strength, seed)
+        estimates = honest_estimates(
+            attack, cfg.attack.estimate_shards, examples, seed,
+            lambda shard, s: train_local(
+                model, shard, start, cfg.train, s, tokenizer.pad_token_id
+            ).state,
+        )  # fmt: skip
+        result.state = attack_update(
+            attack, start, result.state, cfg.attack.strength, seed, estimates
+        )
     log.info(
         "round %d: client %d trained on %d examples, loss %.4f",
         round_index, spec.index, result.num_samples, result.metrics["train_loss"],
