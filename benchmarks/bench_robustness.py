@@ -41,14 +41,15 @@ from covey.fed import engine
 from covey.model.loading import base_model_id, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
+FLOCK_COLUMNS = ("flock", "flock_round")  # flock_round: voters also judge against the round
 DOLLY = ROOT.parent / "shared" / "data" / "dolly"
 
 
 def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Path) -> dict:
     out = Path(args.tmp) / name
     fraction = args.proposers / args.participants
-    consensus = "flock" if column == "flock" else "server"
-    strategy = args.flock_strategy if column == "flock" else column
+    consensus = "flock" if column in FLOCK_COLUMNS else "server"
+    strategy = args.flock_strategy if consensus == "flock" else column
     settings = [
         f"model.base='{args.base}'",
         f"data.dir='{data}'",
@@ -73,6 +74,7 @@ def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Pat
         f"fed.client_fraction={fraction if consensus == 'server' else 1.0}",
         f"flock.proposers_per_round={args.proposers}",
         f"flock.voters_per_round={args.voters}",
+        f"flock.round_relative={'true' if column == 'flock_round' else 'false'}",
         f"attack.kind='{attack}'",
         f"attack.malicious_fraction={args.malicious if attack != 'none' else 0.0}",
         f"attack.strength={args.strength.get(attack, 1.0)}",
@@ -99,6 +101,7 @@ def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Pat
         result = engine.run_federated(cfg, fed)
     losses = [r["eval"]["loss"] for r in result.records]
     entry: dict = {
+        "column": column,
         "consensus": consensus,
         "strategy": strategy,
         "attack": attack,
@@ -160,6 +163,9 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=8, help="voter validation examples")
     parser.add_argument("--eval-examples", type=int, default=40, help="held-out examples")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--name", default="robustness", help="results file: results/NAME_<device>.json"
+    )
     parser.add_argument("--only", default="", help="comma-separated run names")
     parser.add_argument(
         "--resume",
@@ -197,9 +203,10 @@ def main() -> None:
     columns, attacks = args.columns.split(","), args.attacks.split(",")
     plan = [(f"{c}_{a}", c, a) for c in columns for a in attacks]
     wanted = set(args.only.split(",")) if args.only else None
-    paths = [ROOT / "benchmarks" / "results" / f"robustness_{device}.json"]
+    file_name = f"{args.name}_{device}.json"
+    paths = [ROOT / "benchmarks" / "results" / file_name]
     if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / f"robustness_{device}.json")
+        paths.append(Path(os.environ["OUT"]) / file_name)
     if args.resume and paths[0].exists():
         recorded = json.loads(paths[0].read_text())
         if recorded.get("command") != result["command"]:
@@ -220,28 +227,35 @@ def main() -> None:
     print(json.dumps(result["claims"], indent=2))
 
 
+def _column(entry: dict) -> str:
+    """A run's column (runs recorded before columns existed: fedavg or flock)."""
+    if "column" in entry:
+        return str(entry["column"])
+    return "flock" if entry["consensus"] == "flock" else entry.get("strategy", "fedavg")
+
+
 def claims(runs: dict) -> dict:
     """The robustness claims, from the runs finished so far."""
     out: dict = {}
-    columns = sorted(
-        {r["strategy"] if r["consensus"] == "server" else "flock" for r in runs.values()}
-    )
+    columns = sorted({_column(r) for r in runs.values()})
     attacks = sorted({r["attack"] for r in runs.values()} - {"none"})
     for attack in attacks:
         for column in columns:
             honest, attacked = runs.get(f"{column}_none"), runs.get(f"{column}_{attack}")
             if honest and attacked:
                 out[f"{column}_{attack}_vs_honest"] = attacked["final"] / honest["final"] - 1
-        flock = runs.get(f"flock_{attack}")
-        if flock:
+        for column in FLOCK_COLUMNS:
+            flock = runs.get(f"{column}_{attack}")
+            if not flock:
+                continue
             nets = flock["net_tokens"]
-            out[f"flock_{attack}_malicious_net"] = {
+            out[f"{column}_{attack}_malicious_net"] = {
                 k: v for k, v in nets.items() if "malicious" in k
             }
-            out[f"flock_{attack}_all_malicious_lose"] = all(
+            out[f"{column}_{attack}_all_malicious_lose"] = all(
                 v < 0 for k, v in nets.items() if "malicious" in k
             )
-            out[f"flock_{attack}_all_honest_gain"] = all(
+            out[f"{column}_{attack}_all_honest_gain"] = all(
                 v > 0 for k, v in nets.items() if "honest" in k
             )
     for attack in ("sign_flip", "noise"):
