@@ -38,6 +38,7 @@ Template = Literal["alpaca", "chat"]
 LrSchedule = Literal["constant", "linear", "cosine"]
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 Consensus = Literal["server", "flock"]
+Transport = Literal["fp32", "fp16", "bf16", "int8", "int8+topk"]
 AttackKind = Literal[
     "none", "sign_flip", "noise", "scale", "free_rider", "random_vote", "always_accept"
 ]
@@ -235,6 +236,13 @@ class FedConfig:
     consensus: Consensus = "server"
     """`server`: a server aggregates every round (FedIT); `flock`: proposers, voters and a
     contract decide (see [flock])."""
+    transport: Transport = "fp32"
+    """How updates travel (`covey.fed.transport`): `fp32` (exact), `fp16` or `bf16` weights;
+    `int8`: the delta from the global adapter with a scale per row (about 3.5x fewer bytes);
+    `int8+topk`: only the fed.topk_fraction largest delta entries, the rest kept on the client
+    and sent later (error feedback)."""
+    topk_fraction: float = 0.1
+    """Share of each tensor's delta entries `int8+topk` sends (0 < f <= 1)."""
 
     def __post_init__(self) -> None:
         _choices(self)
@@ -248,6 +256,7 @@ class FedConfig:
         _fraction(self, "beta1", high_open=True)
         _fraction(self, "beta2", high_open=True)
         _non_negative(self, "max_update_norm")
+        _fraction(self, "topk_fraction", low_open=True)
 
 
 @dataclass

@@ -150,7 +150,7 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
             )
             # the creator archives each round's accepted updates, as `create --serve` does
             task = attach_task(node, created.task)
-            archive = task_archive(task, store, created, cfg.fed.max_update_norm)
+            archive = task_archive(task, store, created, cfg.fed)
             deadline = time.monotonic() + 900
             while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
                 archive_rounds(archive)

@@ -108,7 +108,7 @@ def create(
     console.print(f"participants join with: covey flock join {created.task} --chain-url URL ...")
     if serve:
         _stop_on_sigterm()
-        serve_until_done(created, chain, store, serve, cfg.fed.max_update_norm)
+        serve_until_done(created, chain, store, serve, cfg.fed)
 
 
 @flock_app.command("join")

@@ -153,7 +153,7 @@ def run_devnet(
             budget = timeout_s or block_time_s * (
                 params.registration_blocks + params.rounds * (per_round + 3 * params.timeout_blocks)
             )
-            archive = task_archive(task, store, created, cfg.fed.max_update_norm)
+            archive = task_archive(task, store, created, cfg.fed)
             try:
                 _wait_all(processes, budget, folders, lambda: archive_rounds(archive))
             finally:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from covey.atomic import atomic_directory, atomic_write_bytes
-from covey.config import RunConfig
+from covey.config import FedConfig, RunConfig
 from covey.data.prompts import tokenize_records
 from covey.data.records import load_records
 from covey.errors import ConfigError, CoveyError, DataError
@@ -262,7 +262,7 @@ def join_task(settings: JoinSettings) -> Path:
             task,
             blobs,
             bundle.initial_adapter,
-            cfg.fed.max_update_norm,
+            cfg.fed,
             base_model=bundle.base_model,
             cache=state / "globals",
         )
@@ -347,9 +347,7 @@ def fetch_adapter(
     if base:
         cfg = replace(cfg, model=replace(cfg.model, base=base))
     run_model = task_model(cfg, bundle)
-    ledger = Ledger(
-        task, blobs, bundle.initial_adapter, cfg.fed.max_update_norm, base_model=bundle.base_model
-    )
+    ledger = Ledger(task, blobs, bundle.initial_adapter, cfg.fed, base_model=bundle.base_model)
     write_adapter(run_model, ledger, target, out)
     return out, ledger.global_state(target)[1]
 
@@ -359,14 +357,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def serve_until_done(
-    created: Created, chain: Chain, store: LocalStore, listen: str, max_update_norm: float
+    created: Created, chain: Chain, store: LocalStore, listen: str, fed: FedConfig
 ) -> None:
     """Serve `store` at `listen` (HOST:PORT) and archive the task as it goes, until it ends
     (or Ctrl-C): the accepted updates of every finished round and the global adapters derived
     from them, so that `fetch` works after the participants have gone."""
     task = attach_task(chain, created.task)
     host, _, port = listen.rpartition(":")
-    archive = task_archive(task, store, created, max_update_norm)
+    archive = task_archive(task, store, created, fed)
     with Gateway(store, host or "127.0.0.1", int(port or 0)) as gateway:
         log.info("serving the task's blobs at %s until it ends (Ctrl-C stops)", gateway.url)
         try:
@@ -379,13 +377,11 @@ def serve_until_done(
             pass
 
 
-def task_archive(
-    task: FlockTask, store: LocalStore, created: Created, max_update_norm: float
-) -> Ledger:
+def task_archive(task: FlockTask, store: LocalStore, created: Created, fed: FedConfig) -> Ledger:
     """The creator's ledger of `task` over its own store (which holds the bundle), for
     `archive_rounds`."""
     base_model = TaskBundle.from_bytes(store.get(created.bundle_cid)).base_model
-    return Ledger(task, Blobs(store, task), created.initial_adapter, max_update_norm, base_model)
+    return Ledger(task, Blobs(store, task), created.initial_adapter, fed, base_model)
 
 
 def archive_rounds(archive: Ledger) -> None:
