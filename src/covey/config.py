@@ -44,6 +44,7 @@ FLOCK_STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "n
 """Strategies FLock's ledger may merge accepted proposals with: those that keep no server state
 (every participant derives the global adapter from the chain alone)."""
 Consensus = Literal["server", "flock"]
+Transport = Literal["fp32", "fp16", "bf16", "int8", "int8+topk"]
 AttackKind = Literal[
     "none", "sign_flip", "noise", "scale", "free_rider", "backdoor", "little_is_enough",
     "random_vote", "always_accept",
@@ -251,6 +252,13 @@ class FedConfig:
     consensus: Consensus = "server"
     """`server`: a server aggregates every round (FedIT); `flock`: proposers, voters and a
     contract decide (see [flock])."""
+    transport: Transport = "fp32"
+    """How updates travel (`covey.fed.transport`): `fp32` (exact), `fp16` or `bf16` weights;
+    `int8`: the delta from the global adapter with a scale per row (about 3.5x fewer bytes);
+    `int8+topk`: only the fed.topk_fraction largest delta entries, the rest kept on the client
+    and sent later (error feedback)."""
+    topk_fraction: float = 0.1
+    """Share of each tensor's delta entries `int8+topk` sends (0 < f <= 1)."""
 
     def __post_init__(self) -> None:
         _choices(self)
@@ -272,6 +280,7 @@ class FedConfig:
         for name in ("krum_byzantine", "krum_keep"):
             value = getattr(self, name)
             _require(value >= 0, name, f"must be >= 0, got {value}")
+        _fraction(self, "topk_fraction", low_open=True)
 
 
 @dataclass

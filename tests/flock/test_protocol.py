@@ -4,6 +4,7 @@ are voted down, attackers lose stake, and the run folder holds the protocol's re
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from covey.data.split import SplitConfig, run_split
 from covey.errors import ConfigError
 from covey.fed import engine
 from covey.fed.rounds import RunHistory
+from covey.fed.transport import Codec
+from covey.flock.ledger import read_update
 from covey.flock.protocol import run_flock, setup
 from covey.flock.task import Phase
 from covey.model.loading import base_model_id, load_base_model
-from covey.store.cid import cid_from_digest
+from covey.store.cid import cid_for, cid_from_digest
 from covey.store.updates import deserialize_update
 from tests.conftest import dolly_records, write_records
 from tests.fed.test_engine import tiny_config
@@ -84,6 +87,45 @@ def test_honest_flock_run_accepts_learns_and_pays(
     assert view.flock is not None and len(view.flock.rows) == 3 * 5
     assert {row[2] for row in view.flock.rows} == {"proposer", "voter"}
     assert sum(row[5] or 0 for row in view.flock.rows) > 0  # rewards paid
+
+
+def test_int8_topk_proposals_are_decoded_against_the_rounds_global_adapter(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    """Under fed.transport = int8+topk a proposal blob is the encoded delta, named by CID; the
+    next global adapter is the average of the accepted ones decoded against the round's global
+    adapter; each proposer keeps its residual; the record counts the bytes published."""
+    out = tmp_path / "topk"
+    sets = ("fed.transport='int8+topk'", "fed.topk_fraction=0.2", "fed.rounds=2")
+    result = flock_run(config(tiny_model_dir, five_clients, out, *sets))
+    codec = Codec("int8+topk", 0.2)
+    for k, record in enumerate(result.records[1:], start=1):
+        f = record["flock"]
+        before = load_file(out / f"round_{k - 1:03d}" / "adapter_model.safetensors")
+        after = load_file(out / f"round_{k:03d}" / "adapter_model.safetensors")
+        before_cid = cid_for(
+            (out / f"round_{k - 1:03d}" / "adapter_model.safetensors").read_bytes()
+        )
+        blobs = [(out / "store" / p["cid"]).read_bytes() for p in f["proposals"]]
+        assert record["traffic"] == {"transport": "int8+topk", "up": sum(map(len, blobs))}
+        accepted = [
+            read_update(blob, before, before_cid, codec)
+            for blob, p in zip(blobs, f["proposals"], strict=True)
+            if p["accepted"]
+        ]
+        assert accepted, "honest proposals on honest data are accepted"
+        for name in before:
+            expected = torch.stack([a[name] for a in accepted]).mean(0)
+            torch.testing.assert_close(after[name], expected)
+        kept = [math.ceil(0.2 * t.numel()) for t in before.values()]
+        payload = sum(3 * k + 4 for k in kept)  # int8 value + int16 index each, one scale
+        for blob in blobs:
+            tensors = deserialize_update(blob).values()
+            assert sum(t.numel() * t.element_size() for t in tensors) == payload
+    proposers = {p["participant"] for r in result.records[1:] for p in r["flock"]["proposals"]}
+    for i in proposers:  # one residual, of the last round each proposed in
+        saved = list((out / "participants" / f"participant_{i}" / "feedback").iterdir())
+        assert len(saved) == 1
 
 
 def test_free_riders_are_voted_down_and_earn_less(

@@ -14,6 +14,7 @@ finalizer, and the test checks that none is left running.
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 import sys
@@ -41,7 +42,7 @@ from covey.errors import ConfigError
 from covey.flower import client_app, wire
 from covey.flower.certs import make_certificates
 from covey.flower.cli import flower_app
-from covey.flower.client_app import ClientSpec, client_spec
+from covey.flower.client_app import FEEDBACK, ClientSpec, client_spec
 from covey.flower.codec import decode, encode
 from covey.flower.control import FlowerRun, run_app
 from covey.flower.deploy import LocalFederation, client_files, simulate, start_local_federation
@@ -129,7 +130,8 @@ def check_matches_engine(
     assert last["failed"] == [] and last["rejected"] == []
     state = adapter(out, "round_001")
     per_copy = sum(4 * t.numel() + len(k) for k, t in state.items())
-    assert last["bytes"] == {
+    assert last["traffic"] == {
+        "transport": "fp32",
         "wire_dtype": "float32",
         "per_copy": per_copy,
         "down": per_copy * len(clients),
@@ -148,7 +150,7 @@ class LoopbackGrid(Grid):
     """Flower's Grid served in this process: node `1000 + i` runs Covey's ClientApp as client i.
 
     `tamper` can replace a node's replies (a hostile or silent client); nodes in `offline`
-    are not reported online.
+    are not reported online. Each node keeps its run's Context, as a SuperNode does.
     """
 
     def __init__(self, data_dir: Path, clients: Iterable[int], tamper: Tamper | None = None):
@@ -159,6 +161,7 @@ class LoopbackGrid(Grid):
         }
         self.tamper = tamper
         self.offline: set[int] = set()
+        self.contexts: dict[int, Context] = {}
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
         self.answered: list[Message] = []
@@ -185,7 +188,9 @@ class LoopbackGrid(Grid):
             message.metadata.__dict__["_message_id"] = message.object_id
             self.sent.append(message)
             node = message.metadata.dst_node_id
-            context = Context(1, node, dict(self.configs[node]), RecordDict(), {})
+            context = self.contexts.setdefault(
+                node, Context(1, node, dict(self.configs[node]), RecordDict(), {})
+            )
             try:
                 reply = client_app.app(message, context)
             except Exception as e:  # as Flower's runtime: an error reply
@@ -326,18 +331,44 @@ def test_a_client_error_is_recorded_and_the_client_stays(
     assert records[2]["selected"] == [0, 1, 2], "an error reply does not drop a live node"
 
 
+def test_int8_topk_with_error_feedback_matches_the_engine(
+    tiny_model_dir: Path, client_data_dir: Path, tmp_path: Path
+) -> None:
+    """Same encoding, same residuals (kept in each node's Context.state): the same adapters;
+    each update goes up as int8 values, int16 indices and one scale per tensor."""
+    sets = ("fed.transport='int8+topk'", "fed.topk_fraction=0.1")
+    engine_out, flower_out = tmp_path / "engine", tmp_path / "flower"
+    engine_records = run_engine(tiny(tiny_model_dir, client_data_dir, engine_out, *sets)).records
+    grid = LoopbackGrid(client_data_dir, range(3))
+    records = run_server(grid, tiny(tiny_model_dir, client_data_dir, flower_out, *sets), settings())
+    for where in ("round_001", "final"):
+        assert_same_adapter(adapter(flower_out, where), adapter(engine_out, where))
+    assert all(FEEDBACK in grid.contexts[1000 + c].state.array_records for c in range(3))
+    state = adapter(flower_out, "round_001")
+    kept = {k: math.ceil(0.1 * t.numel()) for k, t in state.items()}
+    per_update = sum(3 * n + 4 + 3 * len(k) + len(":index:scale") for k, n in kept.items())
+    assert records[2]["traffic"]["up"] == 3 * per_update
+    assert engine_records[2]["traffic"]["transport"] == "int8+topk"
+    assert records[2]["eval"]["loss"] < records[0]["eval"]["loss"]
+
+
 @pytest.mark.parametrize("wire", [pytest.param("float16", marks=pytest.mark.slow), "bfloat16"])
 def test_half_precision_on_the_wire_halves_the_bytes(
     wire: str, tiny_model_dir: Path, client_data_dir: Path, tmp_path: Path
 ) -> None:
     grid = LoopbackGrid(client_data_dir, range(3))
-    cfg = tiny(tiny_model_dir, client_data_dir, tmp_path / "run", "fed.rounds=1")
+    transport = {"float16": "fp16", "bfloat16": "bf16"}[wire]
+    cfg = tiny(
+        tiny_model_dir, client_data_dir, tmp_path / "run", "fed.rounds=1",
+        f"fed.transport={transport}",
+    )  # fmt: skip
     record = run_server(grid, cfg, settings(wire_dtype=wire))[1]
     state = adapter(tmp_path / "run", "round_001")
     assert state[next(iter(state))].dtype == torch.float32, "the global adapter stays float32"
     payload = sum(2 * t.numel() + len(k) for k, t in state.items())
-    assert record["bytes"] == {
-        "wire_dtype": wire, "per_copy": payload, "down": 3 * payload, "up": 3 * payload,
+    assert record["traffic"] == {
+        "transport": transport, "wire_dtype": wire, "per_copy": payload, "down": 3 * payload,
+        "up": 3 * payload,
     }  # fmt: skip
     assert len(record["clients"]) == 3 and record["rejected"] == []
     assert record["eval"]["loss"] < tiny_losses(tmp_path / "run")[0]

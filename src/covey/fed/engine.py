@@ -5,6 +5,12 @@ adapter into the model's LoRA parameters and running `train_local`. Memory there
 the clients' tokenized data, not with the number of clients trained: each accepted update is
 summed into the round's aggregate as soon as it is validated.
 
+Every update goes through `fed.transport` as it would on a network (encoded, serialized,
+parsed, decoded against the global adapter), so a simulation shows what the codec costs in
+accuracy and counts the bytes. Under `int8+topk` each client's error-feedback residual is saved
+in the round folder of every round it trained in (`feedback.safetensors`), so a resumed run
+continues with the residuals it had.
+
 `run_federated` wires the in-process round (`play_round`: select, train, validate) into the
 shared loop of `covey.fed.rounds`, which aggregates, evaluates and checkpoints.
 """
@@ -23,6 +29,7 @@ from covey.config import RunConfig
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, load_records
 from covey.errors import ConfigError
+from covey.fed import checkpoint
 from covey.fed.attacks import (
     UPDATE_ATTACKS,
     attack_update,
@@ -44,12 +51,18 @@ from covey.fed.rounds import (
 )
 from covey.fed.selection import select_clients
 from covey.fed.strategies import Accumulator
+from covey.fed.transport import Codec, ErrorFeedback, decode_update, encode_update
 from covey.fed.validation import validate_update
 from covey.model.lora import wrap_with_lora
 from covey.state import State
+from covey.store.updates import deserialize_update, serialize_update
 from covey.train.local import train_local
 
 log = logging.getLogger("covey.fed")
+
+FEEDBACK_FILE = "feedback.safetensors"
+"""In a round folder (`int8+topk`): the residual of each client trained that round, its keys
+prefixed `client_<i>/`."""
 
 
 @dataclass
@@ -154,9 +167,10 @@ def run_federated(
     """
     hooks = hooks or Hooks()
     folder = folder or RunFolder.check(cfg, resume)
+    feedback = load_feedback(folder) if Codec.of(cfg.fed).sparse else None
 
     def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
-        return play_round(cfg, fed, round_index, global_state, merge, hooks)
+        return play_round(cfg, fed, round_index, global_state, merge, hooks, feedback)
 
     return run_rounds(cfg, folder, fed.run_model, play, hooks)
 
@@ -168,9 +182,11 @@ def play_round(
     global_state: State,
     merge: Accumulator,
     hooks: Hooks,
+    feedback: dict[int, ErrorFeedback] | None = None,
 ) -> Played:
-    """Select clients, train each from the global adapter, validate each update and merge it
-    at once (so a round holds one update at a time, however many clients train)."""
+    """Select clients, train each from the global adapter, send its update through
+    `fed.transport`, validate it and merge it at once (so a round holds one update at a time,
+    however many clients train). `feedback`: every client's residual (int8+topk), updated."""
     # Shepherd seeds selection with the 0-based round number
     selected = select_clients(
         len(fed.clients), cfg.fed.client_fraction, round_index - 1, cfg.fed.selection_seed
@@ -179,6 +195,8 @@ def play_round(
     # experiment ground truth: which clients attack (the server never reads this)
     attackers = malicious_participants(len(fed.clients), cfg.attack)
     played = Played(selected=selected, merge=merge)
+    codec = Codec.of(cfg.fed)
+    up_bytes = 0
     for client in selected:
         data = fed.clients[client]
         hooks.client_start(client, len(data.examples))
@@ -199,8 +217,12 @@ def play_round(
             update.state = attack_update(
                 cfg.attack.kind, global_state, update.state, cfg.attack.strength, seed, estimates
             )
+        residual = None if feedback is None else feedback.setdefault(client, ErrorFeedback())
+        blob = serialize_update(encode_update(update.state, global_state, codec, residual))
+        up_bytes += len(blob)
+        received = decode_update(deserialize_update(blob), global_state, codec)
         verdict = validate_update(
-            update.state, global_state, update.num_samples, len(data.examples),
+            received, global_state, update.num_samples, len(data.examples),
             cfg.fed.max_update_norm,
         )  # fmt: skip
         line = client_line(
@@ -212,8 +234,31 @@ def play_round(
             log.warning("round %d: rejected %s: %s", round_index, data.name, verdict.reason)
             played.rejected.append(rejection(client, verdict.reason, attacked))
             continue
-        played.accept(update.state, float(verdict.num_samples), line)
+        played.accept(received, float(verdict.num_samples), line)
+    # what a deployment would move: each update as encoded, the global adapter to each client
+    full = encode_update(global_state, global_state, Codec("fp32"))
+    down = len(serialize_update(full)) * len(selected)
+    played.traffic = {"transport": codec.transport, "up": up_bytes, "down": down}
+    if feedback is not None:
+        trained = {f"client_{c}/{k}": v for c in selected for k, v in feedback[c].residual.items()}
+        played.files[FEEDBACK_FILE] = serialize_update(trained)
     return played
+
+
+def load_feedback(folder: RunFolder) -> dict[int, ErrorFeedback]:
+    """Each client's residual as of the folder's last complete round (empty for a new run)."""
+    feedback: dict[int, ErrorFeedback] = {}
+    for round_index in folder.done:
+        path = checkpoint.round_dir(folder.out, round_index) / FEEDBACK_FILE
+        if not path.is_file():
+            continue
+        saved = ErrorFeedback.from_bytes(path.read_bytes(), str(path)).residual
+        by_client: dict[int, State] = {}
+        for name, tensor in saved.items():
+            client, _, key = name.partition("/")
+            by_client.setdefault(int(client.removeprefix("client_")), {})[key] = tensor
+        feedback |= {c: ErrorFeedback(residual) for c, residual in by_client.items()}
+    return feedback
 
 
 def remove_run(out: Path) -> None:

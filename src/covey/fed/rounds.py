@@ -66,14 +66,17 @@ class RoundRecord:
     """Greedy answers of the new global adapter to the fixed sample instructions."""
     seconds: dict[str, float] = field(default_factory=dict)
     """`round` (wall time), `train` (the clients' step loops), `eval`, and engine extras."""
+    traffic: dict[str, Any] = field(default_factory=dict)
+    """Adapter bytes moved: `transport` (fed.transport), `up` (every update sent to be
+    merged, as encoded), `down` (the global adapter sent to the clients, where it is sent)."""
     base_model: str = ""
     config_fingerprint: str = ""
     adapter_sha256: str = ""
     """Content hash of the round's adapter_model.safetensors (set when saved)."""
     engine: dict[str, Any] = field(default_factory=dict)
     """Engine-specific parts, written at the top level of round.json: `flock` (roles,
-    proposals, ballots, payouts, balances), `flower` (runtime provenance), `bytes` (adapter
-    bytes moved), `nodes` (client -> SuperNode id), `failed` (clients that did not answer)."""
+    proposals, ballots, payouts, balances), `flower` (runtime provenance), `nodes` (client ->
+    SuperNode id), `failed` (clients that did not answer)."""
 
     def to_json(self) -> dict[str, Any]:
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -132,6 +135,8 @@ class Played:
     train_seconds: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
     """Engine-specific timings beside round/train/eval (FLock: `vote`)."""
+    traffic: dict[str, Any] = field(default_factory=dict)
+    """`RoundRecord.traffic`."""
     engine: dict[str, Any] = field(default_factory=dict)
     """`RoundRecord.engine`."""
     files: dict[str, bytes] = field(default_factory=dict)
@@ -428,6 +433,7 @@ def run_rounds(
                 "eval": time.perf_counter() - eval_started,
                 **played.seconds,
             },
+            traffic=played.traffic,
             engine=played.engine,
         )
         saved = folder.save(run_model, record, global_state, server_state, played.files)

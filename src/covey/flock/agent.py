@@ -14,6 +14,9 @@ participant killed at any moment and started again continues where it was:
                      scores); `costs`: gas, bytes fetched and fetch time per round
       pending/       its update between committing and revealing (unpublished: a copier
                      would otherwise see it before the commit window closes)
+      feedback/      under fed.transport = int8+topk, the error-feedback residual after the
+                     last round it proposed in (`round_<r>.safetensors`), added to its next
+                     update
       store/         every blob it holds, served by its gateway (`GET /ipfs/{cid}`)
       globals/       the CIDs of the global adapters it derived (`covey.flock.ledger`)
 
@@ -41,6 +44,7 @@ from covey.data.prompts import Example
 from covey.errors import CoveyError, DataError
 from covey.fed.attacks import UPDATE_ATTACKS, attack_update, honest_estimates
 from covey.fed.rounds import RunModel
+from covey.fed.transport import ErrorFeedback
 from covey.fed.validation import validate_update
 from covey.flock.chain import ChainError, ContractRevert
 from covey.flock.commitments import (
@@ -50,18 +54,18 @@ from covey.flock.commitments import (
     vote_commitment,
 )
 from covey.flock.history import finished_rounds
-from covey.flock.ledger import Blobs, Ledger
+from covey.flock.ledger import Blobs, Ledger, read_update, update_bytes
 from covey.flock.scoring import RoundRule, judge_proposals
 from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, Role
 from covey.state import State
 from covey.store.cid import cid_for, cid_from_digest, digest_of
-from covey.store.updates import deserialize_update, serialize_update
 from covey.train.local import train_local
 
 log = logging.getLogger("covey.flock.agent")
 
 FINISHED = (Phase.ENDED, Phase.CANCELLED, Phase.STALLED)
 STATE_FILE = "state.json"
+FEEDBACK = "feedback"
 
 
 @dataclass(frozen=True)
@@ -313,13 +317,15 @@ class Participant:
         entry = self.state.round(round_)
         if "proposal" not in entry:  # a restart after training reuses the trained update
             global_state, global_cid = self.ledger.global_state(round_)
-            data, line = self._train(round_, global_state)
+            data, line = self._train(round_, global_state, global_cid)
             pending = self.folder / "pending"
             pending.mkdir(exist_ok=True)
             cid = cid_for(data)
             atomic_write_bytes(pending / cid, data)
             entry["proposal"] = {"cid": cid, "from": global_cid, "training": line}
             self.state.save()
+            for old in self._feedback_files(before=round_):  # superseded by this round's
+                old.unlink()
         proposal = entry["proposal"]
         salt = self.state.secret(round_, "proposal_salt", self.secret)
         commitment = proposal_commitment(digest_of(proposal["cid"]), salt, self.address)
@@ -327,9 +333,11 @@ class Participant:
         log.info("%s: round %d: committed proposal %s", self.name, round_, proposal["cid"])
         return True
 
-    def _train(self, round_: int, global_state: State) -> tuple[bytes, dict[str, float]]:
+    def _train(
+        self, round_: int, global_state: State, global_cid: str
+    ) -> tuple[bytes, dict[str, float]]:
         """Train from the round's global adapter on the private data (or attack); the update's
-        canonical bytes and the training metrics."""
+        blob (encoded with fed.transport) and the training metrics."""
         seed = int.from_bytes(self.state.secret(round_, "train_seed", self.secret)[:4], "big")
         attack = self.behaviour.update_attack
         metrics: dict[str, float] = {}
@@ -355,8 +363,30 @@ class Participant:
             state = attack_update(
                 attack, global_state, state, self.behaviour.strength, seed, estimates
             )
-        # fixed metadata: the bytes, and so the CID, depend only on the tensors
-        return serialize_update(state, {"format": "covey-flock-update/1"}), metrics
+        codec = self.ledger.codec
+        if not codec.sparse:
+            return update_bytes(state, global_state, global_cid, codec), metrics
+        # the residual after the last round this participant proposed in; the new one is
+        # saved before the proposal is (a restart that trains again reads the same old one)
+        previous = self._feedback_files(before=round_)
+        feedback = (
+            ErrorFeedback.from_bytes(previous[-1].read_bytes(), str(previous[-1]))
+            if previous
+            else ErrorFeedback()
+        )
+        data = update_bytes(state, global_state, global_cid, codec, feedback)
+        (self.folder / FEEDBACK).mkdir(exist_ok=True)
+        path = self.folder / FEEDBACK / f"round_{round_:04d}.safetensors"
+        atomic_write_bytes(path, feedback.to_bytes())
+        return data, metrics
+
+    def _feedback_files(self, before: int) -> list[Path]:
+        """Saved residuals of rounds before `before`, oldest first."""
+        folder = self.folder / FEEDBACK
+        if not folder.is_dir():
+            return []
+        names = sorted(folder.glob("round_*.safetensors"))
+        return [p for p in names if int(p.stem.removeprefix("round_")) < before]
 
     def _reveal_proposal(self, round_: int) -> bool:
         status = self.task.proposal_of(round_, self.address)
@@ -398,7 +428,7 @@ class Participant:
         score it on the private validation split: the ballot, a verdict per proposer in draw
         order (a proposer without a valid, fetchable, well-formed update is rejected)."""
         started = time.perf_counter()
-        global_state, _ = self.ledger.global_state(round_)
+        global_state, global_cid = self.ledger.global_state(round_)
         digests = dict(self.task.proposals(round_))
         proposers = self.task.proposers_of(round_)
         candidates: list[State | None] = []
@@ -408,7 +438,8 @@ class Participant:
             cid = cid_from_digest(digests[proposer]) if proposer in digests else None
             if cid is not None:
                 try:  # the bytes are re-hashed against the CID on the way
-                    state = deserialize_update(self.blobs.get(cid, proposer))
+                    data = self.blobs.get(cid, proposer)
+                    state = read_update(data, global_state, global_cid, self.ledger.codec)
                 except DataError as e:
                     log.warning("%s: round %d: proposal %s refused: %s", self.name, round_, cid, e)
                 if state is not None:

@@ -14,7 +14,10 @@ The strategy is fedavg (an equal-weight average) or one of the robust rules that
 state (`covey.config.FLOCK_STRATEGIES`), with the bundle recipe's [fed] settings. The arithmetic
 runs on the CPU and the bytes are those of the adapter's PEFT file (fixed metadata: the
 bundle's base model id), so every party holds the same bytes under the same CID.
-An accepted update that fails validation is left out by everyone alike (validation is
+Proposers publish their update encoded with the task's `fed.transport` against the round's
+global adapter (`update_bytes`), so the CID is over the encoded bytes; whoever reads one decodes
+it against the same adapter (`read_update`), which the blob names by CID.
+An accepted update that fails decoding or validation is left out by everyone alike (both are
 deterministic). One that nobody can fetch stops the derivation with a DataError until some
 peer serves it: every participant serves every blob it holds, so a round's voters can.
 """
@@ -30,15 +33,52 @@ from covey.atomic import atomic_write_bytes
 from covey.config import FedConfig
 from covey.errors import DataError
 from covey.fed.strategies import aggregate, get_strategy
+from covey.fed.transport import Codec, ErrorFeedback, decode_update, encode_update
 from covey.fed.validation import validate_update
 from covey.flock.task import FlockTask, Outcome
 from covey.state import State
 from covey.store.cid import cid_from_digest
 from covey.store.gateway import DEFAULT_MAX_BYTES, fetch
 from covey.store.local import LocalStore
-from covey.store.updates import deserialize_update, serialize_update
+from covey.store.updates import deserialize_update, serialize_update, update_metadata
 
 log = logging.getLogger("covey.flock")
+
+UPDATE_FORMAT = "covey-flock-update/2"
+"""`format` in a proposal blob's metadata; /2 added `transport` and `reference`."""
+
+
+def update_bytes(
+    update: State,
+    reference: State,
+    reference_cid: str,
+    codec: Codec,
+    feedback: ErrorFeedback | None = None,
+) -> bytes:
+    """The blob a proposer publishes: `update` encoded against the round's global adapter
+    `reference` (named by `reference_cid`), with fixed metadata, so the bytes (and the CID)
+    depend only on the tensors, the transport and the round's global adapter."""
+    wire = encode_update(update, reference, codec, feedback)
+    metadata = {"format": UPDATE_FORMAT, "transport": codec.transport, "reference": reference_cid}
+    return serialize_update(wire, metadata)
+
+
+def read_update(data: bytes, reference: State, reference_cid: str, codec: Codec) -> State:
+    """The adapter a proposal blob stands for, decoded against the round's global adapter;
+    DataError if it is not a proposal of this task's transport made from that adapter."""
+    metadata = update_metadata(data)
+    if metadata.get("format") != UPDATE_FORMAT:
+        raise DataError(f"format {metadata.get('format')!r}, expected {UPDATE_FORMAT!r}")
+    if metadata.get("transport") != codec.transport:
+        raise DataError(
+            f"encoded as {metadata.get('transport')!r}, the task's fed.transport is "
+            f"{codec.transport!r}"
+        )
+    if metadata.get("reference") != reference_cid:
+        raise DataError(
+            f"made from global adapter {metadata.get('reference')}, not the round's {reference_cid}"
+        )
+    return decode_update(deserialize_update(data), reference, codec)
 
 
 class Blobs:
@@ -100,7 +140,8 @@ def global_bytes(state: State, base_model: str) -> bytes:
 
 
 class Ledger:
-    """Global adapters of one task, derived round by round and cached in `cache` by CID."""
+    """Global adapters of one task, derived round by round and cached in `cache` by CID, by
+    the task's `fed` rules (max_update_norm, transport)."""
 
     def __init__(
         self,
@@ -116,7 +157,8 @@ class Ledger:
         self.initial_cid = initial_cid
         self.base_model = base_model
         self.fed = fed
-        """The task's [fed] settings: validation's norm bound and the merging strategy."""
+        """The task's [fed] settings: validation's norm bound, the merging strategy, the codec."""
+        self.codec = Codec.of(fed)
         self.cache = cache
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
@@ -137,7 +179,7 @@ class Ledger:
         for proposer, update_cid in accepted:
             data = self.blobs.get(update_cid, proposer)  # DataError: nobody serves it (yet)
             try:
-                update = deserialize_update(data)
+                update = read_update(data, previous, previous_cid, self.codec)
             except DataError as e:
                 problem = str(e)
             else:

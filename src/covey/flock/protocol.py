@@ -232,12 +232,16 @@ def play_round(sim: Simulation, round_: int, merge: Accumulator, hooks: Hooks) -
     next_state, _ = sim.ledger.global_state(round_ + 1)
     merged = {proposer for proposer, _ in sim.ledger.accepted_updates(round_)}
     played = Played(selected=proposers, merge=merge, next_state=next_state)
+    # uplink: the blobs proposers published (no downlink: everyone derives the global adapter)
+    published = 0
     for proposal in facts["proposals"]:
         i = sim.index(proposal["address"])
         agent = sim.agents[i]
         attacker = i in sim.attackers
         proposal |= {"participant": i, "attacker": attacker}
-        training = agent.state.round(round_).get("proposal", {}).get("training", {})
+        proposed = agent.state.round(round_).get("proposal", {})
+        training = proposed.get("training", {})
+        published += proposed.get("bytes", 0)
         line = client_line(i, len(agent.train), attacker, training)
         played.trained.append(line)
         played.train_seconds += training.get("seconds", 0.0)
@@ -264,6 +268,7 @@ def play_round(sim: Simulation, round_: int, merge: Accumulator, hooks: Hooks) -
     facts["voters"] = [sim.index(a) for a in facts["voters"]]
     facts["evicted"] = [sim.index(a) for a in facts["evicted"]]
     played.engine["flock"] = facts | _balances(sim)
+    played.traffic = {"transport": sim.ledger.codec.transport, "up": published}
     return played
 
 

@@ -15,6 +15,12 @@ In Flower's simulation there is no node config but `partition-id`: partition `i`
 
 Flower may start a fresh process per message (deployment) or keep one per worker (simulation);
 the model and the tokenized data are cached per process, so a kept process loads them once.
+
+The update goes back as the recipe's `fed.transport` encodes it. Under `int8+topk` the client's
+error-feedback residual lives in the run's `Context.state`, which the SuperNode keeps between
+messages of a run. A resumed run is a new Flower run, and a SuperNode has no folder of its own
+for it, so the residual then starts from zero: what top-k held back from each client's last
+update before the interruption is dropped once.
 """
 
 from __future__ import annotations
@@ -160,11 +166,16 @@ def query(message: Message, context: Context) -> Message:
     return Message(RecordDict({wire.META: meta}), reply_to=message)
 
 
+FEEDBACK = "covey_feedback"
+"""ArrayRecord in `Context.state`: the client's error-feedback residual (int8+topk)."""
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round of local training from the global adapter in the message."""
     from covey.fed.engine import client_seed
-    from covey.flower.codec import cast_like, decode, encode, wire_dtype
+    from covey.fed.transport import Codec, ErrorFeedback, encode_update
+    from covey.flower.codec import cast_like, decode, encode, encode_wire, wire_dtype
     from covey.model.lora import adapter_state
     from covey.train.local import train_local
 
@@ -201,13 +212,21 @@ def train(message: Message, context: Context) -> Message:
         result.state = attack_update(
             attack, start, result.state, cfg.attack.strength, seed, estimates
         )
+    codec = Codec.of(cfg.fed)
+    feedback = None
+    if codec.sparse:
+        saved = context.state.array_records.get(FEEDBACK)
+        feedback = ErrorFeedback(decode(saved) if saved is not None else {})
+    update = encode_update(result.state, start, codec, feedback)
+    if feedback is not None:
+        context.state[FEEDBACK] = encode(feedback.residual)
     log.info(
         "round %d: client %d trained on %d examples, loss %.4f",
         round_index, spec.index, result.num_samples, result.metrics["train_loss"],
     )  # fmt: skip
     content = RecordDict(
         {
-            wire.UPDATE: encode(result.state, dtype),
+            wire.UPDATE: encode_wire(update),
             wire.METRICS: MetricRecord({k: float(v) for k, v in result.metrics.items()}),
             wire.META: ConfigRecord(
                 {wire.CLIENT_INDEX: spec.index, wire.NUM_SAMPLES: result.num_samples}

@@ -1,10 +1,12 @@
-"""Adapters on the wire: `State` <-> Flower `ArrayRecord`, in a chosen float dtype.
+"""Adapters on the wire: `State` <-> Flower `ArrayRecord`.
 
 Each tensor travels as one `Array` holding its raw little-endian bytes (stype `covey.raw`):
 no per-array header, and bfloat16 works (numpy, Flower's default serializer, has no bfloat16).
-float32 is the default because it is exact: a Flower run then matches the in-process engine.
-float16 and bfloat16 halve the bytes; the server keeps its global adapter in the model's dtype
-and only the copies on the wire are rounded.
+The global adapter goes to clients in the `wire-dtype` setting's float dtype (`encode`):
+float32 is the default because it is exact, so a Flower run matches the in-process engine;
+float16 and bfloat16 halve the bytes (the server keeps its global adapter in the model's dtype
+and only the copies on the wire are rounded). Updates come back as `fed.transport` encodes them
+(`covey.fed.transport`; `encode_wire`), which adds int8 values and int16/int32 indices.
 
 Decoding is for data from peers we do not control: every field is checked and a problem
 raises `CodecError` (the server turns it into a rejected update, never a crashed round).
@@ -32,8 +34,14 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+ARRAY_DTYPES: dict[str, torch.dtype] = WIRE_DTYPES | {
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+}
+"""Dtypes an Array may hold: the wire dtypes, and the integers of encoded updates."""
 _ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_BY_DTYPE = {v: k for k, v in WIRE_DTYPES.items()}
+_BY_DTYPE = {v: k for k, v in ARRAY_DTYPES.items()}
 
 
 class CodecError(ValueError):
@@ -51,7 +59,7 @@ def wire_dtype(name: str) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """`float32`, `float16` or `bfloat16`."""
+    """`float32`, `float16`, `bfloat16` (or `int8`, `int16`, `int32`)."""
     return _BY_DTYPE[dtype]
 
 
@@ -62,22 +70,32 @@ def _check_byteorder() -> None:
 
 def encode(state: State, dtype: torch.dtype = torch.float32) -> ArrayRecord:
     """An ArrayRecord with every tensor of `state` cast to `dtype` (a wire dtype)."""
-    from flwr.app import Array, ArrayRecord
-
-    _check_byteorder()
-    name = dtype_name(dtype)
-    record = ArrayRecord()
     for key, tensor in state.items():
         if not tensor.is_floating_point():
             raise ValueError(f"{key}: only floating-point adapters travel, got {tensor.dtype}")
-        flat = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+    return encode_wire({k: v.detach().to(device="cpu", dtype=dtype) for k, v in state.items()})
+
+
+def encode_wire(state: State) -> ArrayRecord:
+    """An ArrayRecord of tensors in their own dtypes (each one of `ARRAY_DTYPES`): an update
+    as `covey.fed.transport.encode_update` made it."""
+    from flwr.app import Array, ArrayRecord
+
+    _check_byteorder()
+    record = ArrayRecord()
+    for key, tensor in state.items():
+        if tensor.dtype not in _BY_DTYPE:
+            raise ValueError(f"{key}: {tensor.dtype} cannot travel")
+        flat = tensor.detach().to(device="cpu").contiguous().reshape(-1)
         data = flat.view(torch.uint8).numpy().tobytes()
+        name = _BY_DTYPE[tensor.dtype]
         record[key] = Array(dtype=name, shape=tuple(tensor.shape), stype=STYPE, data=data)
     return record
 
 
 def decode(record: object) -> State:
-    """The tensors of an ArrayRecord written by `encode`, in their wire dtype (on the CPU)."""
+    """The tensors of an ArrayRecord written by `encode` or `encode_wire`, in their dtypes
+    (on the CPU)."""
     from flwr.app import Array, ArrayRecord
 
     _check_byteorder()
@@ -89,12 +107,12 @@ def decode(record: object) -> State:
             raise CodecError(f"{key}: not an Array")
         if array.stype != STYPE:
             raise CodecError(f"{key}: serialization {array.stype!r}, expected {STYPE!r}")
-        if array.dtype not in WIRE_DTYPES:
+        if array.dtype not in ARRAY_DTYPES:
             raise CodecError(f"{key}: dtype {array.dtype!r} is not a wire dtype")
         shape = tuple(array.shape)
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise CodecError(f"{key}: invalid shape {shape!r}")
-        dtype = WIRE_DTYPES[array.dtype]
+        dtype = ARRAY_DTYPES[array.dtype]
         expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if not isinstance(array.data, bytes) or len(array.data) != expected:
             size = len(array.data) if isinstance(array.data, bytes) else "no"

@@ -5,7 +5,8 @@ over the connected clients, by client index), send each the global adapter, take
 trained adapters, validate each (`validate_update`), aggregate (`get_strategy`), evaluate on the
 held-out set, and checkpoint. The run folder is the engine's (rounds, final/, metrics.jsonl,
 loss.png, config.toml), so `covey serve` and `--resume` work on Flower runs too. Round records
-also hold `failed` (selected clients that did not answer) and `bytes` (adapter bytes moved).
+also hold `failed` (selected clients that did not answer); their `traffic` adds `wire_dtype` and
+`per_copy` (the global adapter's dtype and size on the way to each client).
 
 The run config (`[tool.flwr.app.config]`, overridable with `flwr run --run-config`) is
 `covey.flower.settings.FlowerSettings`: the recipe, overrides, wire dtype and the waits.
@@ -47,6 +48,7 @@ from covey.flower.wire import (
 if TYPE_CHECKING:
     from covey.fed.rounds import Played, RunModel
     from covey.fed.strategies import Accumulator
+    from covey.fed.transport import Codec
     from covey.state import State
 
 log = logging.getLogger("covey.flower")
@@ -283,6 +285,7 @@ def play_round(
     """Send the global adapter to the selected SuperNodes and validate what comes back."""
     from covey.fed.attacks import UPDATE_ATTACKS, malicious_participants
     from covey.fed.selection import select_clients
+    from covey.fed.transport import Codec
     from covey.flower.codec import dtype_name, encode, record_bytes, wire_dtype
 
     wire = wire_dtype(settings.wire_dtype)
@@ -326,17 +329,19 @@ def play_round(
     )  # fmt: skip
     replies = exchange(pool.grid, messages, settings.round_timeout)
     flagged = attackers if update_attack else set()
+    codec = Codec.of(cfg.fed)
     played, up_bytes, failed = _collect(
-        cfg, server, pool, members, selected, replies, global_state, wire, flagged, merge
+        cfg, server, pool, members, selected, replies, global_state, codec, flagged, merge
     )
+    played.traffic = {
+        "transport": codec.transport,
+        "up": up_bytes,
+        "down": down * len(messages),
+        "wire_dtype": dtype_name(wire),
+        "per_copy": down,
+    }
     played.engine |= {
         "failed": failed,
-        "bytes": {
-            "wire_dtype": dtype_name(wire),
-            "down": down * len(messages),
-            "up": up_bytes,
-            "per_copy": down,
-        },
         "nodes": {str(c): members[c].node_id for c in selected},
     }
     log.info(
@@ -355,15 +360,16 @@ def _collect(
     selected: list[int],
     replies: list[Message | None],
     global_state: State,
-    wire: Any,
+    codec: Codec,
     attackers: set[int],
     merge: Accumulator,
 ) -> tuple[Played, int, list[dict[str, Any]]]:
     """Decode and validate each selected client's reply, in client order (as the engine):
     (the round so far, bytes received, clients that failed)."""
     from covey.fed.rounds import Played, client_line, rejection
+    from covey.fed.transport import TransportError, decode_update
     from covey.fed.validation import validate_update
-    from covey.flower.codec import CodecError, cast_like, decode, record_bytes
+    from covey.flower.codec import CodecError, decode, record_bytes
 
     played = Played(selected=selected, merge=merge)
     up_bytes = 0
@@ -387,11 +393,12 @@ def _collect(
             content = reply.content
             arrays = content.array_records[UPDATE]
             up_bytes += record_bytes(arrays)
-            update: object = cast_like(decode(arrays), global_state, wire)
+            update: object = decode_update(decode(arrays), global_state, codec)
             claimed: object = content.config_records[META].get(NUM_SAMPLES)
             metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError) as e:  # CodecError is a ValueError
-            kind = "undecodable update" if isinstance(e, CodecError) else "malformed reply"
+        except (KeyError, TypeError, ValueError, TransportError) as e:  # CodecError: ValueError
+            undecodable = isinstance(e, CodecError | TransportError)
+            kind = "undecodable update" if undecodable else "malformed reply"
             played.rejected.append(rejection(client, f"{kind}: {e}", attacked))
             log.warning("round: rejected client %d: %s: %s", client, kind, e)
             continue

@@ -39,7 +39,9 @@ class FlowerSettings:
     wire_dtype: str = field(
         default="float32",
         metadata=_key(
-            "wire-dtype", "Adapter dtype on the wire: float32 (exact), float16, bfloat16."
+            "wire-dtype",
+            "Global adapter dtype on the way to clients: float32 (exact), float16, bfloat16 "
+            "(updates come back as the recipe's fed.transport).",
         ),
     )
     min_nodes: int = field(

@@ -36,6 +36,23 @@ def serialize_update(state: State, metadata: dict[str, str] | None = None) -> by
     return len(text).to_bytes(_HEADER_LENGTH, "little") + text + data[_HEADER_LENGTH + size :]
 
 
+def update_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes ({} when it has none); DataError if unreadable."""
+    try:
+        size = int.from_bytes(data[:_HEADER_LENGTH], "little")
+        if len(data) < _HEADER_LENGTH + size:
+            raise ValueError("the header runs past the end of the data")
+        header = json.loads(data[_HEADER_LENGTH : _HEADER_LENGTH + size])
+        metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"update is not a valid safetensors file ({e})") from None
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise DataError("update is not a valid safetensors file (malformed __metadata__)")
+    return metadata
+
+
 def deserialize_update(data: bytes) -> State:
     """Parse safetensors bytes; anything else (a pickle, garbage) is refused."""
     try:
