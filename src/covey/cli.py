@@ -192,7 +192,8 @@ def train(
             console.print(flock_round_table(record))
         console.print(balances_table(out / "flock.json"))
     console.print(rounds_table(result.records))
-    console.print(answers_table(result.records[0], result.records[-1], cfg.eval.max_new_tokens))
+    if result.records[-1].get("answers"):
+        console.print(answers_table(result.records[0], result.records[-1], cfg.eval.max_new_tokens))
     console.print(f"final adapter: {out / 'final'}/  (metrics.jsonl, loss.png in {out}/)")
 
 

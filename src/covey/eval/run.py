@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -95,6 +96,14 @@ def decoding_settings(
         settings = replace(settings, max_new_tokens=max_new_tokens)
     settings.check()
     return settings
+
+
+def describe(settings: GenerationSettings) -> str:
+    """One line naming the decoding: `covey eval`'s own default, a serving preset, or custom."""
+    text = settings.describe()
+    if replace(settings, max_new_tokens=EVAL_DECODING.max_new_tokens) == EVAL_DECODING:
+        return text.replace("custom settings: ", "plain greedy, no repetition penalty: ", 1)
+    return text
 
 
 # ---------------------------------------------------------------- which adapters, which records
@@ -222,11 +231,16 @@ def run_eval(sources: list[AdapterSource], options: EvalOptions) -> EvalResult:
     )
     summary = {
         "base_model": {"base": cfg.model.base, "id": base_id},
-        "test": {"file": str(test), "records": len(records), "limit": options.limit},
+        "test": {
+            "file": str(test),
+            "sha256": hashlib.sha256(test.read_bytes()).hexdigest(),
+            "records": len(records),
+            "limit": options.limit,
+        },
         "template": cfg.prompt.template,
         "generation": {
             "settings": dataclasses.asdict(options.settings),
-            "described": options.settings.describe(),
+            "described": describe(options.settings),
             "batch_size": options.batch_size,
         },
         "scoring": {
