@@ -26,6 +26,7 @@ def test_rounds_score_a_fixed_subset_and_report_it_to_tensorboard(
     out = tmp_path / "run"
     cfg = tiny_recipe(tiny_model_dir, client_data_dir, out, "fed.rounds=1",
                       "eval.rouge_examples=3", "eval.rouge_max_new_tokens=6",
+                      "eval.sample_instructions=0",  # as the demo: no sample answers
                       "run.report_to=['tensorboard']")  # fmt: skip
     model, tokenizer = load_base_model(cfg.model)
     fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
@@ -33,6 +34,7 @@ def test_rounds_score_a_fixed_subset_and_report_it_to_tensorboard(
     assert len({r.category for r in fed.run_model.held_out.scored}) == 3  # spread over the set
     result = engine.run_federated(cfg, fed)
 
+    assert all(record["answers"] == [] for record in result.records)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for record, line in zip(result.records, metrics, strict=True):
         assert 0 <= record["eval"]["rouge_l"] <= 1 and record["eval"]["rouge_examples"] == 3

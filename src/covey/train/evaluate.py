@@ -77,6 +77,8 @@ def generate_answers(
     in the last bits from one-at-a-time decoding (padding changes the shapes of the sums), but
     the same batch size always gives the same answers.
     """
+    if not records:
+        return []
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
