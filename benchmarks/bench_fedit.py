@@ -12,8 +12,8 @@ against the references, decoded as `covey eval` decodes (plain greedy, batched).
 benchmarks/results/fedit_<device>.json with every round's loss and every final ROUGE-L.
 
     .venv/bin/python benchmarks/bench_fedit.py [--rounds 5 --steps 10 --batch 16 ...]   # GPU
-    nice .venv/bin/python benchmarks/bench_fedit.py --rounds 3 --steps 3 --batch 8 --micro 8 \
-        --cutoff 256 --eval-examples 40 --tag cpu                                       # 2 CPUs
+    nice .venv/bin/python benchmarks/bench_fedit.py --rounds 2 --steps 2 --batch 4 --micro 4 \
+        --cutoff 256 --tag cpu                                                          # 2 CPUs
 """
 
 from __future__ import annotations
