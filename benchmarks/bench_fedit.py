@@ -6,15 +6,20 @@ trains, with the same recipe and the same compute per client:
 - `local_<i>`: client i alone, R rounds of S steps (its own data only, same steps as it spends in
   the federation);
 - `centralized`: one party holding the union, R rounds of N*S steps (the federation's total).
-Every run is evaluated on the same held-out set (dolly-test-80: 10 per category, response-only
-loss). Writes benchmarks/results/fedit_<device>.json with every round's loss.
+Every run is evaluated on the same held-out set (dolly-test-80: 10 per category): response-only
+loss every round, and the final adapter's answers (and the base model's) scored with ROUGE-L F1
+against the references, decoded as `covey eval` decodes (plain greedy, batched). Writes
+benchmarks/results/fedit_<device>.json with every round's loss and every final ROUGE-L.
 
-    .venv/bin/python benchmarks/bench_fedit.py [--rounds 5 --steps 10 --batch 16 ...]
+    .venv/bin/python benchmarks/bench_fedit.py [--rounds 5 --steps 10 --batch 16 ...]   # GPU
+    nice .venv/bin/python benchmarks/bench_fedit.py --rounds 2 --steps 2 --batch 4 --micro 4 \
+        --cutoff 256 --tag cpu                                                          # 2 CPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -26,14 +31,34 @@ from pathlib import Path
 import torch
 
 from covey.config import load_recipe
+from covey.data.records import Record, load_records
+from covey.eval.metrics import answer_scores, paired_difference, summarize
+from covey.eval.run import EVAL_DECODING
 from covey.fed import engine
 from covey.model.loading import base_model_id, load_base_model
+from covey.train.evaluate import generate_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly"
 
 
-def train(name: str, data: Path, out: Path, args: argparse.Namespace, steps: int) -> dict:
+def answer_quality(model: object, tokenizer: object, records: list[Record], args) -> dict:
+    """ROUGE-L F1 (and repetition) of the model's answers as `covey eval` decodes them."""
+    started = time.perf_counter()
+    answers = generate_answers(
+        model, tokenizer, records, "chat", args.rouge_tokens, args.micro,
+        {"repetition_penalty": EVAL_DECODING.repetition_penalty},
+    )  # fmt: skip
+    scores = [answer_scores(a["answer"], r.response) for a, r in zip(answers, records, strict=True)]
+    return summarize(scores) | {
+        "per_record": [s["rouge_l"] for s in scores],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def train(
+    name: str, data: Path, out: Path, args: argparse.Namespace, steps: int, base: bool = False
+) -> dict:
     cfg = load_recipe(
         None,
         [
@@ -65,12 +90,20 @@ def train(name: str, data: Path, out: Path, args: argparse.Namespace, steps: int
     result = engine.run_federated(cfg, fed)
     losses = [r["eval"]["loss"] for r in result.records]
     print(f"{name}: held-out loss by round {[round(x, 4) for x in losses]}", flush=True)
+    scored = load_records(data / "test.jsonl").records[: args.rouge_examples or None]
+    peft = fed.run_model.model  # holds the final global adapter, which it evaluated last
+    quality = {"final_rouge": answer_quality(peft, tokenizer, scored, args)}
+    if base:
+        with peft.disable_adapter():
+            quality["base_rouge"] = answer_quality(peft, tokenizer, scored, args)
+    print(f"{name}: ROUGE-L F1 {quality['final_rouge']['rouge_l']:.4f}", flush=True)
     del model, fed
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {
         "held_out_loss_by_round": losses,
         "final": losses[-1],
+        **quality,
         "train_tokens": sum(r.get("train", {}).get("tokens", 0) for r in result.records),
         "seconds": time.perf_counter() - started,
     }
@@ -101,6 +134,8 @@ def main() -> None:
     parser.add_argument("--cutoff", type=int, default=512)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-examples", type=int, default=0)
+    parser.add_argument("--rouge-examples", type=int, default=0, help="0: every test record")
+    parser.add_argument("--rouge-tokens", type=int, default=EVAL_DECODING.max_new_tokens)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -117,7 +152,7 @@ def main() -> None:
     clients = [data / f"client_{i}.jsonl" for i in range(args.clients)]
     test = data / "test.jsonl"
 
-    runs = {"federated": train("federated", data, tmp, args, args.steps)}
+    runs = {"federated": train("federated", data, tmp, args, args.steps, base=True)}
     for i, client in enumerate(clients):
         folder = single_client_dir(tmp, f"local_{i}", [client], test)
         runs[f"local_{i}"] = train(f"local_{i}", folder, tmp, args, args.steps)
@@ -128,6 +163,10 @@ def main() -> None:
     local = {k: v["final"] for k, v in runs.items() if k.startswith("local_")}
     central = runs["centralized"]["final"]
     start = runs["federated"]["held_out_loss_by_round"][0]
+    rouge = {name: run["final_rouge"]["rouge_l"] for name, run in runs.items()}
+    decoding = dataclasses.replace(EVAL_DECODING, max_new_tokens=args.rouge_tokens)
+    base_rouge = runs["federated"]["base_rouge"]
+    fed_scores = runs["federated"]["final_rouge"]["per_record"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {
         "command": "python benchmarks/bench_fedit.py "
@@ -147,6 +186,22 @@ def main() -> None:
             "share_of_centralized_gain": (start - fed) / (start - central)
             if start != central
             else None,
+            "rouge_l": {
+                "decoding": f"{decoding.describe()} (batched by {args.micro})",
+                "records": len(fed_scores),
+                "base": base_rouge["rouge_l"],
+                "federated": rouge["federated"],
+                "local_only": {k: v for k, v in rouge.items() if k.startswith("local_")},
+                "centralized": rouge["centralized"],
+                "federated_vs_base": paired_difference(fed_scores, base_rouge["per_record"]),
+                "federated_vs_centralized": paired_difference(
+                    fed_scores, runs["centralized"]["final_rouge"]["per_record"]
+                ),
+                "heavy_repetition": {
+                    "base": base_rouge["heavy_repetition"],
+                    **{k: v["final_rouge"]["heavy_repetition"] for k, v in runs.items()},
+                },
+            },
         },
     }
     name = f"fedit_{device}{'_' + args.tag if args.tag else ''}.json"

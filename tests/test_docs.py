@@ -70,6 +70,7 @@ RULES: dict[tuple[str, ...], Rule] = {
     ("covey", "data", "split"): Rule(RUN, inputs=("--input", "-i", "--test-from")),
     ("covey", "train"): Rule(RUN, recipe=True, marks=("chain",)),  # FLock mode: embedded EVM
     ("covey", "generate"): Rule(RUN),
+    ("covey", "eval"): Rule(RUN),
     ("covey", "export"): Rule(RUN),
     ("covey", "serve"): Rule(SERVE),
     ("covey", "flower", "simulate"): Rule(RUN, recipe=True, marks=("flower",)),

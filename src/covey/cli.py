@@ -192,7 +192,8 @@ def train(
             console.print(flock_round_table(record))
         console.print(balances_table(out / "flock.json"))
     console.print(rounds_table(result.records))
-    console.print(answers_table(result.records[0], result.records[-1]))
+    if result.records[-1].get("answers"):
+        console.print(answers_table(result.records[0], result.records[-1], cfg.eval.max_new_tokens))
     console.print(f"final adapter: {out / 'final'}/  (metrics.jsonl, loss.png in {out}/)")
 
 
@@ -202,6 +203,11 @@ from covey.serve import commands as serve_commands  # noqa: E402
 app.command("serve")(serve_commands.serve)
 app.command("generate")(serve_commands.generate)
 app.command("export")(serve_commands.export)
+
+# Quality side by side (covey.eval.command loads torch only when the command runs)
+from covey.eval.command import evaluate  # noqa: E402
+
+app.command("eval")(evaluate)
 
 # Flower (covey.flower.cli imports Flower only when a command needs it)
 from covey.flower.cli import flower_app  # noqa: E402
@@ -295,9 +301,11 @@ def _hooks(progress: Any) -> Any:
 
 def _round_line(record: dict[str, Any]) -> str:
     rejected = f", {len(record['rejected'])} rejected" if record.get("rejected") else ""
+    evaluated = record["eval"]
+    rouge = f", ROUGE-L {evaluated['rouge_l']:.3f}" if "rouge_l" in evaluated else ""
     return (
-        f"round {record['round']}: held-out loss {record['eval']['loss']:.4f} "
-        f"(ppl {record['eval']['perplexity']:.2f}), {len(record['clients'])} clients{rejected}"
+        f"round {record['round']}: held-out loss {evaluated['loss']:.4f} "
+        f"(ppl {evaluated['perplexity']:.2f}){rouge}, {len(record['clients'])} clients{rejected}"
     )
 
 

@@ -45,6 +45,7 @@ FLOCK_STRATEGIES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "n
 (every participant derives the global adapter from the chain alone)."""
 Consensus = Literal["server", "flock"]
 Transport = Literal["fp32", "fp16", "bf16", "int8", "int8+topk"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 AttackKind = Literal[
     "none", "sign_flip", "noise", "scale", "free_rider", "backdoor", "little_is_enough",
     "random_vote", "always_accept",
@@ -421,6 +422,12 @@ class EvalConfig:
     """Greedy answers to this many fixed test instructions are saved with each round."""
     max_new_tokens: int = 64
     """Length limit of those answers."""
+    rouge_examples: int = 0
+    """Score greedy answers to this many held-out records (a fixed subset spread over the test
+    set) with ROUGE-L F1 and heavy repetition every round; 0: off. Generating them costs time:
+    keep it under a fifth of a round (`seconds.eval` in round.json shows what it costs)."""
+    rouge_max_new_tokens: int = 128
+    """Length limit of the answers scored with ROUGE-L."""
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -428,6 +435,8 @@ class EvalConfig:
             ("batch_size", 1),
             ("sample_instructions", 0),
             ("max_new_tokens", 1),
+            ("rouge_examples", 0),
+            ("rouge_max_new_tokens", 1),
         ):
             value = getattr(self, name)
             _require(value >= low, name, f"must be >= {low}, got {value}")
@@ -454,10 +463,25 @@ class RunSettings:
     """Output folder: round_<k>/, final/, metrics.jsonl, loss.png, config.toml."""
     seed: int = 42
     """Seed of LoRA initialization, batching, dropout and everything else random."""
+    report_to: list[Tracker] = field(default_factory=list)
+    """Also send every round's metrics to these experiment trackers: `tensorboard` (event files
+    in run.out/tensorboard/), `wandb`, `mlflow` (each needs its package installed)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.out.strip()), "out", "is empty: name the run's output folder")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        allowed = typing.get_args(Tracker)
+        for name in self.report_to:
+            _require(
+                name in allowed,
+                "report_to",
+                f"= {self.report_to!r}: {name!r} is not one of: {', '.join(allowed)}",
+            )
+        _require(
+            len(set(self.report_to)) == len(self.report_to),
+            "report_to",
+            f"= {self.report_to!r} names a tracker twice",
+        )
 
 
 @dataclass

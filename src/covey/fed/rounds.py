@@ -31,6 +31,7 @@ from covey.config import RunConfig, config_differences, load_recipe, to_toml
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record
 from covey.errors import ConfigError
+from covey.eval.tracking import Trackers, check_available
 from covey.fed import checkpoint
 from covey.fed.strategies import Accumulator, get_strategy
 from covey.model.lora import adapter_files, adapter_state, load_adapter_state
@@ -61,7 +62,8 @@ class RoundRecord:
     train: dict[str, float] = field(default_factory=dict)
     """`train_summary` over every update trained this round, merged or not."""
     eval: dict[str, Any] = field(default_factory=dict)
-    """Held-out loss, perplexity and example count of the new global adapter."""
+    """Held-out loss, perplexity and example count of the new global adapter; with
+    `eval.rouge_examples`, also `rouge_l`, `heavy_repetition` and `rouge_examples`."""
     answers: list[dict[str, Any]] = field(default_factory=list)
     """Greedy answers of the new global adapter to the fixed sample instructions."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -181,6 +183,8 @@ class HeldOut:
     examples: list[Example]
     samples: list[Record]
     """Fixed instructions whose answers every round records."""
+    scored: list[Record] = field(default_factory=list)
+    """Fixed records whose answers every round scores with ROUGE-L (`eval.rouge_examples`)."""
 
 
 def held_out(cfg: RunConfig, test_records: list[Record], tokenizer: Any) -> HeldOut:
@@ -189,9 +193,11 @@ def held_out(cfg: RunConfig, test_records: list[Record], tokenizer: Any) -> Held
     evaluated = test_records[: cfg.eval.max_examples] if cfg.eval.max_examples else test_records
     step = max(1, len(test_records) // max(cfg.eval.sample_instructions, 1))
     samples = test_records[::step][: cfg.eval.sample_instructions]
+    scored_count = min(cfg.eval.rouge_examples, len(test_records))
+    scored = [test_records[i * len(test_records) // scored_count] for i in range(scored_count)]
     examples = tokenize_records(evaluated, tokenizer, cfg.prompt, mask_prompt=True)
     check_targets(examples, "test.jsonl", cfg)
-    return HeldOut(records=evaluated, examples=examples, samples=samples)
+    return HeldOut(records=evaluated, examples=examples, samples=samples, scored=scored)
 
 
 def check_targets(examples: list[Example], name: str, cfg: RunConfig) -> None:
@@ -230,8 +236,34 @@ class RunModel:
             self.held_out.samples,
             cfg.prompt.template,
             cfg.eval.max_new_tokens,
+            cfg.eval.batch_size,
         )
-        return {"eval": metrics | {"examples": len(examples)}, "answers": answers}
+        metrics |= {"examples": len(examples)} | self._answer_quality(cfg)
+        return {"eval": metrics, "answers": answers}
+
+    def _answer_quality(self, cfg: RunConfig) -> dict[str, float]:
+        """ROUGE-L F1 and heavy repetition of greedy answers to the fixed scored records."""
+        scored = self.held_out.scored
+        if not scored:
+            return {}
+        from covey.eval.metrics import answer_scores, summarize
+
+        answers = generate_answers(
+            self.model,
+            self.tokenizer,
+            scored,
+            cfg.prompt.template,
+            cfg.eval.rouge_max_new_tokens,
+            cfg.eval.batch_size,
+        )
+        quality = summarize(
+            [answer_scores(a["answer"], r.response) for a, r in zip(answers, scored, strict=True)]
+        )
+        return {
+            "rouge_l": quality["rouge_l"],
+            "heavy_repetition": quality["heavy_repetition"],
+            "rouge_examples": len(scored),
+        }
 
     def backdoor(self, cfg: RunConfig, state: State) -> dict[str, Any]:
         """`covey.fed.backdoor.backdoor_metrics` of the adapter `state` on the held-out
@@ -270,6 +302,8 @@ class RunFolder:
         self.config_toml = to_toml(cfg)
         self.done = done
         self.records: list[dict[str, Any]] = []
+        self.trackers: Trackers | None = None
+        """`run.report_to`, opened by `begin` (nothing is sent before the model loads)."""
 
     @classmethod
     def check(
@@ -295,6 +329,7 @@ class RunFolder:
         if done:
             may_change = () if cfg.fed.consensus == "flock" else RESUMABLE_CHANGES
             _check_same_settings(out, done[0], cfg, may_change)
+        check_available(cfg.run.report_to)
         return cls(cfg, done)
 
     @property
@@ -310,6 +345,7 @@ class RunFolder:
         """The global adapter and server state to continue from: the last complete round's,
         or, for a new run, the model's initial adapter after evaluating and saving it as
         round 0 (`baseline`, `baseline_files`: its engine-specific parts and files)."""
+        self.trackers = Trackers(self.cfg, self.out)
         if self.done:
             for name in checkpoint.remove_stale_staging(self.out):
                 log.info("removed %s, left by an interrupted write", name)
@@ -352,10 +388,14 @@ class RunFolder:
         from covey.fed.report import plot_losses  # matplotlib loads only when needed
 
         plot_losses(self.records, self.out / "loss.png")
+        if self.trackers is not None:
+            self.trackers.log_round(saved)
         return saved
 
     def finish(self) -> RunHistory:
         checkpoint.write_final(self.out, self.records[-1]["round"])
+        if self.trackers is not None:
+            self.trackers.close()
         return RunHistory(out=self.out, records=self.records)
 
 

@@ -7,8 +7,9 @@ the one in use named; and examples from the run's held-out test set. Each messag
 on its own, as in training: the panes keep the history for reading, not as conversation memory,
 and the instruction stays in its box.
 
-Tab "Run": held-out loss per round, each client's contribution per round (samples, training
-loss, rejections), and the FLock rewards and slashes when the rounds record them.
+Tab "Run": held-out loss per round (and ROUGE-L when the rounds score answers), each client's
+contribution per round (samples, training loss, rejections), and the FLock rewards and slashes
+when the rounds record them.
 
 Safe defaults: loopback only, no public share link unless asked, and optional basic auth whose
 credentials come from the environment (`COVEY_SERVE_AUTH=user:password`), never a flag, so they
@@ -91,16 +92,20 @@ def read_run_view(run: Path, scratch: Path) -> RunView:
     metrics = _read_metrics(run / "metrics.jsonl", notes) or records
 
     losses = Table(["round", "held-out loss", "perplexity", "clients' training loss"])
+    scored = any("rouge_l" in (m.get("eval") or {}) for m in metrics)
+    if scored:  # the rounds score answers too (eval.rouge_examples)
+        losses.headers += ["ROUGE-L F1", "heavy repetition"]
     for m in metrics:
         evaluated, train = m.get("eval") or {}, m.get("train") or {}
-        losses.rows.append(
-            [
-                m.get("round"),
-                _num(evaluated.get("loss")),
-                _num(evaluated.get("perplexity")),
-                _num(train.get("loss")),
-            ]
-        )
+        row = [
+            m.get("round"),
+            _num(evaluated.get("loss")),
+            _num(evaluated.get("perplexity")),
+            _num(train.get("loss")),
+        ]
+        if scored:
+            row += [_num(evaluated.get("rouge_l")), _num(evaluated.get("heavy_repetition"))]
+        losses.rows.append(row)
 
     image: Path | None = run / "loss.png"
     if image is not None and not image.is_file():
@@ -448,7 +453,7 @@ def _run_tab(gr: Any, view: RunView | None) -> None:
             image.load()  # in memory: the file may be a temporary one
         gr.Image(
             value=image,
-            label="held-out loss per round",
+            label="held-out quality per round",
             type="pil",
             format="png",
             interactive=False,
@@ -457,7 +462,7 @@ def _run_tab(gr: Any, view: RunView | None) -> None:
     gr.Dataframe(
         value=view.losses.rows or None,
         headers=view.losses.headers,
-        label="held-out loss per round",
+        label="held-out loss (and ROUGE-L) per round",
         interactive=False,
     )
     gr.Dataframe(

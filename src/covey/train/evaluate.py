@@ -66,22 +66,65 @@ def generate_answers(
     records: Sequence[Record],
     template: str,
     max_new_tokens: int,
+    batch_size: int = 8,
+    decoding: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
-    """Greedy answers to `records`' instructions (deterministic, so rounds compare fairly)."""
+    """Answers to `records`' instructions, in their order: greedy unless `decoding` (extra
+    `generate` arguments, e.g. a repetition penalty) says otherwise, so rounds compare fairly.
+
+    Prompts are batched `batch_size` at a time, shortest first to limit padding, and padded on
+    the left so that every row's answer starts at the same position. Greedy answers can differ
+    in the last bits from one-at-a-time decoding (padding changes the shapes of the sums), but
+    the same batch size always gives the same answers.
+    """
+    if not records:
+        return []
     device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
-    answers = []
-    for record in records:
-        prompt = build_prompt(record, template, tokenizer)
-        encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=template != "chat")
-        ids = encoded["input_ids"].to(device)
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        answers.append({"instruction": record.instruction, "answer": text})
-    return answers
+    prompts = [build_prompt(record, template, tokenizer) for record in records]
+    special = template != "chat"  # chat templates hold their special tokens already
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=special)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    stop_ids = _stop_ids(model, tokenizer)
+    texts = [""] * len(prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            encoded = tokenizer(
+                [prompts[i] for i in rows],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=special,
+            ).to(device)
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **({"do_sample": False} | (decoding or {})),
+            )
+            width = encoded["input_ids"].shape[1]
+            for i, answer in zip(rows, output[:, width:].tolist(), strict=True):
+                ids = next((answer[:k] for k, t in enumerate(answer) if t in stop_ids), answer)
+                texts[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [
+        {"instruction": record.instruction, "answer": text}
+        for record, text in zip(records, texts, strict=True)
+    ]
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Tokens that end an answer: the generation config's end-of-sequence ids and the
+    tokenizer's (a finished row is padded until the batch ends)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids: set[int] = set(configured) if isinstance(configured, list) else set()
+    if isinstance(configured, int):
+        ids.add(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

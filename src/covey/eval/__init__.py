@@ -1,0 +1,1 @@
+"""Answer quality a user can see: metrics against references, and `covey eval`."""
