@@ -97,11 +97,7 @@ class RunningMean:
         self._weights: list[float] = []
 
     def add(self, state: State, weight: float) -> None:
-        w = float(weight)
-        index = len(self._weights)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"state {index}: weight must be finite and >= 0, got {weight}")
-        _check_keys(self.global_state, state, index)
+        w = _checked_weight(self.global_state, state, weight, len(self._weights))
         if self._first is None:
             self._first = state
             self._offset = {
@@ -157,6 +153,15 @@ class MeanStrategy:
 
     def start(self, global_state: State) -> RunningMean:
         return RunningMean(global_state, self.step)
+
+
+def _checked_weight(reference: State, state: State, weight: float, index: int) -> float:
+    """The `index`-th update's weight as a float, once it and the update's keys are checked."""
+    w = float(weight)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"state {index}: weight must be finite and >= 0, got {weight}")
+    _check_keys(reference, state, index)
+    return w
 
 
 def _check_keys(reference: State, state: State, index: int) -> None:
@@ -310,11 +315,7 @@ class KeptUpdates:
         self.weights: list[float] = []
 
     def add(self, state: State, weight: float) -> None:
-        w = float(weight)
-        index = len(self.weights)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"state {index}: weight must be finite and >= 0, got {weight}")
-        _check_keys(self.global_state, state, index)
+        w = _checked_weight(self.global_state, state, weight, len(self.weights))
         self.states.append(state)
         self.weights.append(w)
 
