@@ -5,8 +5,10 @@ runs/demo/train), at 128 new tokens:
 
 - the CLI: `covey generate "Name three primary colors." --run RUN --both` in a fresh process,
   repeated: from launch, the time until the model is loaded (its "generation:" line on
-  stderr), until the first answer character on stdout, and until it exits; and the tokens of
-  both answers per second of generation (from loaded to exit);
+  stderr), until the first answer character on stdout, until both answers are on the screen
+  (`answered_s`: the second pane prints whole when both are complete) and until it exits
+  (`wall_s`: Python's exit with torch loaded adds ~1 s); the tokens of both answers per second
+  of generation (from loaded to answered); the same with `--threads 2` for reference;
 - the UI: a `covey serve` process, asked through its HTTP API (`/compare`, as the browser
   does) with gradio_client once it is up; the time until the first token shows in each pane,
   the time until both answers are complete, and the tokens of both answers per second of it;
@@ -17,7 +19,8 @@ runs/demo/train), at 128 new tokens:
 Results go to benchmarks/results/generate.json (with the machine and versions).
 
     .venv/bin/python benchmarks/bench_generate.py [--run runs/demo/train] [--repeats 3]
-        [--presets greedy,shepherd] [--loop-instructions 24]
+        [--presets greedy,shepherd] [--loop-instructions 24] [--reference-threads 2]
+        [--wait-reference]
 """
 
 from __future__ import annotations
@@ -54,13 +57,20 @@ def cpu_seconds(usage: resource.struct_rusage) -> float:
 
 
 def time_cli(
-    run: Path, preset: str, tokenizer: Any, wait_policy: str | None = None
+    run: Path,
+    preset: str,
+    tokenizer: Any,
+    wait_policy: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, float | int]:
     """One `covey generate --both` in a fresh process, read as it prints. `wait_policy`
     overrides the OpenMP wait policy that `covey generate` picks (PASSIVE); "" keeps
-    libgomp's own default (spin a while, then sleep), as before Covey set one."""
+    libgomp's own default (spin a while, then sleep), as before Covey set one. `threads`
+    passes `--threads` (None: the command's default)."""
     command = [sys.executable, "-m", "covey", "generate", INSTRUCTION, "--run", str(run)]
     command += ["--both", "--preset", preset, "--max-new-tokens", "128"]
+    if threads is not None:
+        command += ["--threads", str(threads)]
     env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_WAIT_POLICY", None)
     if wait_policy is not None:
@@ -70,7 +80,7 @@ def time_cli(
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert process.stdout is not None and process.stderr is not None
     streams = {process.stdout: b"", process.stderr: b""}
-    loaded = first = None
+    loaded = first = answered = None
     header = b"--- base model ---\n"
     with selectors.DefaultSelector() as selector:
         for stream in streams:
@@ -87,11 +97,18 @@ def time_cli(
                     loaded = now  # printed once the model is loaded, before generating
                 if first is None and len(streams[process.stdout]) > len(header):
                     first = now
+                if (
+                    answered is None
+                    and streams[process.stdout].endswith(b"\n")
+                    and (b"\n--- fine-tuned" in streams[process.stdout])
+                ):
+                    answered = now  # the second pane prints whole once both are complete
     returncode = process.wait()
     wall = time.perf_counter() - started
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # this process's waited children
     assert returncode == 0, f"{' '.join(command)} failed: {streams[process.stderr]!r}"
-    assert loaded is not None and first is not None, f"unexpected output: {streams}"
+    assert None not in (loaded, first, answered), f"unexpected output: {streams}"
+    assert loaded is not None and answered is not None
     text = streams[process.stdout].decode()
     base, _, tuned = text.removeprefix(header.decode()).partition("\n--- fine-tuned")
     tuned = tuned.split("---\n", 1)[1] if "---\n" in tuned else tuned
@@ -101,15 +118,17 @@ def time_cli(
         # CPU time it used on all cores: above wall_s, more than one core was busy
         "cpu_s": round(cpu_seconds(children) - cpu_seconds(before), 2),
         "loaded_s": round(loaded, 2),
-        "first_token_s": round(first, 2),
+        "first_token_s": round(first, 2),  # type: ignore[arg-type]
+        # both answers on the screen; the rest of wall_s is the interpreter's exit (~1 s)
+        "answered_s": round(answered, 2),
         "tokens": tokens,
-        "tokens_per_s": round(tokens / (wall - loaded), 1),
+        "tokens_per_s": round(tokens / (answered - loaded), 1),
     }
 
 
 def medians(runs: list[dict[str, float | int]]) -> dict[str, Any]:
     """The median of each timed figure over repeated CLI runs, with the runs themselves."""
-    keys = ("wall_s", "cpu_s", "loaded_s", "first_token_s", "tokens_per_s")
+    keys = ("wall_s", "cpu_s", "loaded_s", "first_token_s", "answered_s", "tokens_per_s")
     return {f"{key}_median": statistics.median(r[key] for r in runs) for key in keys} | {
         "runs": runs
     }
@@ -202,6 +221,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--presets", default="greedy,shepherd")
     parser.add_argument("--loop-instructions", type=int, default=24)
+    parser.add_argument(
+        "--reference-threads",
+        type=int,
+        default=2,
+        help="also time greedy with this many decoding threads (0: skip)",
+    )
+    parser.add_argument(
+        "--wait-reference",
+        action="store_true",
+        help="also time greedy with libgomp's default wait policy (slow on a busy machine)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/generate.json")
     args = parser.parse_args()
 
@@ -210,6 +240,7 @@ def main() -> None:
 
     from covey.cli import _quiet_libraries
     from covey.serve.adapters import resolve_source
+    from covey.serve.decode import default_threads
     from covey.serve.generate import load_session
 
     _quiet_libraries()
@@ -230,7 +261,14 @@ def main() -> None:
             else None,
         }
         print(preset, json.dumps(results[preset]), flush=True)
-    if "greedy" in results:  # the reference: as before Covey chose OpenMP's wait policy
+    if "greedy" in results and args.reference_threads:  # before `--threads` had a default
+        others = [
+            time_cli(args.run, "greedy", tokenizer, threads=args.reference_threads)
+            for _ in range(args.repeats)
+        ]
+        results["greedy"][f"cli_{args.reference_threads}_threads"] = medians(others)
+        print(f"greedy, {args.reference_threads} threads", json.dumps(others), flush=True)
+    if "greedy" in results and args.wait_reference:  # as before Covey chose OpenMP's wait policy
         spinning = [time_cli(args.run, "greedy", tokenizer, "") for _ in range(args.repeats)]
         results["greedy"]["cli_libgomp_default_wait"] = medians(spinning)
         print("greedy, libgomp's default wait", json.dumps(spinning), flush=True)
@@ -244,7 +282,7 @@ def main() -> None:
         "presets": results,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "load_average_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)},
-        "torch_threads": torch.get_num_threads(),
+        "cli_threads": default_threads(),  # `covey generate`'s default --threads here
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
-from covey.serve.decode import TransposedLinear, transpose_output_projection
+from covey.serve.decode import (
+    TransposedLinear,
+    decoding_threads,
+    default_threads,
+    transpose_output_projection,
+)
 from covey.serve.generate import ServeSession
 
 
@@ -54,3 +61,22 @@ def test_only_a_plain_cpu_linear_is_replaced() -> None:
     model = Model(nn.Linear(4, 8))
     assert transpose_output_projection(model)
     assert isinstance(model.head, TransposedLinear)
+
+
+def test_decoding_threads_apply_on_the_cpu_only_and_are_restored() -> None:
+    before = torch.get_num_threads()
+    with decoding_threads(1, torch.device("cpu")) as count:
+        assert count == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with decoding_threads(0, torch.device("cpu")) as count:
+        assert count == default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+    with decoding_threads(1, torch.device("cuda")) as count:  # no CUDA needed: nothing changes
+        assert count == torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_decoding_threads_are_restored_when_the_block_fails() -> None:
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), decoding_threads(1, torch.device("cpu")):
+        raise RuntimeError("stop")
+    assert torch.get_num_threads() == before

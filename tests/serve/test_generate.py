@@ -176,6 +176,19 @@ def test_generate_command_prints_both_answers_and_the_preset(tiny_run: Path) -> 
     assert isinstance(refused.exception, ConfigError)
 
 
+def test_generate_command_decodes_on_the_threads_asked_and_gives_them_back(
+    tiny_run: Path,
+) -> None:
+    before = torch.get_num_threads()
+    args = ["generate", "--run", str(tiny_run), "--max-new-tokens", "2", "Name a colour."]
+    result = CliRunner().invoke(app, [*args[:-1], "--threads", "1", args[-1]])
+    assert result.exit_code == 0, result.output
+    assert "; 1 CPU thread\n" in result.output
+    assert torch.get_num_threads() == before
+    negative = CliRunner().invoke(app, [*args[:-1], "--threads", "-1", args[-1]])
+    assert negative.exit_code == 2 and "--threads" in negative.output
+
+
 def test_the_real_command_reports_a_missing_run_with_exit_code_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "covey", "generate", "--run", str(tmp_path / "nope"), "hello"],

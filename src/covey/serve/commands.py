@@ -23,6 +23,7 @@ from covey.serve.generate import (
     PRESETS,
     TUNED,
     GenerationSettings,
+    ServeSession,
     preset_settings,
 )
 
@@ -50,6 +51,9 @@ _BEAMS_OPTION = typer.Option(None, "--beams", help="Beam count; 1 streams tokens
 _PENALTY_OPTION = typer.Option(None, help="Repetition penalty (1: off).")
 _MAX_NEW_OPTION = typer.Option(None, help="Length limit of the answer, in tokens.")
 _SEED_OPTION = typer.Option(None, help="Sampling: the same seed gives the same answer.")
+_THREADS_OPTION = typer.Option(
+    0, "--threads", min=0, help="CPU threads for decoding; 0: half the cores (at least 1)."
+)
 
 
 def _settings(
@@ -110,6 +114,7 @@ def serve(
     max_new_tokens: int | None = _MAX_NEW_OPTION,
     seed: int | None = _SEED_OPTION,
     examples: int = typer.Option(8, help="Examples drawn from the run's test.jsonl (0: none)."),
+    threads: int = _THREADS_OPTION,
 ) -> None:
     """Chat with the base model and the fine-tuned adapter side by side (Gradio).
 
@@ -118,6 +123,7 @@ def serve(
     """
     from covey.cli import _quiet_libraries
     from covey.serve.app import AUTH_ENV, is_loopback, parse_auth, require_gradio, serve_app
+    from covey.serve.decode import decoding_threads
     from covey.serve.generate import load_session
 
     _share_the_cpu()
@@ -132,19 +138,24 @@ def serve(
     _quiet_libraries()  # the CLI's logging setup, in one place
     err.print(f"loading {source.cfg.model.base} with {source.label}", highlight=False)
     session = load_session(source)
-    err.print(
-        f"serving {source.label} of {source.adapter_dir} on {source.cfg.model.base}; "
-        f"generation: {settings.describe()}",
-        highlight=False,
-    )
-    if auth is None and (share or not is_loopback(host)):
+    with decoding_threads(threads, session.device) as count:
         err.print(
-            f"[yellow]warning: no login required and reachable beyond this machine "
-            f"({'--share' if share else host}); set {AUTH_ENV}=user:password to require one[/]"
+            f"serving {source.label} of {source.adapter_dir} on {source.cfg.model.base}; "
+            f"generation: {settings.describe()}{_threads_note(session, count)}",
+            highlight=False,
         )
-    if auth is not None:
-        err.print(f"login required (user {auth[0]!r}, from {AUTH_ENV})", highlight=False)
-    serve_app(session, host, port, share, settings, auth, examples)
+        if auth is None and (share or not is_loopback(host)):
+            err.print(
+                f"[yellow]warning: no login required and reachable beyond this machine "
+                f"({'--share' if share else host}); set {AUTH_ENV}=user:password to require one[/]"
+            )
+        if auth is not None:
+            err.print(f"login required (user {auth[0]!r}, from {AUTH_ENV})", highlight=False)
+        serve_app(session, host, port, share, settings, auth, examples)
+
+
+def _threads_note(session: ServeSession, count: int) -> str:
+    return f"; {count} CPU thread{'s' * (count > 1)}" if session.device.type == "cpu" else ""
 
 
 def generate(
@@ -169,9 +180,11 @@ def generate(
     repetition_penalty: float | None = _PENALTY_OPTION,
     max_new_tokens: int | None = _MAX_NEW_OPTION,
     seed: int | None = _SEED_OPTION,
+    threads: int = _THREADS_OPTION,
 ) -> None:
     """Print the fine-tuned adapter's answer (or the base model's, or both), as it comes."""
     from covey.cli import _quiet_libraries
+    from covey.serve.decode import decoding_threads
     from covey.serve.generate import load_session
 
     _share_the_cpu()
@@ -185,12 +198,28 @@ def generate(
     source = resolve_source(run, round_index, base, adapter, template, device)
     _quiet_libraries()  # the CLI's logging setup, in one place
     session = load_session(source)
-    err.print(f"generation: {settings.describe()}", highlight=False)
+    with decoding_threads(threads, session.device) as count:
+        err.print(
+            f"generation: {settings.describe()}{_threads_note(session, count)}", highlight=False
+        )
+        _print_answers(session, instruction, context, settings, both, base_only, source.label)
+
+
+def _print_answers(
+    session: ServeSession,
+    instruction: str,
+    context: str,
+    settings: GenerationSettings,
+    both: bool,
+    base_only: bool,
+    label: str,
+) -> None:
+    """The first pane's answer as it grows, then the second's (complete by then)."""
     panes = (BASE,) if base_only else (BASE, TUNED) if both else (TUNED,)
-    names = {BASE: "base model", TUNED: f"fine-tuned ({source.label})"}
+    names = {BASE: "base model", TUNED: f"fine-tuned ({label})"}
     if both:
         print(f"--- {names[BASE]} ---", flush=True)
-    shown = ""  # the first pane prints as it grows; the second is complete when the first is
+    shown = ""
     texts: tuple[str, ...] = ("",) * len(panes)
     for texts in session.stream(instruction, context, settings, panes):
         if texts[0].startswith(shown):  # else: the last value, stripped of trailing space

@@ -157,6 +157,11 @@ class ServeSession:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
+    def device(self) -> Any:
+        """The torch device the model runs on."""
+        return next(self.model.parameters()).device
+
+    @property
     def template(self) -> str:
         return self.source.cfg.prompt.template
 
@@ -247,7 +252,7 @@ class ServeSession:
 
         if not panes:
             raise ValueError("no pane to answer")
-        device = next(self.model.parameters()).device
+        device = self.device
         encoded = self.tokenizer(
             prompt, return_tensors="pt", add_special_tokens=self.template != "chat"
         )
