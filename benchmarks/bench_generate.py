@@ -8,7 +8,7 @@ runs/demo/train), at 128 new tokens:
   stderr), until the first answer character on stdout, until both answers are on the screen
   (`answered_s`: the second pane prints whole when both are complete) and until it exits
   (`wall_s`: Python's exit with torch loaded adds ~1 s); the tokens of both answers per second
-  of generation (from loaded to answered); the same with `--threads 2` for reference;
+  of generation (from loaded to answered); the same with `--threads 1` for reference;
 - the UI: a `covey serve` process, asked through its HTTP API (`/compare`, as the browser
   does) with gradio_client once it is up; the time until the first token shows in each pane,
   the time until both answers are complete, and the tokens of both answers per second of it;
@@ -19,7 +19,7 @@ runs/demo/train), at 128 new tokens:
 Results go to benchmarks/results/generate.json (with the machine and versions).
 
     .venv/bin/python benchmarks/bench_generate.py [--run runs/demo/train] [--repeats 3]
-        [--presets greedy,shepherd] [--loop-instructions 24] [--reference-threads 2]
+        [--presets greedy,shepherd] [--loop-instructions 24] [--reference-threads 1]
         [--wait-reference]
 """
 
@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument(
         "--reference-threads",
         type=int,
-        default=2,
+        default=1,
         help="also time greedy with this many decoding threads (0: skip)",
     )
     parser.add_argument(
@@ -240,7 +240,6 @@ def main() -> None:
 
     from covey.cli import _quiet_libraries
     from covey.serve.adapters import resolve_source
-    from covey.serve.decode import default_threads
     from covey.serve.generate import load_session
 
     _quiet_libraries()
@@ -261,7 +260,7 @@ def main() -> None:
             else None,
         }
         print(preset, json.dumps(results[preset]), flush=True)
-    if "greedy" in results and args.reference_threads:  # before `--threads` had a default
+    if "greedy" in results and args.reference_threads:  # e.g. 1: a busy machine's choice
         others = [
             time_cli(args.run, "greedy", tokenizer, threads=args.reference_threads)
             for _ in range(args.repeats)
@@ -282,7 +281,7 @@ def main() -> None:
         "presets": results,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "load_average_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)},
-        "cli_threads": default_threads(),  # `covey generate`'s default --threads here
+        "torch_threads": torch.get_num_threads(),  # what `covey generate --threads 0` keeps
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

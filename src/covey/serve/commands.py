@@ -52,7 +52,10 @@ _PENALTY_OPTION = typer.Option(None, help="Repetition penalty (1: off).")
 _MAX_NEW_OPTION = typer.Option(None, help="Length limit of the answer, in tokens.")
 _SEED_OPTION = typer.Option(None, help="Sampling: the same seed gives the same answer.")
 _THREADS_OPTION = typer.Option(
-    0, "--threads", min=0, help="CPU threads for decoding; 0: half the cores (at least 1)."
+    0,
+    "--threads",
+    min=0,
+    help="CPU threads for decoding; 0: torch's default (all cores). 1 is faster when busy.",
 )
 
 

@@ -10,19 +10,17 @@ such a copy. The products agree to float rounding (greedy answers are identical,
 the cost of one more copy of that matrix in memory (113 MB for SmolLM2-135M); the input
 embedding it may be tied to keeps its own weight. Only for inference: the copy is not trained.
 
-`decoding_threads` sets how many threads torch's CPU kernels use while the commands answer.
-Decoding is a chain of small, memory-bound products (one or two rows against every weight),
-where more threads add synchronisation more than they add memory bandwidth: on the 2-core
-machine, 128 steps of both panes took 12.9 s with 1 thread and 14.8 s with 2 (idle machine,
-`OMP_WAIT_POLICY=PASSIVE`), and a second thread takes the core the UI's server needs. The
-default, half of the cores this process may run on (at least 1), keeps that on small machines
-and approximates the physical cores (without SMT siblings) on larger ones; `--threads` sets it.
+`decoding_threads` sets how many threads torch's CPU kernels use while the commands answer
+(`--threads`; 0 keeps torch's default, every core this process may use). Decoding is a chain
+of small, memory-bound products (one or two rows against every weight): on the idle 2-core
+machine a second thread helps a little (`covey generate --both`, 128 tokens: 18.8 s median
+with 2 threads, 23.0 s with 1, `benchmarks/bench_generate.py`), but on a busy machine every
+parallel region waits for the slowest thread, and one thread is the faster choice there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,22 +58,17 @@ def transpose_output_projection(model: Any) -> bool:
     return True
 
 
-def default_threads() -> int:
-    """Half the cores this process may run on, at least 1 (see the module's docstring)."""
-    return max(1, len(os.sched_getaffinity(0)) // 2)
-
-
 @contextlib.contextmanager
 def decoding_threads(threads: int, device: torch.device) -> Iterator[int]:
-    """While the block runs, torch's CPU kernels use `threads` threads (0: the default) when
-    the model is on the CPU; on other devices it changes nothing. Restores the previous count
-    afterwards, so an in-process caller (tests, a notebook) keeps its own. Yields the count in
-    force."""
+    """While the block runs, torch's CPU kernels use `threads` threads (0: torch's default)
+    when the model is on the CPU; on other devices it changes nothing. Restores the previous
+    count afterwards, so an in-process caller (tests, a notebook) keeps its own. Yields the
+    count in force."""
     before = torch.get_num_threads()
-    if device.type != "cpu":
+    if device.type != "cpu" or threads == 0:
         yield before
         return
-    torch.set_num_threads(threads or default_threads())
+    torch.set_num_threads(threads)
     try:
         yield torch.get_num_threads()
     finally:
