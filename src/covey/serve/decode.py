@@ -13,9 +13,9 @@ embedding it may be tied to keeps its own weight. Only for inference: the copy i
 `decoding_threads` sets how many threads torch's CPU kernels use while the commands answer
 (`--threads`; 0 keeps torch's default, every core this process may use). Decoding is a chain
 of small, memory-bound products (one or two rows against every weight): on the idle 2-core
-machine a second thread helps a little (`covey generate --both`, 128 tokens: 18.8 s median
-with 2 threads, 23.0 s with 1, `benchmarks/bench_generate.py`), but on a busy machine every
-parallel region waits for the slowest thread, and one thread is the faster choice there.
+machine a second thread gains nothing (`covey generate --both`, 128 tokens: 18.1 s median with
+2 threads, 18.0 s with 1, `benchmarks/bench_generate.py`), and on a busy machine every
+parallel region waits for the slowest thread, so one thread is the better choice there.
 """
 
 from __future__ import annotations
