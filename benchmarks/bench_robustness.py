@@ -45,6 +45,30 @@ FLOCK_COLUMNS = ("flock", "flock_round")  # flock_round: voters also judge again
 DOLLY = ROOT.parent / "shared" / "data" / "dolly"
 
 
+def honest_votes(rounds: list[dict]) -> dict:
+    """What honest voters' ballots said about honest and about malicious proposals: how many
+    votes, how many rejected, and why (a voter's own-loss test or the round-relative rule).
+    The rejected honest votes over all honest votes is the voters' false-positive rate."""
+    tally: dict = {}
+    for played in rounds:
+        for vote in played["votes"]:
+            if vote["attacker"] or not vote.get("revealed", True):
+                continue
+            for proposal, accept, reason, view in zip(
+                played["proposals"], vote["accepts"], vote["reasons"] or [], vote["round_views"]
+                or [None] * len(played["proposals"]), strict=False,
+            ):  # fmt: skip
+                if not proposal.get("valid", True) or reason is None:
+                    continue  # unrevealed or unreadable: not a judgement
+                kind = "on_malicious" if proposal["attacker"] else "on_honest"
+                counts = tally.setdefault(kind, {"votes": 0, "rejected": 0, "by_round_rule": 0})
+                counts["votes"] += 1
+                if not accept:
+                    counts["rejected"] += 1
+                    counts["by_round_rule"] += bool(view and view.get("reason"))
+    return tally
+
+
 def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Path) -> dict:
     out = Path(args.tmp) / name
     fraction = args.proposers / args.participants
@@ -118,6 +142,7 @@ def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Pat
         for kind, attacker in (("malicious", True), ("honest", False)):
             mine = [p for p in proposals if p["attacker"] == attacker]
             entry[f"{kind}_proposals_accepted"] = f"{sum(p['accepted'] for p in mine)}/{len(mine)}"
+        entry["honest_votes"] = honest_votes(summary["rounds"][1:])
         entry["net_tokens"] = {
             ("malicious" if b["attacker"] else "honest") + f"_{b['participant']}": b["net"]
             for b in summary["settled"]
