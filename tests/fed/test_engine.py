@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from covey.config import RunConfig, load_recipe
+from covey.data.records import Record
 from covey.errors import ConfigError
 from covey.fed import engine
 from covey.fed.checkpoint import content_hash
-from covey.fed.rounds import Played, RunFolder, RunHistory, client_line, run_rounds
+from covey.fed.rounds import Played, RunFolder, RunHistory, client_line, run_rounds, spread
 from covey.fed.strategies import Accumulator
 from covey.model.loading import base_model_id, load_base_model
 from covey.state import State
@@ -62,6 +63,19 @@ def run(cfg: RunConfig, resume: bool = False) -> RunHistory:
 def fedavg_run(tiny_model_dir: Path, client_data_dir: Path, tmp_path_factory: Any) -> RunHistory:
     out = tmp_path_factory.mktemp("run") / "fedavg"
     return run(tiny_config(tiny_model_dir, client_data_dir, out))
+
+
+def test_held_out_subsets_are_spread_over_the_categories() -> None:
+    """The test set is grouped by category: `eval.max_examples` and `eval.rouge_examples` take
+    records at even steps, not the first ones (24 of 80 used to be 2.4 categories of 8)."""
+    records = [
+        Record(instruction=f"q{i}", context="", response="r", category=f"c{i // 10}", id=i)
+        for i in range(80)
+    ]
+    picked = spread(records, 24)
+    assert len(picked) == 24 and {r.category for r in picked} == {f"c{k}" for k in range(8)}
+    assert [r.id for r in picked] == sorted({r.id for r in picked})  # in order, no repeats
+    assert spread(records, 200) == records and spread(records, 0) == []
 
 
 def test_held_out_loss_falls_every_round(fedavg_run: RunHistory) -> None:

@@ -187,14 +187,22 @@ class HeldOut:
     """Fixed records whose answers every round scores with ROUGE-L (`eval.rouge_examples`)."""
 
 
+def spread(records: list[Record], count: int) -> list[Record]:
+    """`count` records (at most all of them) at even steps through `records`, in order."""
+    count = min(count, len(records))
+    return [records[i * len(records) // count] for i in range(count)]
+
+
 def held_out(cfg: RunConfig, test_records: list[Record], tokenizer: Any) -> HeldOut:
     """Tokenize `eval.max_examples` test records (responses only) and pick the sample
-    instructions, spread over the test set (it is grouped by category)."""
-    evaluated = test_records[: cfg.eval.max_examples] if cfg.eval.max_examples else test_records
+    instructions and the ROUGE-L records, each spread over the test set (it is grouped by
+    category, so its first records would be one or two categories only)."""
+    evaluated = (
+        spread(test_records, cfg.eval.max_examples) if cfg.eval.max_examples else test_records
+    )
     step = max(1, len(test_records) // max(cfg.eval.sample_instructions, 1))
     samples = test_records[::step][: cfg.eval.sample_instructions]
-    scored_count = min(cfg.eval.rouge_examples, len(test_records))
-    scored = [test_records[i * len(test_records) // scored_count] for i in range(scored_count)]
+    scored = spread(test_records, cfg.eval.rouge_examples)
     examples = tokenize_records(evaluated, tokenizer, cfg.prompt, mask_prompt=True)
     check_targets(examples, "test.jsonl", cfg)
     return HeldOut(records=evaluated, examples=examples, samples=samples, scored=scored)
