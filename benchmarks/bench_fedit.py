@@ -9,7 +9,8 @@ trains, with the same recipe and the same compute per client:
 Every run is evaluated on the same held-out set (dolly-test-80: 10 per category): response-only
 loss every round, and the final adapter's answers (and the base model's) scored with ROUGE-L F1
 against the references, decoded as `covey eval` decodes (plain greedy, batched). Writes
-benchmarks/results/fedit_<device>.json with every round's loss and every final ROUGE-L.
+benchmarks/results/fedit_<device>.json with every round's loss and every final ROUGE-L (and,
+while it runs, `fedit_<device>.partial.json` with the runs finished so far).
 
     .venv/bin/python benchmarks/bench_fedit.py [--rounds 5 --steps 10 --batch 16 ...]   # GPU
     nice .venv/bin/python benchmarks/bench_fedit.py --rounds 2 --steps 2 --batch 4 --micro 4 \
@@ -152,12 +153,23 @@ def main() -> None:
     clients = [data / f"client_{i}.jsonl" for i in range(args.clients)]
     test = data / "test.jsonl"
 
-    runs = {"federated": train("federated", data, tmp, args, args.steps, base=True)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = f"fedit_{device}{'_' + args.tag if args.tag else ''}"
+    partial = ROOT / "benchmarks" / "results" / f"{name}.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    runs: dict = {}
+
+    def keep(run_name: str, result: dict) -> None:
+        """Record each run as it ends, so a run cut off by time still reports what it did."""
+        runs[run_name] = result
+        partial.write_text(json.dumps({"command": sys.argv, "runs": runs}, indent=2) + "\n")
+
+    keep("federated", train("federated", data, tmp, args, args.steps, base=True))
     for i, client in enumerate(clients):
         folder = single_client_dir(tmp, f"local_{i}", [client], test)
-        runs[f"local_{i}"] = train(f"local_{i}", folder, tmp, args, args.steps)
+        keep(f"local_{i}", train(f"local_{i}", folder, tmp, args, args.steps))
     union = single_client_dir(tmp, "union", clients, test)
-    runs["centralized"] = train("centralized", union, tmp, args, args.steps * args.clients)
+    keep("centralized", train("centralized", union, tmp, args, args.steps * args.clients))
 
     fed = runs["federated"]["final"]
     local = {k: v["final"] for k, v in runs.items() if k.startswith("local_")}
@@ -167,7 +179,6 @@ def main() -> None:
     decoding = dataclasses.replace(EVAL_DECODING, max_new_tokens=args.rouge_tokens)
     base_rouge = runs["federated"]["base_rouge"]
     fed_scores = runs["federated"]["final_rouge"]["per_record"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {
         "command": "python benchmarks/bench_fedit.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != ""),
@@ -204,10 +215,9 @@ def main() -> None:
             },
         },
     }
-    name = f"fedit_{device}{'_' + args.tag if args.tag else ''}.json"
-    out = ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    partial.unlink()
     print(json.dumps(result["summary"], indent=2))
 
 
