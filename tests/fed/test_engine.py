@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from covey.config import RunConfig, load_recipe
-from covey.data.records import Record
+from covey.data.records import Record, spread
 from covey.errors import ConfigError
 from covey.fed import engine
 from covey.fed.checkpoint import content_hash
-from covey.fed.rounds import Played, RunFolder, RunHistory, client_line, run_rounds, spread
+from covey.fed.rounds import Played, RunFolder, RunHistory, client_line, run_rounds
 from covey.fed.strategies import Accumulator
 from covey.model.loading import base_model_id, load_base_model
 from covey.state import State

@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from covey.errors import DataError
 
@@ -330,3 +330,14 @@ def _load_hub_dataset(repo_id: str, field_map: Mapping[str, str]) -> Dataset:
         raw += [(f"{rel}: {where}", item) for where, item in read_raw_records(f)]
         hashes.update(hashlib.sha256(f.read_bytes()).hexdigest().encode())
     return _validate(raw, repo_id, hashes.hexdigest(), field_map)
+
+
+_Item = TypeVar("_Item")
+
+
+def spread(items: Sequence[_Item], count: int) -> list[_Item]:
+    """`count` items (at most all of them) at even steps through `items`, in order: a subset
+    of a held-out file, which `covey data split` writes grouped by category, that covers
+    every category rather than the first one or two."""
+    count = min(count, len(items))
+    return [items[i * len(items) // count] for i in range(count)]

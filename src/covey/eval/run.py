@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from covey.atomic import atomic_directory, check_output_dir
-from covey.data.records import Record, load_records, read_raw_records
+from covey.data.records import Record, load_records, read_raw_records, spread
 from covey.errors import ConfigError, DataError
 from covey.eval.metrics import (
     REPEAT_NGRAM,
@@ -153,10 +153,7 @@ def test_records(path: Path, limit: int = 0) -> list[Record]:
             "such as the test.jsonl that `covey data split` writes"
         )
     records = load_records(path).records
-    if limit and limit < len(records):
-        step = len(records) / limit
-        records = [records[int(i * step)] for i in range(limit)]
-    return records
+    return spread(records, limit) if limit else records
 
 
 def _default_test(sources: list[AdapterSource]) -> Path:
@@ -374,8 +371,7 @@ def _samples(
     """A few records answered with the serving defaults (what `covey serve` and `covey
     generate` would say), spread over the records, for a person to read."""
     settings = preset_settings(DEFAULT_PRESET, max_new_tokens=options.settings.max_new_tokens)
-    count = min(options.show, len(records))
-    chosen = [records[int(i * len(records) / count)] for i in range(count)] if count else []
+    chosen = spread(records, options.show)
     rows: list[dict[str, Any]] = [
         {"id": r.id, "category": r.category, "instruction": r.instruction, "answers": {}}
         for r in chosen

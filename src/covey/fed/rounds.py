@@ -29,7 +29,7 @@ from typing import Any
 
 from covey.config import RunConfig, config_differences, load_recipe, to_toml
 from covey.data.prompts import Example, tokenize_records
-from covey.data.records import Record
+from covey.data.records import Record, spread
 from covey.errors import ConfigError
 from covey.eval.tracking import Trackers, check_available
 from covey.fed import checkpoint
@@ -185,12 +185,6 @@ class HeldOut:
     """Fixed instructions whose answers every round records."""
     scored: list[Record] = field(default_factory=list)
     """Fixed records whose answers every round scores with ROUGE-L (`eval.rouge_examples`)."""
-
-
-def spread(records: list[Record], count: int) -> list[Record]:
-    """`count` records (at most all of them) at even steps through `records`, in order."""
-    count = min(count, len(records))
-    return [records[i * len(records) // count] for i in range(count)]
 
 
 def held_out(cfg: RunConfig, test_records: list[Record], tokenizer: Any) -> HeldOut:
