@@ -107,8 +107,9 @@ def time_cli(
     wall = time.perf_counter() - started
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # this process's waited children
     assert returncode == 0, f"{' '.join(command)} failed: {streams[process.stderr]!r}"
-    assert None not in (loaded, first, answered), f"unexpected output: {streams}"
-    assert loaded is not None and answered is not None
+    assert loaded is not None and first is not None and answered is not None, (
+        f"unexpected output: {streams}"
+    )
     text = streams[process.stdout].decode()
     base, _, tuned = text.removeprefix(header.decode()).partition("\n--- fine-tuned")
     tuned = tuned.split("---\n", 1)[1] if "---\n" in tuned else tuned
@@ -118,7 +119,7 @@ def time_cli(
         # CPU time it used on all cores: above wall_s, more than one core was busy
         "cpu_s": round(cpu_seconds(children) - cpu_seconds(before), 2),
         "loaded_s": round(loaded, 2),
-        "first_token_s": round(first, 2),  # type: ignore[arg-type]
+        "first_token_s": round(first, 2),
         # both answers on the screen; the rest of wall_s is the interpreter's exit (~1 s)
         "answered_s": round(answered, 2),
         "tokens": tokens,
