@@ -331,13 +331,16 @@ class FlockConfig:
     round_max_relative_z: float = 3.0
     """Round-relative: reject an update whose gain on the voter's examples is this many spreads
     below the round's median gain."""
+    round_trust_gain_z: float = 2.0
+    """Round-relative: never reject for its direction an update that lowers the voter's own
+    validation loss by at least this many standard errors (the others may be the attackers)."""
 
     def __post_init__(self) -> None:
         for name in ("proposers_per_round", "voters_per_round", "validation_examples"):
             value = getattr(self, name)
             _require(value >= 1, name, f"must be >= 1, got {value}")
         _positive(self, "stake")
-        _non_negative(self, "reward_pool", "harm_z", "round_max_relative_z")
+        _non_negative(self, "reward_pool", "harm_z", "round_max_relative_z", "round_trust_gain_z")
         _require(
             self.round_max_norm_ratio > 1,
             "round_max_norm_ratio",

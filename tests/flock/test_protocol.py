@@ -257,3 +257,33 @@ def test_flock_records_have_every_engines_layout(
             assert set(line) == {"client", "reason", "attacker"}
     rejected = [line for r in result.records[1:] for line in r["rejected"]]
     assert rejected, "no proposal was rejected: the attack did not reach the vote"
+
+
+def test_round_rule_keeps_honest_updates_in_rounds_that_attackers_dominate(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    """2 of 5 participants negate their updates (strength 1) and 3 propose each round, so some
+    rounds hold 2 malicious proposals of 3: there the others' mean points the attackers' way and
+    the honest update has the outlying direction. Honest voters whose own examples show that it
+    helps keep it (`flock.round_trust_gain_z`); without that override (a huge value) they
+    rejected 4 of 10 to 8 of 10 honest votes in such runs (seeds 0-4; the chain's draws vary)."""
+    out = tmp_path / "dominated"
+    config_ = config(
+        tiny_model_dir, five_clients, out, "fed.rounds=6", "run.seed=0",
+        "flock.proposers_per_round=3", "flock.voters_per_round=2", "flock.round_relative=true",
+        "attack.kind=sign_flip", "attack.malicious_fraction=0.4", "attack.strength=1.0",
+    )  # fmt: skip
+    flock_run(config_)
+    votes = rejected = dominated_rounds = 0
+    for played in summary(out)["rounds"][1:]:
+        proposals = played["proposals"]
+        dominated_rounds += sum(p["attacker"] for p in proposals) * 2 > len(proposals)
+        for vote in played["votes"]:
+            if vote["attacker"] or not vote["reasons"]:
+                continue
+            for proposal, accept in zip(proposals, vote["accepts"], strict=True):
+                if not proposal["attacker"] and proposal.get("valid", True):
+                    votes += 1
+                    rejected += not accept
+    assert dominated_rounds > 0, "no round put 2 attackers among 3 proposers: nothing tested"
+    assert votes >= 6 and rejected <= 0.1 * votes, f"{rejected} of {votes} honest votes rejected"

@@ -4,6 +4,7 @@ the round's other proposals (covey.flock.scoring.round_outliers)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,6 +59,24 @@ def test_a_negated_update_is_rejected_for_its_direction() -> None:
     assert [bool(v and v.reason) for v in views] == [False, False, True, False]
 
 
+def test_an_honest_update_outvoted_by_negated_ones_is_kept_on_the_voters_evidence() -> None:
+    # 2 of 3 proposals are negated honest updates: the others' mean points their way, so the
+    # honest update is the one with a negative cosine. The voter's own examples say otherwise.
+    honest = _honest_round()
+    deltas = [honest[0], -honest[1], -honest[2]]
+    gains = [_judged(0.05), _judged(-0.01), _judged(-0.02)]  # honest: 5 stderrs of help
+    views = round_outliers(deltas, gains, RULE)
+    assert views[0] and views[0].cosine < 0 and views[0].reason == "", views[0]
+    # (the negated ones, each against one honest and one negated update, are no outliers
+    # either: with attackers in the majority only the voters' paired harm test rejects them)
+    # without the override (trust_gain_z = inf), the honest update is rejected for direction
+    strict = round_outliers(deltas, gains, replace(RULE, trust_gain_z=math.inf))
+    assert strict[0] and strict[0].reason.startswith("direction")
+    # help under the bar (1 stderr) earns no override: then the direction check decides
+    weak = [_judged(0.01), *gains[1:]]
+    assert round_outliers(deltas, weak, RULE)[0].reason.startswith("direction")  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("scale", [4.0, 0.1])
 def test_a_scaled_or_token_update_is_rejected_for_its_size(scale: float) -> None:
     deltas = _honest_round()
@@ -97,7 +116,12 @@ def test_flat_delta_is_the_difference_in_key_order() -> None:
 
 @pytest.mark.parametrize(
     "setting",
-    ["flock.round_max_norm_ratio=1", "flock.round_min_cosine=2", "flock.round_max_relative_z=-1"],
+    [
+        "flock.round_max_norm_ratio=1",
+        "flock.round_min_cosine=2",
+        "flock.round_max_relative_z=-1",
+        "flock.round_trust_gain_z=-1",
+    ],
 )
 def test_bad_thresholds_are_refused_at_load(setting: str) -> None:
     with pytest.raises(ConfigError, match=setting.split("=")[0].split(".")[1]):

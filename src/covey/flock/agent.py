@@ -458,7 +458,10 @@ class Participant:
         rule = None
         if flock.round_relative:
             rule = RoundRule(
-                flock.round_max_norm_ratio, flock.round_min_cosine, flock.round_max_relative_z
+                max_norm_ratio=flock.round_max_norm_ratio,
+                min_cosine=flock.round_min_cosine,
+                max_relative_z=flock.round_max_relative_z,
+                trust_gain_z=flock.round_trust_gain_z,
             )
         judged = judge_proposals(
             self.model.model, self.validation, global_state, candidates, flock.harm_z,

@@ -64,6 +64,11 @@ class RoundRule:
     measurement error of that gain)."""
     min_proposals: int = 3
     """Fewer valid proposals than this: no round to compare with, only `judge` decides."""
+    trust_gain_z: float = 2.0
+    """Do not reject for its direction a proposal whose gain on the voter's own examples is at
+    least this many standard errors above zero (a huge value: never). When attackers hold most
+    of a round's proposals, the others' mean points their way and the honest update is the one that
+    disagrees; the voter's own paired measurement is the evidence the attackers cannot move."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,11 @@ def round_outliers(
     with the mean of all the others: size (`norm_ratio` outside [1/max, max]: a scaled update,
     as in model replacement, or a token one), direction (`cosine` with the others' mean below
     `min_cosine`: a negated update), and usefulness on the voter's data relative to the round
-    (`relative_z` above `max_relative_z`). An honest round on non-IID data has spread in all
-    three; the thresholds leave room for it (the false-positive rate on honest rounds is
+    (`relative_z` above `max_relative_z`). The direction check yields to the voter's own
+    evidence: a proposal that significantly lowers the voter's loss (`trust_gain_z`) is not
+    rejected for disagreeing with the others, who may be the attackers. Size is not overridden,
+    since a boosted poisoned update can help a voter's examples. An honest round on non-IID
+    data has spread in all three; the thresholds leave room for it (the false-positive rate is
     measured in benchmarks/bench_robustness.py). With fewer than `rule.min_proposals` valid
     proposals there is no round to compare with, and every view is None.
     """
@@ -142,10 +150,11 @@ def round_outliers(
         cosine = float(vectors[row] @ others) / scale if scale > 0 else 0.0
         noise = max(spread, judgement.stderr)
         relative_z = (median_gain - judgement.gain) / noise if noise > 0 else 0.0
+        helps = judgement.stderr > 0 and judgement.gain >= rule.trust_gain_z * judgement.stderr
         reason = ""
         if not 1 / rule.max_norm_ratio <= ratio <= rule.max_norm_ratio:
             reason = f"size {ratio:.2f}x the round's median"
-        elif cosine < rule.min_cosine:
+        elif cosine < rule.min_cosine and not helps:
             reason = f"direction: cosine {cosine:.2f} with the others' mean"
         elif relative_z > rule.max_relative_z:
             reason = f"gain {relative_z:.1f} spreads below the round's median"
