@@ -13,7 +13,7 @@ benchmarks/results/fedit_<device>.json with every round's loss and every final R
 while it runs, `fedit_<device>.partial.json` with the runs finished so far).
 
     .venv/bin/python benchmarks/bench_fedit.py [--rounds 5 --steps 10 --batch 16 ...]   # GPU
-    nice .venv/bin/python benchmarks/bench_fedit.py --rounds 2 --steps 2 --batch 4 --micro 4 \
+    nice .venv/bin/python benchmarks/bench_fedit.py --rounds 2 --steps 6 --batch 4 --micro 4 \
         --cutoff 256 --tag cpu                                                          # 2 CPUs
 """
 
