@@ -150,7 +150,7 @@ def round_outliers(
         cosine = float(vectors[row] @ others) / scale if scale > 0 else 0.0
         noise = max(spread, judgement.stderr)
         relative_z = (median_gain - judgement.gain) / noise if noise > 0 else 0.0
-        helps = judgement.stderr > 0 and judgement.gain >= rule.trust_gain_z * judgement.stderr
+        helps = judgement.stderr > 0 and -judgement.harm_z >= rule.trust_gain_z  # judge's z
         reason = ""
         if not 1 / rule.max_norm_ratio <= ratio <= rule.max_norm_ratio:
             reason = f"size {ratio:.2f}x the round's median"
