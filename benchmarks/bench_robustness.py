@@ -15,8 +15,11 @@ participant's net token change after the task, then checks the claims of the rec
   honest FedAvg (sign flip and noise);
 - every malicious participant ends with fewer tokens than it staked, every honest one with more.
 
-Results are written after every run to benchmarks/results/robustness_<device>.json (and $OUT
-when set), so a cut-off run keeps what it finished; `--resume` then does only the missing runs.
+Results are written after every run to benchmarks/results/NAME_<device>.json (`--name`; and
+$OUT when set), so a cut-off run keeps what it finished; `--resume` then does only the missing
+runs. Several processes started with the same command and `--resume` share out the runs (each
+takes a run by a `.running` marker beside the results file and merges its result under a
+lock). `--table` prints the recorded matrix as markdown.
 
     .venv/bin/python benchmarks/bench_robustness.py            # the recorded run (CPU, ~1 h)
     .venv/bin/python benchmarks/bench_robustness.py --columns fedavg,median,krum \
@@ -38,6 +41,7 @@ import torch
 
 from covey.config import AttackConfig, load_recipe
 from covey.fed import engine
+from covey.flock.report import honest_votes
 from covey.model.loading import base_model_id, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,31 +49,28 @@ FLOCK_COLUMNS = ("flock", "flock_round")  # flock_round: voters also judge again
 DOLLY = ROOT.parent / "shared" / "data" / "dolly"
 
 
-def honest_votes(rounds: list[dict]) -> dict:
-    """What honest voters' ballots said about honest and about malicious proposals: how many
-    votes, how many rejected, and why (a voter's own-loss test or the round-relative rule).
-    The rejected honest votes over all honest votes is the voters' false-positive rate."""
-    tally: dict = {}
-    for played in rounds:
-        for vote in played["votes"]:
-            if vote["attacker"] or not vote.get("revealed", True):
-                continue
-            for proposal, accept, reason, view in zip(
-                played["proposals"], vote["accepts"], vote["reasons"] or [], vote["round_views"]
-                or [None] * len(played["proposals"]), strict=False,
-            ):  # fmt: skip
-                if not proposal.get("valid", True) or reason is None:
-                    continue  # unrevealed or unreadable: not a judgement
-                kind = "on_malicious" if proposal["attacker"] else "on_honest"
-                counts = tally.setdefault(kind, {"votes": 0, "rejected": 0, "by_round_rule": 0})
-                counts["votes"] += 1
-                if not accept:
-                    counts["rejected"] += 1
-                    counts["by_round_rule"] += bool(view and view.get("reason"))
-    return tally
+def attack_rows(spec: str, strength: dict[str, float]) -> list[tuple[str, str, float]]:
+    """`--attacks` as (row name, attack kind, strength): `KIND` takes its strength flag,
+    `KIND:STRENGTH` sets its own, so one matrix holds e.g. backdoor at 1 and at 4."""
+    rows = []
+    for item in spec.split(","):
+        kind, _, given = item.strip().partition(":")
+        try:
+            value = float(given) if given else strength.get(kind, 1.0)
+        except ValueError:
+            sys.exit(f"--attacks: {item!r}: the strength after ':' must be a number")
+        rows.append((f"{kind}_x{given}" if given else kind, kind, value))
+    return rows
 
 
-def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Path) -> dict:
+def run(
+    name: str,
+    column: str,
+    attack: str,
+    strength: float,
+    args: argparse.Namespace,
+    data: Path,
+) -> dict:
     out = Path(args.tmp) / name
     fraction = args.proposers / args.participants
     consensus = "flock" if column in FLOCK_COLUMNS else "server"
@@ -101,7 +102,7 @@ def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Pat
         f"flock.round_relative={'true' if column == 'flock_round' else 'false'}",
         f"attack.kind='{attack}'",
         f"attack.malicious_fraction={args.malicious if attack != 'none' else 0.0}",
-        f"attack.strength={args.strength.get(attack, 1.0)}",
+        f"attack.strength={strength}",
         f"attack.poison_fraction={args.poison_fraction}",
         f"attack.trigger='{args.trigger}'",
         f"attack.target='{args.target}'",
@@ -129,6 +130,7 @@ def run(name: str, column: str, attack: str, args: argparse.Namespace, data: Pat
         "consensus": consensus,
         "strategy": strategy,
         "attack": attack,
+        "strength": strength,
         "held_out_loss_by_round": losses,
         "final": losses[-1],
         "seconds": time.perf_counter() - started,
@@ -171,7 +173,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--columns", default="fedavg,flock", help="server strategies, flock")
     parser.add_argument("--flock-strategy", default="fedavg", help="how FLock merges proposals")
-    parser.add_argument("--attacks", default="none,sign_flip,noise", help="comma-separated")
+    parser.add_argument(
+        "--attacks",
+        default="none,sign_flip,noise",
+        help="comma-separated rows: KIND or KIND:STRENGTH (backdoor:4 is row backdoor_x4)",
+    )
     parser.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed_mean")
     parser.add_argument("--krum-byzantine", type=int, default=1, help="krum's f")
     parser.add_argument("--sign-flip", type=float, default=10.0, help="sign_flip strength")
@@ -197,6 +203,9 @@ def main() -> None:
         action="store_true",
         help="keep the runs already recorded by the same command and do only the missing ones",
     )
+    parser.add_argument(
+        "--table", action="store_true", help="print the recorded matrix as markdown; run nothing"
+    )
     args = parser.parse_args()
     args.strength = {
         "sign_flip": args.sign_flip,
@@ -205,6 +214,14 @@ def main() -> None:
         "backdoor": args.backdoor_scale,
         "little_is_enough": args.alie_z,
     }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    file_name = f"{args.name}_{device}.json"
+    paths = [ROOT / "benchmarks" / "results" / file_name]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / file_name)
+    if args.table:
+        print(matrix_table(json.loads(paths[0].read_text())))
+        return
     args.tmp = tempfile.mkdtemp()
     data = Path(args.tmp) / "data"
     subprocess.run(
@@ -213,25 +230,21 @@ def main() -> None:
          "--alpha", "1.0", "--seed", str(args.seed), "--out", str(data)],
         check=True, capture_output=True,
     )  # fmt: skip
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict = {
         "command": "python benchmarks/bench_robustness.py "
         + " ".join(
             f"--{k.replace('_', '-')} {v}"
             for k, v in vars(args).items()
-            if k not in ("strength", "tmp", "only", "resume")
+            if k not in ("strength", "tmp", "only", "resume", "table")
         ),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "attack_strength": args.strength,
         "runs": {},
     }
-    columns, attacks = args.columns.split(","), args.attacks.split(",")
-    plan = [(f"{c}_{a}", c, a) for c in columns for a in attacks]
+    rows = attack_rows(args.attacks, args.strength)
+    plan = [(f"{c}_{row}", c, row, kind, power) for c in args.columns.split(",")
+            for row, kind, power in rows]  # fmt: skip
     wanted = set(args.only.split(",")) if args.only else None
-    file_name = f"{args.name}_{device}.json"
-    paths = [ROOT / "benchmarks" / "results" / file_name]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / file_name)
     if args.resume and paths[0].exists():
         recorded = json.loads(paths[0].read_text())
         if recorded.get("command") != result["command"]:
@@ -241,15 +254,116 @@ def main() -> None:
                 f"\n  now:      {result['command']}"
             )
         result["runs"] = recorded["runs"]
-    for name, consensus, attack in plan:
+    for name, column, row, kind, power in plan:
         if (wanted and name not in wanted) or name in result["runs"]:
             continue
-        result["runs"][name] = run(name, consensus, attack, args, data)
-        result["claims"] = claims(result["runs"])
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["claims"], indent=2))
+        if args.resume and name in recorded_runs(paths[0], result["command"]):
+            continue  # another worker finished it
+        marker = paths[0].with_name(f"{paths[0].name}.{name}.running")
+        if not claim(marker):
+            continue  # another worker is on it
+        try:
+            entry = run(name, column, kind, power, args, data)
+            for path in paths:
+                result = record_run(path, result, name, {"row": row, **entry})
+        finally:
+            marker.unlink(missing_ok=True)
+    print(json.dumps(result.get("claims", {}), indent=2))
+
+
+def recorded_runs(path: Path, command: str) -> dict:
+    """The runs in the results file at `path` if the same command made it."""
+    if not path.exists():
+        return {}
+    on_disk = json.loads(path.read_text())
+    return on_disk["runs"] if on_disk.get("command") == command else {}
+
+
+def claim(marker: Path) -> bool:
+    """Take run `marker` for this process (a file holding its pid) unless a live process holds
+    it: workers started with the same command and `--resume` share out the matrix's runs."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(marker.read_text() or 0), 0)
+            return False  # its worker is alive
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            marker.write_text(str(os.getpid()))  # left by a worker that died
+            return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def record_run(path: Path, result: dict, name: str, entry: dict) -> dict:
+    """Add run `name` to the results file at `path` and return what the file now holds.
+    Under a lock, and merged with what is on disk when the same command made it, so that
+    workers of one matrix (the same command, with `--resume` or different `--only`) can run
+    at once, each in its own process, and none loses the others' runs."""
+    import fcntl
+
+    from covey.atomic import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = dict(result, runs=dict(result["runs"]))
+        if path.exists():
+            on_disk = json.loads(path.read_text())
+            if on_disk.get("command") == result["command"]:
+                merged["runs"] = {**on_disk["runs"], **merged["runs"]}
+        merged["runs"][name] = entry
+        merged["claims"] = claims(merged["runs"])
+        atomic_write_bytes(path, (json.dumps(merged, indent=2) + "\n").encode())
+    return merged
+
+
+def _percent(value: float) -> str:
+    return f"{value:+.1%}"
+
+
+def matrix_table(result: dict) -> str:
+    """The recorded matrix as a markdown table: a row per attack, a column per defence. A cell:
+    the final clean held-out loss against honest FedAvg's; for backdoor rows the attack's
+    success with the trigger (bd); for FLock columns malicious proposals accepted (mal) and
+    honest proposals rejected (hon rej), and honest voters' rejected votes on honest
+    proposals (fp). A missing run is blank."""
+    runs = result["runs"]
+    columns = list(dict.fromkeys(_column(r) for r in runs.values()))
+    rows = list(dict.fromkeys(r.get("row", r["attack"]) for r in runs.values()))
+    baseline = runs.get("fedavg_none")
+    lines = [
+        "| attack | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for column in columns:
+            entry = runs.get(f"{column}_{row}")
+            if entry is None:
+                cells.append("")
+                continue
+            parts = [
+                _percent(entry["final"] / baseline["final"] - 1)
+                if baseline
+                else f"{entry['final']:.3f}"
+            ]
+            backdoor = entry.get("backdoor")
+            if backdoor and entry["attack"] == "backdoor":
+                parts.append(f"bd {backdoor['success_with_trigger']:.0%}")
+            if "malicious_proposals_accepted" in entry:
+                honest = entry["honest_proposals_accepted"].split("/")
+                rejected = int(honest[1]) - int(honest[0])
+                parts.append(f"mal {entry['malicious_proposals_accepted']}")
+                parts.append(f"hon rej {rejected}/{honest[1]}")
+                votes = entry.get("honest_votes", {}).get("on_honest")
+                if votes:
+                    parts.append(f"fp {votes['rejected']}/{votes['votes']}")
+            cells.append(", ".join(parts))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _column(entry: dict) -> str:
@@ -263,7 +377,7 @@ def claims(runs: dict) -> dict:
     """The robustness claims, from the runs finished so far."""
     out: dict = {}
     columns = sorted({_column(r) for r in runs.values()})
-    attacks = sorted({r["attack"] for r in runs.values()} - {"none"})
+    attacks = sorted({r.get("row", r["attack"]) for r in runs.values()} - {"none"})
     for attack in attacks:
         for column in columns:
             honest, attacked = runs.get(f"{column}_none"), runs.get(f"{column}_{attack}")

@@ -21,6 +21,7 @@ from covey.fed.rounds import RunHistory
 from covey.fed.transport import Codec
 from covey.flock.ledger import read_update
 from covey.flock.protocol import run_flock, setup
+from covey.flock.report import honest_votes
 from covey.flock.task import Phase
 from covey.model.loading import base_model_id, load_base_model
 from covey.store.cid import cid_for, cid_from_digest
@@ -274,16 +275,11 @@ def test_round_rule_keeps_honest_updates_in_rounds_that_attackers_dominate(
         "attack.kind=sign_flip", "attack.malicious_fraction=0.4", "attack.strength=1.0",
     )  # fmt: skip
     flock_run(config_)
-    votes = rejected = dominated_rounds = 0
-    for played in summary(out)["rounds"][1:]:
-        proposals = played["proposals"]
-        dominated_rounds += sum(p["attacker"] for p in proposals) * 2 > len(proposals)
-        for vote in played["votes"]:
-            if vote["attacker"] or not vote["reasons"]:
-                continue
-            for proposal, accept in zip(proposals, vote["accepts"], strict=True):
-                if not proposal["attacker"] and proposal.get("valid", True):
-                    votes += 1
-                    rejected += not accept
+    played = summary(out)["rounds"][1:]
+    dominated_rounds = sum(
+        sum(p["attacker"] for p in r["proposals"]) * 2 > len(r["proposals"]) for r in played
+    )
+    on_honest = honest_votes(played)["on_honest"]
+    votes, rejected = on_honest["votes"], on_honest["rejected"]
     assert dominated_rounds > 0, "no round put 2 attackers among 3 proposers: nothing tested"
     assert votes >= 6 and rejected <= 0.1 * votes, f"{rejected} of {votes} honest votes rejected"

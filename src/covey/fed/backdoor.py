@@ -81,22 +81,30 @@ def greedy_answers(
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-    """Greedy answers to `records`, `batch_size` prompts per `generate` call (left-padded, so
-    every answer starts right after its prompt). Batched here rather than in
-    `covey.train.evaluate.generate_answers`, which answers one record at a time."""
+    """Greedy answers to `records`, in their order, `batch_size` prompts per `generate` call
+    (left-padded, so every answer starts right after its prompt). Prompts are batched by
+    length, so that one long context does not pad seven short prompts to its length (the 40
+    held-out Dolly prompts triggered, SmolLM2 on one CPU core: 58 s in order, 39 s by length,
+    the same answers). Batched here rather than in `covey.train.evaluate.generate_answers`, which
+    answers one record at a time."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    answers: list[str] = []
+    prompts = [build_prompt(r, template, tokenizer) for r in records]
+    special = template != "chat"  # the chat template already holds the special tokens
+    lengths = [len(tokenizer(p, add_special_tokens=special)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
+    answers = [""] * len(prompts)
     try:
-        for start in range(0, len(records), batch_size):
-            prompts = [
-                build_prompt(r, template, tokenizer) for r in records[start : start + batch_size]
-            ]
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
             encoded = tokenizer(
-                prompts, return_tensors="pt", padding=True, add_special_tokens=template != "chat"
+                [prompts[i] for i in rows],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=special,
             ).to(device)
             output = model.generate(
                 **encoded,
@@ -105,7 +113,8 @@ def greedy_answers(
                 pad_token_id=tokenizer.pad_token_id,
             )
             new = output[:, encoded["input_ids"].shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = text.strip()
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -8,6 +8,31 @@ from typing import Any
 from rich.table import Table
 
 
+def honest_votes(rounds: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """What honest voters' ballots said about honest and about malicious proposals: how many
+    votes, how many rejected, and why (a voter's own-loss test or the round-relative rule).
+    The rejected honest votes over all honest votes is the voters' false-positive rate.
+    `rounds`: flock.json's played rounds (`["rounds"][1:]`; round 0 is the setup)."""
+    tally: dict[str, dict[str, int]] = {}
+    for played in rounds:
+        for vote in played["votes"]:
+            if vote["attacker"] or not vote.get("revealed", True):
+                continue
+            for proposal, accept, reason, view in zip(
+                played["proposals"], vote["accepts"], vote["reasons"] or [], vote["round_views"]
+                or [None] * len(played["proposals"]), strict=False,
+            ):  # fmt: skip
+                if not proposal.get("valid", True) or reason is None:
+                    continue  # unrevealed or unreadable: not a judgement
+                kind = "on_malicious" if proposal["attacker"] else "on_honest"
+                counts = tally.setdefault(kind, {"votes": 0, "rejected": 0, "by_round_rule": 0})
+                counts["votes"] += 1
+                if not accept:
+                    counts["rejected"] += 1
+                    counts["by_round_rule"] += bool(view and view.get("reason"))
+    return tally
+
+
 def plot_rewards(summary: dict[str, Any], path: Path) -> None:
     """Each participant's net token change after every round (malicious ones dashed, red)."""
     import matplotlib
