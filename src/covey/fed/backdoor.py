@@ -113,7 +113,8 @@ def greedy_answers(
                 pad_token_id=tokenizer.pad_token_id,
             )
             new = output[:, encoded["input_ids"].shape[1] :]
-            for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for i, text in zip(rows, texts, strict=True):
                 answers[i] = text.strip()
     finally:
         tokenizer.padding_side = side
