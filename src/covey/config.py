@@ -327,7 +327,8 @@ class FlockConfig:
     """Round-relative: reject an update over this many times the round's median size, or under
     its inverse."""
     round_min_cosine: float = 0.0
-    """Round-relative: reject an update whose cosine with the others' mean update is below this."""
+    """Round-relative: reject an update whose cosine with more than half of the round's other
+    updates (pairwise) is below this."""
     round_max_relative_z: float = 3.0
     """Round-relative: reject an update whose gain on the voter's examples is this many spreads
     below the round's median gain."""

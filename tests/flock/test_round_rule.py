@@ -37,6 +37,8 @@ def test_hand_computed_ratio_cosine_and_relative_gain() -> None:
     assert views[0] and views[0].cosine == pytest.approx(1.5 / math.sqrt(3.25))
     # proposal 1 against (2, 0): orthogonal
     assert views[1] and views[1].cosine == pytest.approx(0.0)
+    # pairwise cosines 0-1: 0, 0-2: 1, 1-2: 0: none below 0, so none opposes the others
+    assert [v.opposed for v in views if v] == [0.0, 0.0, 0.0]
     # gains 0.10, 0.04, 0.07: median 0.07, MAD 0.03 -> spread 1.4826 * 0.03
     spread = 1.4826 * 0.03
     assert views[1].relative_z == pytest.approx((0.07 - 0.04) / spread)
@@ -57,6 +59,24 @@ def test_a_negated_update_is_rejected_for_its_direction() -> None:
     views = round_outliers(deltas, gains, RULE)
     assert views[2] and views[2].reason.startswith("direction")
     assert [bool(v and v.reason) for v in views] == [False, False, True, False]
+
+
+def test_nearly_orthogonal_honest_updates_keep_their_place_beside_a_negated_one() -> None:
+    """As LoRA updates of non-IID clients on SmolLM2 (pairwise cosines ~0.08), 3 proposers, one
+    of them negating. Each honest update's cosine with the others' mean is ~0 either side (the
+    mean holds minus an honest update): the earlier rule, that cosine against 0, rejected both
+    honest updates here. Pairwise, each honest update opposes only the negated one."""
+    torch.manual_seed(1)
+    shared = torch.randn(4096)
+    honest = [0.3 * shared + torch.randn(4096) for _ in range(3)]
+    deltas = [honest[0], honest[1], -honest[2]]
+    gains = [_judged(g, stderr=0.02) for g in (0.01, 0.0, 0.0)]  # no clear evidence either way
+    views = round_outliers(deltas, gains, RULE)
+    assert all(v is not None for v in views)
+    assert [v.cosine < 0 for v in views if v] == [True, True, True]  # the mean rule's figure
+    assert [v.opposed for v in views if v] == [0.5, 0.5, 1.0]
+    assert [bool(v and v.reason) for v in views] == [False, False, True]
+    assert views[2] and views[2].reason.startswith("direction")
 
 
 def test_an_honest_update_outvoted_by_negated_ones_is_kept_on_the_voters_evidence() -> None:
