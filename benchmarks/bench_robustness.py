@@ -97,6 +97,7 @@ def run(
         f"fed.krum_byzantine={args.krum_byzantine}",
         # FedAvg trains as many clients per round as FLock has proposers; FLock's contract draws
         f"fed.client_fraction={fraction if consensus == 'server' else 1.0}",
+        f"fed.selection_seed={args.selection_seed}",
         f"flock.proposers_per_round={args.proposers}",
         f"flock.voters_per_round={args.voters}",
         f"flock.round_relative={'true' if column == 'flock_round' else 'false'}",
@@ -135,6 +136,17 @@ def run(
         "final": losses[-1],
         "seconds": time.perf_counter() - started,
     }
+    if any(r["aggregation"] for r in result.records[1:]):
+        # per round, parallel lists: who sent each merged update, whether it attacked (ground
+        # truth) and what the robust rule made of it (delta norm, Krum's score and pick, ...)
+        entry["aggregation"] = [
+            {
+                "client": [c["client"] for c in r["clients"]],
+                "attacker": [c["attacker"] for c in r["clients"]],
+                **r["aggregation"],
+            }
+            for r in result.records[1:]
+        ]
     if "backdoor" in result.records[-1]["eval"]:
         entry["backdoor"] = result.records[-1]["eval"]["backdoor"]
     if consensus == "flock":
@@ -194,6 +206,9 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=8, help="voter validation examples")
     parser.add_argument("--eval-examples", type=int, default=40, help="held-out examples")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--selection-seed", type=int, default=0, help="fed.selection_seed: the server's draws"
+    )
     parser.add_argument(
         "--name", default="robustness", help="results file: results/NAME_<device>.json"
     )
@@ -329,7 +344,8 @@ def matrix_table(result: dict) -> str:
     the final clean held-out loss against honest FedAvg's; for backdoor rows the attack's
     success with the trigger (bd); for FLock columns malicious proposals accepted (mal) and
     honest proposals rejected (hon rej), and honest voters' rejected votes on honest
-    proposals (fp). A missing run is blank."""
+    proposals (fp); for Krum / Multi-Krum, the attackers' updates kept (mal kept). A missing
+    run is blank."""
     runs = result["runs"]
     columns = list(dict.fromkeys(_column(r) for r in runs.values()))
     rows = list(dict.fromkeys(r.get("row", r["attack"]) for r in runs.values()))
@@ -353,6 +369,14 @@ def matrix_table(result: dict) -> str:
             backdoor = entry.get("backdoor")
             if backdoor and entry["attack"] == "backdoor":
                 parts.append(f"bd {backdoor['success_with_trigger']:.0%}")
+            picks = [
+                (attacker, kept)
+                for r in entry.get("aggregation", [])
+                for attacker, kept in zip(r["attacker"], r.get("kept", []), strict=False)
+                if attacker and kept is not None
+            ]
+            if picks:
+                parts.append(f"mal kept {sum(kept for _, kept in picks)}/{len(picks)}")
             if "malicious_proposals_accepted" in entry:
                 honest = entry["honest_proposals_accepted"].split("/")
                 rejected = int(honest[1]) - int(honest[0])

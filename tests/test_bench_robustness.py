@@ -84,10 +84,21 @@ def test_matrix_table_cells(bench: ModuleType) -> None:
             "malicious_proposals_accepted": "1/3", "honest_proposals_accepted": "5/6",
             "honest_votes": {"on_honest": {"votes": 20, "rejected": 2}},
         },
+        "multi_krum_none": {"column": "multi_krum", "attack": "none", "row": "none", "final": 2.0,
+                            "aggregation": [{"attacker": [False] * 3, "kept": [True] * 3}]},
+        "multi_krum_backdoor_x4": {
+            "column": "multi_krum", "attack": "backdoor", "row": "backdoor_x4", "final": 2.0,
+            "backdoor": {"success_with_trigger": 0.0},
+            "aggregation": [
+                {"attacker": [False, True, False], "kept": [True, False, True]},
+                {"attacker": [True, False, True], "kept": [True, True, False]},
+            ],
+        },
     }  # fmt: skip
     table = bench.matrix_table({"runs": runs}).splitlines()
-    assert table[0] == "| attack | fedavg | flock |"
-    assert table[2] == "| none | +0.0% |  |"
+    assert table[0] == "| attack | fedavg | flock | multi_krum |"
+    assert table[2] == "| none | +0.0% |  | +0.0% |"
     assert table[3] == (
-        "| backdoor_x4 | +5.0%, bd 100% | -5.0%, bd 25%, mal 1/3, hon rej 1/6, fp 2/20 |"
+        "| backdoor_x4 | +5.0%, bd 100% | -5.0%, bd 25%, mal 1/3, hon rej 1/6, fp 2/20 "
+        "| +0.0%, bd 0%, mal kept 1/3 |"
     )

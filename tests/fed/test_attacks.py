@@ -277,3 +277,31 @@ def test_backdoor_attackers_train_on_poisoned_records(
         texts = [tokenizer.decode(e.input_ids) for e in client.examples]
         poisoned = sum("zq zq" in t and cfg.attack.target in t for t in texts)
         assert poisoned == (math.ceil(0.5 * len(texts)) if i in attackers else 0)
+
+
+def test_round_record_says_which_updates_multi_krum_kept(
+    tiny_model_dir: Path, client_data_dir: Path, tmp_path: Path
+) -> None:
+    """The record's `aggregation` runs parallel to its `clients`: the noise attacker's update
+    is the largest, and Multi-Krum (f = 1, keep n - f = 2) leaves it out."""
+    from tests.fed.test_engine import run, tiny_config
+
+    result = run(
+        tiny_config(
+            tiny_model_dir,
+            client_data_dir,
+            tmp_path / "krum",
+            "fed.rounds=1",
+            "fed.strategy=multi_krum",
+            "attack.kind=noise",
+            "attack.strength=100",
+            "attack.malicious_fraction=0.3",
+        )
+    )
+    record = result.records[-1]
+    attacker = [c["attacker"] for c in record["clients"]].index(True)
+    aggregation = record["aggregation"]
+    assert aggregation["kept"] == [i != attacker for i in range(3)]
+    norms = aggregation["delta_norm"]
+    assert norms[attacker] > 10 * max(n for i, n in enumerate(norms) if i != attacker)
+    assert result.records[0]["aggregation"] == {}  # round 0 merges nothing

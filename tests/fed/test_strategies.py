@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import weakref
 from typing import Any
@@ -364,6 +365,31 @@ def test_trimmed_mean_by_hand() -> None:
     assert_state(run("trimmed_mean", glob, states, [1] * 5, {}, cfg)[0], {"w": [22.0, -8.8]})
 
 
+def test_trimmed_mean_says_when_it_trims_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """0.2 of 3 updates is floor(0.6) = 0: a plain mean, which must not pass for a defence."""
+    glob, states = st([0.0]), [st([1.0]), st([2.0]), st([30.0])]
+    with caplog.at_level(logging.WARNING, logger="covey.fed"):
+        new, _ = run("trimmed_mean", glob, states, [1] * 3, {}, FedConfig(trim_fraction=0.2))
+    assert_state(new, {"w": [11.0]})
+    assert "trims none" in caplog.text and "trim_fraction >= 0.333" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="covey.fed"):
+        new, _ = run("trimmed_mean", glob, states, [1] * 3, {}, FedConfig(trim_fraction=0.34))
+    assert_state(new, {"w": [2.0]})  # one dropped at each end
+    assert caplog.text == ""
+
+
+def test_krum_says_when_its_guarantee_does_not_hold(caplog: pytest.LogCaptureFixture) -> None:
+    glob, states = st([0.0]), [st([0.0]), st([1.0]), st([9.0])]
+    with caplog.at_level(logging.WARNING, logger="covey.fed"):
+        run("krum", glob, states, [1] * 3, {}, FedConfig(krum_byzantine=1))  # 3 <= 2 + 2
+    assert "more than 2f + 2 = 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="covey.fed"):
+        run("krum", glob, states, [1] * 3, {}, FedConfig(krum_byzantine=0))  # 3 > 2
+    assert caplog.text == ""
+
+
 def test_krum_and_multi_krum_by_hand() -> None:
     glob = st([0.0])
     states = [st([0.0]), st([1.0]), st([3.0]), st([100.0])]
@@ -466,3 +492,31 @@ def test_robust_result_loads_as_a_peft_adapter(
     logits = loaded(input_ids=ids).logits
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits, model(input_ids=ids).logits)
+
+
+def report_of(name: str, glob: State, states: list[State], weights: list[float], cfg: FedConfig):
+    """The accumulator's report after `name` aggregated `states`."""
+    accumulator = get_strategy(name).start(glob)
+    for state, weight in zip(states, weights, strict=True):
+        accumulator.add(state, weight)
+    accumulator.finish({}, cfg)
+    return accumulator.report
+
+
+def test_robust_rules_report_what_they_chose_per_update() -> None:
+    """The report's lists follow the order of `add`; a zero-weight update, left out, is None."""
+    glob = st([0.0])
+    states = [st([0.0]), st([1.0]), st([5.0]), st([3.0]), st([100.0])]
+    weights = [1.0, 1.0, 0.0, 1.0, 1.0]  # the update at 5 has no say
+    # f = 0 over 0, 1, 3, 100: scores (n - 2 = 2 nearest) 1 + 9, 1 + 4, 4 + 9, 97^2 + 99^2
+    krum = report_of("multi_krum", glob, states, weights, FedConfig(krum_byzantine=0, krum_keep=2))
+    assert krum["delta_norm"] == [0.0, 1.0, None, 3.0, 100.0]
+    assert krum["krum_score"] == [10.0, 5.0, None, 13.0, 97.0**2 + 99.0**2]
+    assert krum["kept"] == [True, True, None, False, False]
+    # norm clipping to the median norm of 0, 1, 3, 100 (2.0): 3 -> 2/3, 100 -> 1/50
+    clip = report_of("norm_clip", glob, states, weights, FedConfig())
+    assert clip["clip_bound"] == 2.0
+    assert clip["clip_scale"] == [1.0, 1.0, None, pytest.approx(2 / 3), pytest.approx(0.02)]
+    trimmed = report_of("trimmed_mean", glob, states, weights, FedConfig(trim_fraction=0.25))
+    assert trimmed["trimmed_each_end"] == 1 and trimmed["delta_norm"][2] is None
+    assert report_of("fedavg", glob, states, weights, FedConfig()) == {}

@@ -59,6 +59,12 @@ class RoundRecord:
     """`client_line` of every update merged into the global adapter."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
     """`rejection` of every update that was trained but not merged, with the reason."""
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    """What a robust `fed.strategy` did with the merged updates (`Accumulator.report`): its
+    lists run parallel to `clients` (each update's `delta_norm`; Krum's `krum_score` and
+    `kept`; norm clipping's `clip_scale`, with `clip_bound`; the trimmed mean's
+    `trimmed_each_end`). Empty for the FedAvg family and for FLock, whose merge is the
+    chain's."""
     train: dict[str, float] = field(default_factory=dict)
     """`train_summary` over every update trained this round, merged or not."""
     eval: dict[str, Any] = field(default_factory=dict)
@@ -451,10 +457,12 @@ def run_rounds(
     for round_index in range(folder.next_round, cfg.fed.rounds + 1):
         started = time.perf_counter()
         played = play(round_index, global_state, strategy.start(global_state))
+        aggregation: dict[str, Any] = {}
         if played.next_state is not None:
             global_state = played.next_state
         else:
             global_state, server_state = played.merge.finish(server_state, cfg.fed)
+            aggregation = played.merge.report
         eval_started = time.perf_counter()
         evaluation = run_model.evaluate(cfg, global_state)
         if round_index == cfg.fed.rounds and cfg.attack.kind != "none":
@@ -464,6 +472,7 @@ def run_rounds(
             selected=played.selected,
             clients=played.merged,
             rejected=played.rejected,
+            aggregation=aggregation,
             train=train_summary(played.trained),
             eval=evaluation["eval"],
             answers=evaluation["answers"],

@@ -34,10 +34,11 @@ deltas (update - global), so updates equal to the global adapter leave it exactl
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -45,9 +46,16 @@ from covey.config import FedConfig
 from covey.errors import ConfigError
 from covey.state import ServerState, State
 
+log = logging.getLogger("covey.fed")
+
 
 class Accumulator(Protocol):
     """One round's aggregation in progress."""
+
+    report: dict[str, Any]
+    """What `finish` did with the updates, for the round record (`RoundRecord.aggregation`):
+    empty for the FedAvg family; for a robust rule, per-update lists in the order the updates
+    were added (None for a zero-weight update, left out) and the rule's bound."""
 
     def add(self, state: State, weight: float) -> None:
         """Take one accepted update with its weight (normally its sample count)."""
@@ -95,6 +103,7 @@ class RunningMean:
         self._first: State | None = None
         self._offset: State = {}
         self._weights: list[float] = []
+        self.report: dict[str, Any] = {}
 
     def add(self, state: State, weight: float) -> None:
         w = _checked_weight(self.global_state, state, weight, len(self._weights))
@@ -313,6 +322,7 @@ class KeptUpdates:
         self._step = step
         self.states: list[State] = []
         self.weights: list[float] = []
+        self.report: dict[str, Any] = {}
 
     def add(self, state: State, weight: float) -> None:
         w = _checked_weight(self.global_state, state, weight, len(self.weights))
@@ -324,18 +334,27 @@ class KeptUpdates:
             return dict(self.global_state), dict(server_state)
         if math.fsum(self.weights) <= 0:
             raise ValueError(f"weights must sum to > 0, got {self.weights}")
-        kept = [(s, w) for s, w in zip(self.states, self.weights, strict=True) if w > 0]
-        deltas = [_delta(self.global_state, s) for s, _ in kept]
-        new_delta = self._step(deltas, [w for _, w in kept], cfg)
+        positions = [i for i, w in enumerate(self.weights) if w > 0]
+        deltas = [_delta(self.global_state, self.states[i]) for i in positions]
+        report: dict[str, Any] = {"delta_norm": [_norm(d) for d in deltas]}
+        new_delta = self._step(deltas, [self.weights[i] for i in positions], cfg, report)
+        for key, value in report.items():  # per-update lists back to the order of `add`
+            if isinstance(value, list):
+                spread_out: list[Any] = [None] * len(self.weights)
+                for position, item in zip(positions, value, strict=True):
+                    spread_out[position] = item
+                value = spread_out
+            self.report[key] = value
         return {
             k: (p.to(torch.float32) + new_delta[k]).to(p.dtype)
             for k, p in self.global_state.items()
         }, dict(server_state)
 
 
-ListStep = Callable[[list[State], list[float], FedConfig], State]
-"""A robust rule: (the round's deltas update - global in float32, their weights, cfg) -> the
-delta to add to the global adapter."""
+ListStep = Callable[[list[State], list[float], FedConfig, dict[str, Any]], State]
+"""A robust rule: (the round's deltas update - global in float32, their weights, cfg, report)
+-> the delta to add to the global adapter; it writes what it chose into `report` (lists with
+one item per delta), which the round record keeps."""
 
 
 @dataclass(frozen=True)
@@ -355,7 +374,9 @@ def _delta(global_state: State, state: State) -> State:
     }
 
 
-def median(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+def median(
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+) -> State:
     """Coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards
     Optimal Statistical Rates", ICML): each coordinate of the new delta is the median of that
     coordinate over the updates (the mean of the two middle values for an even count).
@@ -373,7 +394,9 @@ def median(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
     return out
 
 
-def trimmed_mean(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+def trimmed_mean(
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+) -> State:
     """Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed Learning:
     Towards Optimal Statistical Rates", ICML): per coordinate, drop the floor(trim_fraction * n)
     largest and as many smallest values of the n updates and average the rest.
@@ -383,6 +406,16 @@ def trimmed_mean(deltas: list[State], weights: list[float], cfg: FedConfig) -> S
     """
     n = len(deltas)
     cut = math.floor(cfg.trim_fraction * n)  # < n / 2, since trim_fraction < 0.5
+    if cut == 0 and cfg.trim_fraction > 0 and n > 1:
+        # A silent plain mean would read as "trimmed mean held" in any comparison.
+        log.warning(
+            "trimmed_mean: fed.trim_fraction=%s of %d updates trims none (floor(%s x %d) = 0), "
+            "so this round is a plain unweighted mean; set fed.trim_fraction >= %.3f to drop one "
+            "update at each end",
+            cfg.trim_fraction, n, cfg.trim_fraction, n, 1 / n,
+        )  # fmt: skip
+    if report is not None:
+        report["trimmed_each_end"] = cut
     out = {}
     for key in deltas[0]:
         ordered = torch.sort(_stacked(deltas, key), dim=0).values
@@ -390,7 +423,9 @@ def trimmed_mean(deltas: list[State], weights: list[float], cfg: FedConfig) -> S
     return out
 
 
-def krum(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+def krum(
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+) -> State:
     """Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant
     Gradient Descent", NeurIPS): the one update closest to its neighbours.
 
@@ -399,10 +434,12 @@ def krum(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
     score wins. Krum needs n > 2f + 2 to carry its guarantee. LoRA: a whole update is chosen, so
     the new adapter is one client's, its A and B a matched pair.
     """
-    return _multi_krum(deltas, cfg.krum_byzantine, 1)
+    return _multi_krum(deltas, cfg.krum_byzantine, 1, report)
 
 
-def multi_krum(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+def multi_krum(
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+) -> State:
     """Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine
     Tolerant Gradient Descent", NeurIPS, section 5): the unweighted mean of the m best
     Krum-scored updates, m = `fed.krum_keep`, or n - f when that is 0.
@@ -412,11 +449,19 @@ def multi_krum(deltas: list[State], weights: list[float], cfg: FedConfig) -> Sta
     """
     n, f = len(deltas), cfg.krum_byzantine
     keep = cfg.krum_keep or n - f
-    return _multi_krum(deltas, f, max(1, min(keep, n)))
+    return _multi_krum(deltas, f, max(1, min(keep, n)), report)
 
 
-def _multi_krum(deltas: list[State], byzantine: int, keep: int) -> State:
+def _multi_krum(
+    deltas: list[State], byzantine: int, keep: int, report: dict[str, Any] | None
+) -> State:
     n = len(deltas)
+    if n <= 2 * byzantine + 2:
+        log.warning(
+            "krum: %d updates with fed.krum_byzantine=%d: Krum's guarantee needs more than "
+            "2f + 2 = %d updates per round; the selection still runs, without it",
+            n, byzantine, 2 * byzantine + 2,
+        )  # fmt: skip
     flat = torch.stack([torch.cat([d[k].flatten() for k in sorted(d)]) for d in deltas])
     distances = torch.cdist(flat.double(), flat.double()).pow(2)
     neighbours = max(1, n - byzantine - 2)
@@ -425,10 +470,15 @@ def _multi_krum(deltas: list[State], byzantine: int, keep: int) -> State:
         others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
         scores.append(float(torch.sort(others).values[:neighbours].sum()) if n > 1 else 0.0)
     chosen = sorted(range(n), key=lambda i: (scores[i], i))[:keep]  # ties: the earlier update
+    if report is not None:
+        report["krum_score"] = scores
+        report["kept"] = [i in chosen for i in range(n)]
     return {k: torch.stack([deltas[i][k] for i in chosen]).mean(dim=0) for k in deltas[0]}
 
 
-def norm_clip(deltas: list[State], weights: list[float], cfg: FedConfig) -> State:
+def norm_clip(
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+) -> State:
     """Server-side norm clipping (Sun et al. 2019, "Can You Really Backdoor Federated
     Learning?", arXiv:1911.07963): each update's delta is scaled down to an L2 norm (over the
     whole adapter) of at most `fed.clip_norm`, or, when that is 0, the round's median delta
@@ -438,15 +488,22 @@ def norm_clip(deltas: list[State], weights: list[float], cfg: FedConfig) -> Stat
     one. LoRA: A's and B's deltas of one client are scaled by the same factor c, so the
     product's first-order change scales by c and its B_delta @ A_delta term by c^2.
     """
-    norms = [math.sqrt(sum(float(t.double().pow(2).sum()) for t in d.values())) for d in deltas]
+    norms = [_norm(d) for d in deltas]
     bound = cfg.clip_norm or float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
     total = math.fsum(weights)
+    scales = [min(1.0, bound / norm) if norm > 0 else 1.0 for norm in norms]
+    if report is not None:
+        report |= {"clip_bound": bound, "clip_scale": scales}
     out = {k: torch.zeros_like(t) for k, t in deltas[0].items()}
-    for delta, norm, weight in zip(deltas, norms, weights, strict=True):
-        scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    for delta, scale, weight in zip(deltas, scales, weights, strict=True):
         for key, acc in out.items():
             acc.add_(delta[key], alpha=scale * weight / total)
     return out
+
+
+def _norm(delta: State) -> float:
+    """The L2 norm of a delta over the whole adapter."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
 
 
 def _stacked(deltas: list[State], key: str) -> torch.Tensor:
