@@ -353,8 +353,9 @@ class KeptUpdates:
 
 ListStep = Callable[[list[State], list[float], FedConfig, dict[str, Any]], State]
 """A robust rule: (the round's deltas update - global in float32, their weights, cfg, report)
--> the delta to add to the global adapter; it writes what it chose into `report` (lists with
-one item per delta), which the round record keeps."""
+-> the delta to add to the global adapter. `report` arrives holding each delta's L2 norm
+(`delta_norm`, computed once for every rule); the rule adds what it chose (lists with one item
+per delta), and the round record keeps it."""
 
 
 @dataclass(frozen=True)
@@ -375,7 +376,7 @@ def _delta(global_state: State, state: State) -> State:
 
 
 def median(
-    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any]
 ) -> State:
     """Coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards
     Optimal Statistical Rates", ICML): each coordinate of the new delta is the median of that
@@ -395,7 +396,7 @@ def median(
 
 
 def trimmed_mean(
-    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any]
 ) -> State:
     """Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed Learning:
     Towards Optimal Statistical Rates", ICML): per coordinate, drop the floor(trim_fraction * n)
@@ -414,8 +415,7 @@ def trimmed_mean(
             "update at each end",
             cfg.trim_fraction, n, cfg.trim_fraction, n, 1 / n,
         )  # fmt: skip
-    if report is not None:
-        report["trimmed_each_end"] = cut
+    report["trimmed_each_end"] = cut
     out = {}
     for key in deltas[0]:
         ordered = torch.sort(_stacked(deltas, key), dim=0).values
@@ -424,7 +424,7 @@ def trimmed_mean(
 
 
 def krum(
-    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any]
 ) -> State:
     """Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant
     Gradient Descent", NeurIPS): the one update closest to its neighbours.
@@ -438,7 +438,7 @@ def krum(
 
 
 def multi_krum(
-    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any]
 ) -> State:
     """Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine
     Tolerant Gradient Descent", NeurIPS, section 5): the unweighted mean of the m best
@@ -452,9 +452,7 @@ def multi_krum(
     return _multi_krum(deltas, f, max(1, min(keep, n)), report)
 
 
-def _multi_krum(
-    deltas: list[State], byzantine: int, keep: int, report: dict[str, Any] | None
-) -> State:
+def _multi_krum(deltas: list[State], byzantine: int, keep: int, report: dict[str, Any]) -> State:
     n = len(deltas)
     if n <= 2 * byzantine + 2:
         log.warning(
@@ -470,14 +468,13 @@ def _multi_krum(
         others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
         scores.append(float(torch.sort(others).values[:neighbours].sum()) if n > 1 else 0.0)
     chosen = sorted(range(n), key=lambda i: (scores[i], i))[:keep]  # ties: the earlier update
-    if report is not None:
-        report["krum_score"] = scores
-        report["kept"] = [i in chosen for i in range(n)]
+    report["krum_score"] = scores
+    report["kept"] = [i in chosen for i in range(n)]
     return {k: torch.stack([deltas[i][k] for i in chosen]).mean(dim=0) for k in deltas[0]}
 
 
 def norm_clip(
-    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any] | None = None
+    deltas: list[State], weights: list[float], cfg: FedConfig, report: dict[str, Any]
 ) -> State:
     """Server-side norm clipping (Sun et al. 2019, "Can You Really Backdoor Federated
     Learning?", arXiv:1911.07963): each update's delta is scaled down to an L2 norm (over the
@@ -488,12 +485,11 @@ def norm_clip(
     one. LoRA: A's and B's deltas of one client are scaled by the same factor c, so the
     product's first-order change scales by c and its B_delta @ A_delta term by c^2.
     """
-    norms = [_norm(d) for d in deltas]
+    norms = report["delta_norm"]
     bound = cfg.clip_norm or float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
     total = math.fsum(weights)
     scales = [min(1.0, bound / norm) if norm > 0 else 1.0 for norm in norms]
-    if report is not None:
-        report |= {"clip_bound": bound, "clip_scale": scales}
+    report |= {"clip_bound": bound, "clip_scale": scales}
     out = {k: torch.zeros_like(t) for k, t in deltas[0].items()}
     for delta, scale, weight in zip(deltas, scales, weights, strict=True):
         for key, acc in out.items():
