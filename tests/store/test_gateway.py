@@ -14,7 +14,8 @@ import pytest
 
 from covey.errors import ConfigError, DataError
 from covey.store.cid import cid_for
-from covey.store.gateway import Gateway, check_gateway_url, fetch
+from covey.store.fetch import check_gateway_url, fetch
+from covey.store.gateway import Gateway
 from covey.store.local import LocalStore
 
 

@@ -38,7 +38,7 @@ from covey.fed.validation import validate_update
 from covey.flock.task import FlockTask, Outcome
 from covey.state import State
 from covey.store.cid import cid_from_digest
-from covey.store.gateway import DEFAULT_MAX_BYTES, fetch
+from covey.store.fetch import DEFAULT_MAX_BYTES, fetch
 from covey.store.local import LocalStore
 from covey.store.updates import deserialize_update, serialize_update, update_metadata
 

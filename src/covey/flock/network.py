@@ -61,7 +61,8 @@ from covey.flock.task import (
 from covey.model.loading import base_model_id, load_base_model
 from covey.model.lora import adapter_files, adapter_state, wrap_with_lora
 from covey.store.cid import cid_from_digest, digest_of
-from covey.store.gateway import Gateway, check_gateway_url
+from covey.store.fetch import check_gateway_url
+from covey.store.gateway import Gateway
 from covey.store.local import LocalStore
 
 log = logging.getLogger("covey.flock")
