@@ -295,9 +295,11 @@ class FlockConfig:
     voters_per_round: int = 3
     """Participants drawn each round to score the proposals on their own data and vote."""
     stake: float = 10.0
-    """Tokens each participant stakes (FLock's demo minimum: 10)."""
+    """Tokens every participant stakes, exactly (FLock's demo: 10): one member, one stake, one
+    vote, so a party's weight is the number of members it runs."""
     reward_pool: float = 1000.0
-    """Tokens paid out over the task's rounds (FLock's demo: 1000)."""
+    """Tokens paid out over the task's rounds (FLock's demo: 1000): the same budget each round;
+    what a round does not pay, and every slash, is burned (paid to nobody)."""
     slash_pct: int = 10
     """Share of stake lost by a rejected proposer; a voter loses the part of it matching the
     share of verdicts it voted against. Whether cheating pays depends on this against the
@@ -309,12 +311,15 @@ class FlockConfig:
     """A participant that misses a duty in this many rounds is evicted and its slot freed."""
     keeper_fee: float = 0.0
     """Tokens paid from the pool to whoever calls a due start, draw_roles or finalize (on a
-    real network, pay for the caller's gas; the simulation's participants call them free)."""
-    threshold_pct: int = 51
-    """A proposal is accepted when the stake accepting it reaches this share (percent) of the
-    revealed vote stake; 51 means a strict majority for equal stakes (a tie rejects)."""
+    real network, pay for the caller's gas; the simulation's participants call them free); the
+    fees of every transition together may be at most 5% of reward_pool."""
+    threshold_pct: int = 50
+    """A proposal is accepted when more than this share (percent) of the round's committed
+    ballots accept it, rejected when more than the rest reject it; 50: a strict majority
+    either way, a tie decides nothing (nobody paid or slashed for it)."""
     voter_reward_pct: int = 20
-    """Share of a round's reward paid to the voters, by stake times verdicts they got right."""
+    """Share of a round's reward for its voters: each seat earns an equal part, times the share
+    of decided verdicts it matched."""
     validation_examples: int = 16
     """Examples each participant keeps out of training to score proposals with (private)."""
     harm_z: float = 2.0
@@ -352,11 +357,12 @@ class FlockConfig:
             "round_min_cosine",
             f"must be in -1..1, got {self.round_min_cosine}",
         )
-        for name, low in (
-            ("slash_pct", 0), ("no_show_pct", 1), ("threshold_pct", 1), ("voter_reward_pct", 0)
+        for name, low, high in (
+            ("slash_pct", 0, 100), ("no_show_pct", 1, 100), ("threshold_pct", 1, 99),
+            ("voter_reward_pct", 0, 100),
         ):  # fmt: skip
             value = getattr(self, name)
-            _require(low <= value <= 100, name, f"must be in {low}..100, got {value}")
+            _require(low <= value <= high, name, f"must be in {low}..{high}, got {value}")
         _require(
             self.no_show_pct > self.slash_pct,
             "no_show_pct",

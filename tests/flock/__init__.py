@@ -26,7 +26,7 @@ SMALL = TaskParams(
     rounds=2,
     min_participants=3,
     max_participants=8,
-    min_stake=10 * TOKEN_UNIT,
+    stake=10 * TOKEN_UNIT,
     reward_pool=1000 * TOKEN_UNIT,
     proposers_per_round=1,
     voters_per_round=2,
@@ -110,9 +110,10 @@ class RoundPlan:
     skip_vote_reveal: set[str] = field(default_factory=set)
 
 
-def join_all(task: FlockTask, stakes: Mapping[str, int]) -> None:
-    for who, amount in stakes.items():
-        task.join(amount, sender=who)
+def join_all(task: FlockTask, people: Iterable[str]) -> None:
+    """Everyone joins, each staking the task's `stake` (no endpoint)."""
+    for who in people:
+        task.join(sender=who)
 
 
 def start(task: FlockTask) -> TxResult:
@@ -186,8 +187,9 @@ def play_round(task: FlockTask, members: Iterable[str], plan: RoundPlan | None =
     return propose_and_vote(task, plan)
 
 
-def last_reveal_block(task: FlockTask, round_: int) -> int:
-    """The last block of the round's SEED_REVEAL window, whose hash the draw mixes in."""
+def beacon_block(task: FlockTask, round_: int) -> int:
+    """The last block of the round's SEED_REVEAL window (it takes no reveals), whose hash the
+    draw mixes in."""
     (started,) = [e for e in task.events("RoundStarted") if e["round"] == round_]
     p = task.params
     return int(started["start_block"]) + p.seed_commit_blocks + p.seed_reveal_blocks - 1
@@ -197,11 +199,11 @@ def draw_in_python(
     task: FlockTask, round_: int, revealed: list[str]
 ) -> tuple[list[str], list[str]]:
     """The contract's documented draw, redone off chain: XOR of the seeds and the hash of the
-    reveal window's last block, then a partial Fisher-Yates shuffle of the revealers."""
+    beacon block, then a partial Fisher-Yates shuffle of the revealers."""
     xor = 0
     for who in revealed:
         xor ^= int.from_bytes(fixed_seed(round_, who), "big")
-    block_hash = bytes(task.chain.w3.eth.get_block(last_reveal_block(task, round_))["hash"])
+    block_hash = bytes(task.chain.w3.eth.get_block(beacon_block(task, round_))["hash"])
     seed = keccak(
         abi_encode(
             ["uint256", "bytes32", "uint256", "address"], [xor, block_hash, round_, task.address]
@@ -218,5 +220,6 @@ def draw_in_python(
 
 
 def contract_holdings(task: FlockTask) -> int:
-    """What the task contract's books say it holds: stakes + pool + unclaimed credits."""
-    return task.total_staked() + task.pool() + task.total_unclaimed()
+    """What the task contract's books say it holds: stakes + pool + unclaimed credits + what
+    was burned (locked in it for good)."""
+    return task.total_staked() + task.pool() + task.total_unclaimed() + task.burned()

@@ -34,6 +34,7 @@ from tests.flock import (
     SMALL,
     RoundPlan,
     World,
+    beacon_block,
     contract_holdings,
     digest_of,
     draw_in_python,
@@ -51,8 +52,6 @@ from tests.flock import (
 pytestmark = pytest.mark.chain
 
 T = TOKEN_UNIT
-# doubling stakes: any participant's stake exceeds the sum of all smaller ones
-DOUBLING = [10 * T, 20 * T, 40 * T, 80 * T, 160 * T, 320 * T, 640 * T]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,8 @@ def rewards(result: TxResult) -> dict[str, int]:
 
 def test_happy_path_full_task(w: World) -> None:
     """join -> seeds -> roles -> propose -> vote -> finalize, twice; claim, then withdraw the
-    stake with a pro-rata share of what is left of the pool (the creator gets none of it)."""
+    stake. Every round pays the same budget at fixed rates and burns what it does not pay; at
+    the end the creator takes back only the rounding dust no round could pay."""
     creator_start = w.token.balance_of(w.creator)
     task = w.task()
     assert task.phase() == Phase.REGISTRATION
@@ -95,14 +95,14 @@ def test_happy_path_full_task(w: World) -> None:
         "reward_pool": 1000 * T,
     }
     people = w.people[:4]
-    stakes = dict(zip(people, [10 * T, 20 * T, 30 * T, 40 * T], strict=True))
-    join_all(task, stakes)
+    join_all(task, people)
     assert task.participants() == people
-    assert [task.stake_of(p) for p in people] == list(stakes.values())
+    assert [task.stake_of(p) for p in people] == [10 * T] * 4
     assert start(task).named("TaskStarted") == [{"participants": 4}]
+    assert task.round_budget() == SMALL.round_budget == 1000 * T // 2
 
     earned = dict.fromkeys(people, 0)
-    pool = 1000 * T
+    burned = 0
     for r in range(2):
         assert task.current_round() == r
         assert task.phase() == Phase.SEED_COMMIT
@@ -110,31 +110,28 @@ def test_happy_path_full_task(w: World) -> None:
         (roles,) = drawn.named("RolesDrawn")
         proposers, voters = task.proposers_of(r), task.voters_of(r)
         assert (roles["proposers"], roles["voters"]) == (proposers, voters)
-        # the draw is the documented one: seeds and a block hash, then Fisher-Yates
+        # the draw is the documented one: seeds and the beacon block's hash, then Fisher-Yates
         assert draw_in_python(task, r, people) == (proposers, voters)
         assert task.role_of(r, proposers[0]) == Role.PROPOSER
         assert {task.role_of(r, v) for v in voters} == {Role.VOTER}
         assert task.phase() == Phase.PROPOSE_COMMIT
 
-        assert task.round_reward() == pool // (2 - r)
         final = propose_and_vote(task)
-        reward = pool // (2 - r)
+        reward = 1000 * T // 2
         voter_budget = reward * 20 // 100
-        weights = {v: stakes[v] for v in voters}
+        # one proposal slot, two voter seats, each matched its one decided verdict
         expected = {proposers[0]: reward - voter_budget}
-        expected |= {v: voter_budget * weights[v] // sum(weights.values()) for v in voters}
+        expected |= dict.fromkeys(voters, voter_budget // 2)
         assert rewards(final) == expected
         paid = sum(expected.values())
         assert task.result(r) == RoundResult(Outcome.ACCEPTED, reward, paid, 0, 1, 0)
-        assert (
-            task.tally(r).committed_weight == task.tally(r).revealed_weight == sum(weights.values())
-        )
+        assert task.tally(r).committed_weight == task.tally(r).revealed_weight == 2
         assert final.named("ProposalJudged") == [
             {
                 "round": r,
                 "proposer": proposers[0],
-                "accept_stake": sum(weights.values()),
-                "reject_stake": 0,
+                "accept_votes": 2,
+                "reject_votes": 0,
                 "accepted": True,
                 "rejected": False,
             }
@@ -142,16 +139,13 @@ def test_happy_path_full_task(w: World) -> None:
         assert task.proposals(r) == [(proposers[0], update_digest(r, proposers[0]))]
         for who, amount in expected.items():
             earned[who] += amount
-        pool -= sum(expected.values())
-        assert task.pool() == pool
+        burned += reward - paid
+        assert task.burned() == burned
+        assert task.pool() == 1000 * T - (r + 1) * reward
         assert contract_holdings(task) == w.token.balance_of(task.address)
 
     assert task.phase() == Phase.ENDED
     assert task.current_round() == 2
-    with pytest.raises(ContractRevert, match="reclaim_pool: only after a cancelled"):
-        task.reclaim_pool(sender=w.creator)
-    total = sum(stakes.values())
-    shares = {}
     for who in people:
         assert task.reward_of(who) == earned[who]
         if earned[who]:
@@ -159,23 +153,24 @@ def test_happy_path_full_task(w: World) -> None:
                 {"participant": who, "amount": earned[who]}
             ]
         (withdrawn,) = task.withdraw(sender=who).named("Withdrawn")
-        assert withdrawn["stake"] == stakes[who]
-        shares[who] = withdrawn["share"]
-        if who != people[-1]:
-            assert shares[who] == pool * stakes[who] // total
-        # every wei accounted for: funds back, plus rewards and a share of the leftover
-        assert w.token.balance_of(who) == FUNDS + earned[who] + shares[who]
-    assert sum(shares.values()) == pool  # the last one out took the rounding dust
-    assert task.pool() == 0 and w.token.balance_of(task.address) == 0
-    assert w.token.balance_of(w.creator) == creator_start - 1000 * T
-    with pytest.raises(ContractRevert, match="reclaim_pool: pool is empty"):
+        assert withdrawn == {"participant": who, "stake": 10 * T}
+        # every wei accounted for: the stake back, plus rewards
+        assert w.token.balance_of(who) == FUNDS + earned[who]
+    leftover = 1000 * T - 2 * (1000 * T // 2)  # rounding dust (none here)
+    assert task.pool() == leftover
+    if leftover:
         task.reclaim_pool(sender=w.creator)
+    else:
+        with pytest.raises(ContractRevert, match="reclaim_pool: pool is empty"):
+            task.reclaim_pool(sender=w.creator)
+    assert w.token.balance_of(w.creator) == creator_start - 1000 * T + leftover
+    assert w.token.balance_of(task.address) == task.burned() == burned
 
 
 def test_every_transaction_emits_an_event(w: World) -> None:
     task = w.task()
     people = w.people[:3]
-    results = [task.join(10 * T, "http://127.0.0.1:9000", sender=p) for p in people]
+    results = [task.join("http://127.0.0.1:9000", sender=p) for p in people]
     results.append(task.set_endpoint("https://peer.example/blobs", sender=people[0]))
     task.advance_to_phase(Phase.AWAIT_START)
     results.append(task.start())
@@ -212,9 +207,9 @@ def test_task_bundle_deployment_block_and_endpoints(w: World) -> None:
     again = FlockTask.attach(w.chain, task.address)
     assert again.task_bundle == BUNDLE and again.deployed_at == deployed
     a, b = w.people[:2]
-    task.join(10 * T, "http://10.0.0.1:8000/blobs", sender=a)
-    task.join(10 * T, sender=b)  # serves nothing (yet)
-    assert again.endpoint_of(a) == "http://10.0.0.1:8000/blobs"
+    task.join("http://10.0.0.1:8000", sender=a)
+    task.join(sender=b)  # serves nothing (yet)
+    assert again.endpoint_of(a) == "http://10.0.0.1:8000"
     assert again.endpoint_of(b) == ""
     assert task.set_endpoint("https://b.example", sender=b).named("EndpointSet") == [
         {"participant": b, "endpoint": "https://b.example"}
@@ -236,190 +231,134 @@ def test_task_bundle_deployment_block_and_endpoints(w: World) -> None:
 # ---------------------------------------------------------------- settlement rules
 
 
-def two_proposers_three_voters(w: World) -> tuple[FlockTask, dict[str, int], list[str], list[str]]:
-    """Five participants with doubling stakes, roles drawn for round 0: 2 proposers, 3 voters.
-    Returns the task, the stakes and the proposers and voters in draw order."""
+def two_proposers_three_voters(w: World) -> tuple[FlockTask, list[str], list[str]]:
+    """Five participants, roles drawn for round 0: 2 proposers, 3 voters (in draw order)."""
     task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
     people = w.people[:5]
-    stakes = dict(zip(people, DOUBLING, strict=False))
-    join_all(task, stakes)
+    join_all(task, people)
     start(task)
     seed_and_draw(task, people)
-    return task, stakes, task.proposers_of(0), task.voters_of(0)
+    return task, task.proposers_of(0), task.voters_of(0)
 
 
-def test_accepted_round_pays_proposers_pro_rata_and_winning_voters(w: World) -> None:
-    """2 proposers share by stake; the accept side (by stake) shares the voters' part."""
-    task, stakes, proposers, voters = two_proposers_three_voters(w)
-    by_stake = sorted(voters, key=stakes.__getitem__)
-    # the two smaller voters reject, the largest accepts: it outweighs both (doubling stakes)
-    votes = {by_stake[0]: False, by_stake[1]: False, by_stake[2]: True}
-    final = propose_and_vote(task, RoundPlan(votes=votes))
+REWARD = 1000 * T // 2  # SMALL: 1000 tokens over 2 rounds, no keeper fee
+VOTER_BUDGET = REWARD * 20 // 100
+PER_SEAT = VOTER_BUDGET // 3  # three voters
+PER_PROPOSAL = (REWARD - VOTER_BUDGET) // 2  # two proposers
 
-    reward = 1000 * T // 2
-    voter_budget = reward * 20 // 100
-    proposer_budget = reward - voter_budget
-    p_stake = sum(stakes[p] for p in proposers)
-    expected = {p: proposer_budget * stakes[p] // p_stake for p in proposers}
-    expected[by_stake[2]] = voter_budget  # the only winning voter takes the whole voters' part
+
+def test_an_accepted_round_pays_each_winner_a_fixed_rate(w: World) -> None:
+    """Two of three ballots accept both proposals: each accepted proposal earns its slot's
+    part, each voter that matched its seat's part; the outvoted voter is slashed and its part
+    burned, not shared among the winners."""
+    task, proposers, (a, b, c) = two_proposers_three_voters(w)
+    final = propose_and_vote(task, RoundPlan(votes={a: True, b: True, c: False}))
+    expected = dict.fromkeys(proposers, PER_PROPOSAL) | {a: PER_SEAT, b: PER_SEAT}
     assert rewards(final) == expected
-    assert expected[proposers[0]] != expected[proposers[1]]  # pro rata, not equal
-    assert slashes(final) == {
-        by_stake[0]: (stakes[by_stake[0]] // 10, SlashReason.LOSING_VOTE),
-        by_stake[1]: (stakes[by_stake[1]] // 10, SlashReason.LOSING_VOTE),
-    }
+    assert slashes(final) == {c: (T, SlashReason.LOSING_VOTE)}
     result = task.result(0)
-    assert result.outcome == Outcome.ACCEPTED
-    assert result.slashed == (stakes[by_stake[0]] + stakes[by_stake[1]]) // 10
-    paid = sum(expected.values())
-    assert task.pool() == 1000 * T - paid + result.slashed
-    for who in by_stake[:2]:
-        assert task.stake_of(who) == stakes[who] - stakes[who] // 10
-    assert (result.accepted, result.rejected) == (0b11, 0)  # both proposals
+    assert (result.outcome, result.accepted, result.rejected) == (Outcome.ACCEPTED, 0b11, 0)
+    assert (result.paid, result.slashed) == (sum(expected.values()), T)
+    assert task.burned() == REWARD - result.paid + T
+    assert task.pool() == 1000 * T - REWARD
     assert task.tally(0).revealed_count == 3
-    assert len(final.named("ProposalJudged")) == 2
     for judged in final.named("ProposalJudged"):
-        assert judged["accept_stake"] == stakes[by_stake[2]]
-        assert judged["reject_stake"] == stakes[by_stake[0]] + stakes[by_stake[1]]
+        assert (judged["accept_votes"], judged["reject_votes"]) == (2, 1)
+    assert contract_holdings(task) == w.token.balance_of(task.address)
 
 
-def test_rejected_round_slashes_proposers_and_pays_reject_voters(w: World) -> None:
-    """Stake decides, not heads: one big reject outweighs two accepts."""
-    task, stakes, proposers, voters = two_proposers_three_voters(w)
-    by_stake = sorted(voters, key=stakes.__getitem__)
-    votes = {by_stake[0]: True, by_stake[1]: True, by_stake[2]: False}
-    final = propose_and_vote(task, RoundPlan(votes=votes))
-
-    reward = 1000 * T // 2
-    voter_budget = reward * 20 // 100
+def test_a_rejected_round_slashes_proposers_and_burns_their_part(w: World) -> None:
+    """Two of three reject: both proposals rejected and slashed; the two right voters earn
+    their seats' part, the proposers' part is burned (no later round gets it)."""
+    task, proposers, (a, b, c) = two_proposers_three_voters(w)
+    final = propose_and_vote(task, RoundPlan(votes={a: False, b: False, c: True}))
     result = task.result(0)
     assert result.outcome == Outcome.REJECTED and result.rejected == 0b11
-    assert rewards(final) == {by_stake[2]: voter_budget}
-    expected_slashes = {p: (stakes[p] // 10, SlashReason.PROPOSAL_REJECTED) for p in proposers}
-    expected_slashes |= {v: (stakes[v] // 10, SlashReason.LOSING_VOTE) for v in by_stake[:2]}
-    assert slashes(final) == expected_slashes
-    slashed = sum(a for a, _ in expected_slashes.values())
-    # the proposers' part stays in the pool; slashes come back to it
-    assert task.pool() == 1000 * T - voter_budget + slashed
-    assert task.total_staked() == sum(stakes.values()) - slashed
+    assert rewards(final) == {a: PER_SEAT, b: PER_SEAT}
+    expected_slashes = dict.fromkeys(proposers, (T, SlashReason.PROPOSAL_REJECTED))
+    assert slashes(final) == expected_slashes | {c: (T, SlashReason.LOSING_VOTE)}
+    assert task.burned() == REWARD - 2 * PER_SEAT + 3 * T
+    assert task.pool() == 1000 * T - REWARD
+    assert task.total_staked() == 50 * T - 3 * T
     assert contract_holdings(task) == w.token.balance_of(task.address)
 
 
 def test_each_proposal_is_judged_on_its_own(w: World) -> None:
-    """A mixed round: the good proposal is paid, the bad one slashed; each voter is paid by
-    weight x verdicts it got right and slashed for the share it got wrong."""
-    task, stakes, proposers, voters = two_proposers_three_voters(w)
-    small, middle, big = sorted(voters, key=stakes.__getitem__)
-    # big (outweighing both others) accepts proposal 0 and rejects 1: that is the verdict.
-    # middle accepts both (right on 0, wrong on 1); small accepts only 1 (wrong on both).
-    votes = {big: 0b01, middle: 0b11, small: 0b10}
+    """A mixed round: the good proposal is paid, the bad one slashed; each voter is paid its
+    seat's part times the share of verdicts it got right and slashed for the share it got
+    wrong."""
+    task, proposers, (a, b, c) = two_proposers_three_voters(w)
+    # a accepts proposal 0 and rejects 1: that is the verdict; b accepts both, c neither
+    votes = {a: 0b01, b: 0b11, c: 0b00}
     final = propose_and_vote(task, RoundPlan(votes=votes))
-
     result = task.result(0)
     assert result.outcome == Outcome.ACCEPTED
     assert (result.accepted, result.rejected) == (0b01, 0b10)
     assert result.accepted_proposers(proposers) == [proposers[0]]
-    reward = 1000 * T // 2
-    voter_budget = reward * 20 // 100
-    agreement = stakes[big] * 2 + stakes[middle] * 1  # small got none right
     assert rewards(final) == {
-        proposers[0]: reward - voter_budget,  # the only accepted proposal takes the whole part
-        big: voter_budget * stakes[big] * 2 // agreement,
-        middle: voter_budget * stakes[middle] * 1 // agreement,
+        proposers[0]: PER_PROPOSAL,  # its slot's part, not the whole proposers' part
+        a: PER_SEAT,
+        b: PER_SEAT // 2,  # right on one of two
+        c: PER_SEAT // 2,
     }
     assert slashes(final) == {
-        proposers[1]: (stakes[proposers[1]] // 10, SlashReason.PROPOSAL_REJECTED),
-        middle: (stakes[middle] * 10 * 1 // (100 * 2), SlashReason.LOSING_VOTE),  # half a slash
-        small: (stakes[small] // 10, SlashReason.LOSING_VOTE),  # wrong on both: a full slash
+        proposers[1]: (T, SlashReason.PROPOSAL_REJECTED),
+        b: (10 * T * 10 // 200, SlashReason.LOSING_VOTE),  # half a slash
+        c: (10 * T * 10 // 200, SlashReason.LOSING_VOTE),
     }
     judged = {e["proposer"]: e for e in final.named("ProposalJudged")}
-    assert judged[proposers[0]]["accept_stake"] == stakes[big] + stakes[middle]
-    assert judged[proposers[1]]["accept_stake"] == stakes[middle] + stakes[small]
+    assert [judged[p]["accept_votes"] for p in proposers] == [2, 1]
     assert [judged[p]["accepted"] for p in proposers] == [True, False]
-    assert task.vote_of(0, middle).accepts == 0b11
+    assert task.vote_of(0, b).accepts == 0b11
     assert contract_holdings(task) == w.token.balance_of(task.address)
 
 
-@pytest.mark.parametrize("threshold", [50, 51])
-def test_threshold_per_proposal_and_a_rejected_round_with_split_ballots(
-    w: World, threshold: int
-) -> None:
-    """Two voters of equal stake: one accepts both proposals, the other only the first. The
-    second proposal has exactly half the weight: accepted at threshold 50, rejected at 51."""
+@pytest.mark.parametrize("threshold", [40, 50, 60])
+def test_a_tie_decides_nothing_at_threshold_50(w: World, threshold: int) -> None:
+    """Two voters: one accepts both proposals, the other only the first. The second has one
+    ballot each way: at threshold 50 (more than half to accept, more than half to reject)
+    nobody is paid or slashed for it; at 40 one ballot accepts it, at 60 one rejects it."""
     task = w.task(
         proposers_per_round=2, voters_per_round=2, min_participants=4, threshold_pct=threshold
     )
     people = w.people[:4]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     start(task)
     seed_and_draw(task, people)
     proposers, (both, first_only) = task.proposers_of(0), task.voters_of(0)
     final = propose_and_vote(task, RoundPlan(votes={both: 0b11, first_only: 0b01}))
     result = task.result(0)
-    reward = 1000 * T // 2
-    voter_budget = reward * 20 // 100
-    if threshold == 50:  # equality accepts: both accepted, first_only wrong on one of two
-        assert result.accepted == 0b11
-        assert result.accepted_proposers(proposers) == proposers
-        agreement = 10 * T * 2 + 10 * T * 1
+    per_proposal, per_seat = (REWARD - VOTER_BUDGET) // 2, VOTER_BUDGET // 2
+    if threshold == 50:
+        assert (result.accepted, result.rejected) == (0b01, 0)
+        # one decided verdict, both voters matched it; the undecided proposer is untouched
+        assert rewards(final) == {proposers[0]: per_proposal, both: per_seat, first_only: per_seat}
+        assert slashes(final) == {}
+    elif threshold == 40:
+        assert (result.accepted, result.rejected) == (0b11, 0)
         assert rewards(final) == {
-            proposers[0]: (reward - voter_budget) // 2,
-            proposers[1]: (reward - voter_budget) // 2,
-            both: voter_budget * 10 * T * 2 // agreement,
-            first_only: voter_budget * 10 * T * 1 // agreement,
+            proposers[0]: per_proposal,
+            proposers[1]: per_proposal,
+            both: per_seat,
+            first_only: per_seat // 2,
         }
-        assert slashes(final) == {first_only: (10 * T * 10 // 200, SlashReason.LOSING_VOTE)}
-    else:  # 5 < 51% of 10: the second is rejected; now `both` is wrong on one of two
+        assert slashes(final) == {first_only: (T // 2, SlashReason.LOSING_VOTE)}
+    else:
         assert (result.accepted, result.rejected) == (0b01, 0b10)
-        assert result.accepted_proposers(proposers) == [proposers[0]]
-        agreement = 10 * T * 1 + 10 * T * 2
         assert rewards(final) == {
-            proposers[0]: reward - voter_budget,
-            both: voter_budget * 10 * T * 1 // agreement,
-            first_only: voter_budget * 10 * T * 2 // agreement,
+            proposers[0]: per_proposal,
+            both: per_seat // 2,
+            first_only: per_seat,
         }
         assert slashes(final) == {
             proposers[1]: (T, SlashReason.PROPOSAL_REJECTED),
-            both: (10 * T * 10 // 200, SlashReason.LOSING_VOTE),
+            both: (T // 2, SlashReason.LOSING_VOTE),
         }
     assert contract_holdings(task) == w.token.balance_of(task.address)
 
 
-def test_a_rejected_round_pays_only_voters_by_their_right_verdicts(w: World) -> None:
-    """Everything rejected: proposers slashed; voters paid by right verdicts (2 + 2 + 1 parts,
-    equal weights), and the one right on one of two loses half a slash."""
-    task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
-    people = w.people[:5]
-    join_all(task, dict.fromkeys(people, 10 * T))
-    start(task)
-    seed_and_draw(task, people)
-    proposers, (a, b, c) = task.proposers_of(0), task.voters_of(0)
-    final = propose_and_vote(task, RoundPlan(votes={a: 0, b: 0, c: 0b10}))
-    result = task.result(0)
-    assert result.outcome == Outcome.REJECTED and result.accepted == 0
-    voter_budget = (1000 * T // 2) * 20 // 100
-    agreement = 10 * T * (2 + 2 + 1)
-    assert rewards(final) == {
-        a: voter_budget * 10 * T * 2 // agreement,
-        b: voter_budget * 10 * T * 2 // agreement,
-        c: voter_budget * 10 * T * 1 // agreement,
-    }
-    assert slashes(final) == {
-        proposers[0]: (T, SlashReason.PROPOSAL_REJECTED),
-        proposers[1]: (T, SlashReason.PROPOSAL_REJECTED),
-        c: (T // 2, SlashReason.LOSING_VOTE),
-    }
-    # the proposers' part of the reward stays in the pool
-    assert task.pool() == 1000 * T - result.paid + result.slashed
-
-
 def test_verdicts_on_silent_proposers_are_ignored_and_extra_bits_refused(w: World) -> None:
-    task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
-    people = w.people[:5]
-    join_all(task, dict.fromkeys(people, 10 * T))
-    start(task)
-    seed_and_draw(task, people)
-    proposers, voters = task.proposers_of(0), task.voters_of(0)
+    task, proposers, voters = two_proposers_three_voters(w)
     propose(task, RoundPlan(skip_propose={proposers[1]}))
     task.advance_to_phase(Phase.VOTE_COMMIT)
     too_wide = voters[0]
@@ -433,15 +372,13 @@ def test_verdicts_on_silent_proposers_are_ignored_and_extra_bits_refused(w: Worl
         task.reveal_vote(masks[v], fixed_salt(0, v), sender=v)
     task.advance_to_phase(Phase.AWAIT_FINALIZE)
     final = task.finalize()
-    # judged against all three committed ballots: 20 of 30 accept, 50% needed
+    # judged against all three committed ballots: 2 of 3 accept, more than half
     assert task.result(0).accepted == 0b01
     # both revealed voters were right on the one valid proposal: paid alike, not slashed
-    reward = 1000 * T // 2
-    voter_budget = reward * 20 // 100
     assert rewards(final) == {
-        proposers[0]: reward - voter_budget,
-        voters[1]: voter_budget // 2,
-        voters[2]: voter_budget // 2,
+        proposers[0]: PER_PROPOSAL,
+        voters[1]: PER_SEAT,
+        voters[2]: PER_SEAT,
     }
     # missing a duty costs no_show_pct (20%), more than being wrong (slash_pct, 10%)
     assert slashes(final) == {
@@ -455,15 +392,14 @@ def test_no_shows_pay_more_than_losers_and_count_missed_rounds(w: World) -> None
     revealed, vote never committed: each loses no_show_pct and counts a missed round."""
     task = w.task(proposers_per_round=2, voters_per_round=3, min_participants=5)
     people = w.people[:7]
-    stakes = dict(zip(people, DOUBLING, strict=False))
-    join_all(task, stakes)
+    join_all(task, people)
     start(task)
     withholder, sitter = people[5], people[6]
     drawn = seed_and_draw(task, people, RoundPlan(withhold_seed={withholder}, skip_seed={sitter}))
     # both sit the round out and lose 20% at the draw
     assert slashes(drawn) == {
-        withholder: (stakes[withholder] // 5, SlashReason.SEED_NOT_REVEALED),
-        sitter: (stakes[sitter] // 5, SlashReason.SEED_NOT_COMMITTED),
+        withholder: (2 * T, SlashReason.SEED_NOT_REVEALED),
+        sitter: (2 * T, SlashReason.SEED_NOT_COMMITTED),
     }
     assert task.role_of(0, withholder) == Role.NONE
     assert task.role_of(0, sitter) == Role.NONE
@@ -471,8 +407,7 @@ def test_no_shows_pay_more_than_losers_and_count_missed_rounds(w: World) -> None
     assert draw_in_python(task, 0, people[:5]) == (proposers, voters)
 
     silent_proposer = proposers[1]
-    # the honest voter outweighs the other two: its accept decides the proposal either way
-    no_reveal, no_commit, honest = sorted(voters, key=stakes.__getitem__)
+    no_reveal, no_commit, _accepts = voters
     plan = RoundPlan(
         withhold_proposal={silent_proposer},
         skip_vote_commit={no_commit},
@@ -480,19 +415,18 @@ def test_no_shows_pay_more_than_losers_and_count_missed_rounds(w: World) -> None
     )
     final = propose_and_vote(task, plan)
     assert slashes(final) == {
-        silent_proposer: (stakes[silent_proposer] // 5, SlashReason.NO_PROPOSAL),
-        no_reveal: (stakes[no_reveal] // 5, SlashReason.VOTE_NOT_REVEALED),
-        no_commit: (stakes[no_commit] // 5, SlashReason.VOTE_NOT_REVEALED),
+        silent_proposer: (2 * T, SlashReason.NO_PROPOSAL),
+        no_reveal: (2 * T, SlashReason.VOTE_NOT_REVEALED),
+        no_commit: (2 * T, SlashReason.VOTE_NOT_REVEALED),
     }
-    # the proposer who did reveal takes the whole proposers' part; the honest voter the rest
-    reward = (1000 * T + (stakes[withholder] + stakes[sitter]) // 5) // 2
-    voter_budget = reward * 20 // 100
-    assert rewards(final) == {proposers[0]: reward - voter_budget, honest: voter_budget}
+    # one of two committed ballots accepts: not more than half, the withheld one was pivotal
+    assert rewards(final) == {}
     result = task.result(0)
-    assert result.outcome == Outcome.ACCEPTED
+    assert result.outcome == Outcome.NO_QUORUM
     # the round's slashes include the seed no-shows', taken at the draw
     everyone = [withholder, sitter, silent_proposer, no_reveal, no_commit]
-    assert result.slashed == sum(stakes[p] // 5 for p in everyone)
+    assert result.slashed == 2 * T * len(everyone)
+    assert task.burned() == REWARD + result.slashed
     assert {p: task.missed_rounds(p) for p in people if task.missed_rounds(p)} == dict.fromkeys(
         everyone, 1
     )
@@ -501,7 +435,7 @@ def test_no_shows_pay_more_than_losers_and_count_missed_rounds(w: World) -> None
 def test_no_proposals_closes_voting_and_slashes_only_proposers(w: World) -> None:
     task = w.task()
     people = w.people[:3]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     start(task)
     seed_and_draw(task, people)
     (proposer,) = task.proposers_of(0)
@@ -514,12 +448,13 @@ def test_no_proposals_closes_voting_and_slashes_only_proposers(w: World) -> None
     assert task.result(0).outcome == Outcome.NO_PROPOSALS
     assert slashes(final) == {proposer: (2 * T, SlashReason.NO_PROPOSAL)}
     assert rewards(final) == {}
+    assert task.burned() == REWARD + 2 * T
 
 
 def test_no_quorum_pays_nobody_and_slashes_silent_voters(w: World) -> None:
     task = w.task()
     people = w.people[:3]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     start(task)
     seed_and_draw(task, people)
     voters = task.voters_of(0)
@@ -530,53 +465,58 @@ def test_no_quorum_pays_nobody_and_slashes_silent_voters(w: World) -> None:
     assert rewards(final) == {}
 
 
-def test_reward_per_round_is_remaining_pool_over_remaining_rounds(w: World) -> None:
-    """Rejected round (pool keeps the proposers' part + slashes), void round, accepted round."""
+def test_every_round_has_the_same_budget_and_burns_what_it_does_not_pay(w: World) -> None:
+    """Rejected round, void round, accepted round: each has the budget fixed at creation;
+    neither the rejected proposer's part nor the void round's budget nor any slash reaches a
+    later round (that would pay whoever lies now in the rounds to come)."""
     task = w.task(rounds=3)
     people = w.people[:4]
-    stakes = dict(zip(people, DOUBLING, strict=False))
-    join_all(task, stakes)
+    join_all(task, people)
     start(task)
+    budget = 1000 * T // 3
+    assert task.round_budget() == budget
 
     # round 0: everyone rejects
     seed_and_draw(task, people)
     propose_and_vote(task, RoundPlan(votes=dict.fromkeys(task.voters_of(0), False)))
     r0 = task.result(0)
-    assert r0.outcome == Outcome.REJECTED
-    assert r0.reward == 1000 * T // 3
-    pool1 = 1000 * T - r0.paid + r0.slashed
-    assert task.pool() == pool1
+    assert (r0.outcome, r0.reward) == (Outcome.REJECTED, budget)
+    assert task.pool() == 1000 * T - budget
+    assert task.burned() == budget - r0.paid + r0.slashed
 
-    # round 1: only two reveal a seed, fewer than 1 proposer + 2 voters: void, nothing paid;
-    # the two that did not commit are slashed, into the pool
+    # round 1: only two reveal a seed, fewer than 1 proposer + 2 voters: void, nothing paid,
+    # its budget burned; the two that did not commit are slashed
     void = seed_and_draw(task, people, RoundPlan(skip_seed=set(people[2:])))
     (finalized,) = void.named("RoundFinalized")
-    assert finalized["outcome"] == Outcome.VOID
+    assert (finalized["outcome"], finalized["reward"], finalized["paid"]) == (
+        Outcome.VOID,
+        budget,
+        0,
+    )
     assert task.result(1).outcome == Outcome.VOID
-    pool2 = pool1 + finalized["slashed"]
     assert finalized["slashed"] == sum(task.stake_of(p) for p in people[2:]) // 4  # 20% of 80%
-    assert task.pool() == pool2
+    assert task.pool() == 1000 * T - 2 * budget
     assert task.current_round() == 2
 
-    # round 2, the last: its reward is the whole pool
-    assert task.round_reward() == pool2
+    # round 2, the last: the same budget, not the whole pool
     play_round(task, people)
     r2 = task.result(2)
-    assert r2.outcome == Outcome.ACCEPTED
-    assert r2.reward == pool2
-    assert pool2 - r2.paid < 3  # only rounding dust is left
+    assert (r2.outcome, r2.reward) == (Outcome.ACCEPTED, budget)
     assert task.phase() == Phase.ENDED
+    assert task.pool() == 1000 * T - 3 * budget  # rounding dust, the creator's to reclaim
+    assert task.burned() == 3 * budget - r0.paid - r2.paid + r0.slashed + finalized["slashed"]
+    assert contract_holdings(task) == w.token.balance_of(task.address)
 
 
 # ---------------------------------------------------------------- keepers, timeouts, evictions
 
 
 def test_keeper_fee_pays_whoever_moves_the_phases(w: World) -> None:
-    """start, draw_roles and finalize pay keeper_fee from the pool to their caller, anyone;
-    the round's reward is what is left over the rounds left."""
+    """start, draw_roles and finalize pay keeper_fee from the set-aside fees to their caller,
+    anyone; the round budget is what is left after setting every fee aside."""
     task = w.task(keeper_fee=2 * T)
     people, keeper = w.people[:3], w.people[5]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     task.advance_to_phase(Phase.AWAIT_START)
     assert task.start(sender=keeper).named("KeeperPaid") == [
         {"round": 0, "keeper": keeper, "amount": 2 * T}
@@ -586,22 +526,27 @@ def test_keeper_fee_pays_whoever_moves_the_phases(w: World) -> None:
     assert task.pool() == 1000 * T - 4 * T
     propose(task)
     task.advance_to_phase(Phase.AWAIT_FINALIZE)
-    assert task.round_reward() == (1000 * T - 6 * T) // 2
+    budget = (1000 * T - 2 * T * (1 + 2 * 2)) // 2
+    assert task.round_budget() == budget
     final = task.finalize(sender=keeper)
     assert final.named("KeeperPaid") == [{"round": 0, "keeper": keeper, "amount": 2 * T}]
-    assert task.result(0).reward == (1000 * T - 6 * T) // 2
+    assert task.result(0).reward == budget
     assert task.claim(sender=keeper).named("Claimed")[0]["amount"] == 4 * T
     assert w.token.balance_of(keeper) == FUNDS + 4 * T
-    with pytest.raises(ConfigError, match="keeper_fee"):
-        TaskParams(reward_pool=10 * T, rounds=3, keeper_fee=2 * T).validate()
+    # every transition's fee together at most 5% of the pool: 7 x 7 = 49 of 1000 passes
+    TaskParams(reward_pool=1000 * T, rounds=3, keeper_fee=7 * T).validate()
+    with pytest.raises(ConfigError, match="keeper_fee at most 7142857142857142857 wei"):
+        TaskParams(reward_pool=1000 * T, rounds=3, keeper_fee=8 * T).validate()
 
 
 def test_a_stalled_task_lets_everyone_out(w: World) -> None:
-    """Nobody finalizes for timeout_blocks: the task is STALLED, transitions are refused and
-    each participant withdraws its stake with its share of the pool."""
+    """Nobody finalizes for timeout_blocks: the task is STALLED, transitions are refused, each
+    participant withdraws its stake and the creator takes back the budgets of the rounds that
+    were not played (the stalled one included: nobody was paid for it)."""
+    creator_start = w.token.balance_of(w.creator)
     task = w.task()
     people = w.people[:3]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     start(task)
     seed_and_draw(task, people)
     propose(task)
@@ -611,12 +556,12 @@ def test_a_stalled_task_lets_everyone_out(w: World) -> None:
     assert task.phase() == Phase.STALLED and task.phase_end() == 0
     with pytest.raises(ContractRevert, match="finalize: only in AWAIT_FINALIZE"):
         task.finalize()
-    with pytest.raises(ContractRevert, match="reclaim_pool: only after a cancelled"):
-        task.reclaim_pool(sender=w.creator)
-    pool = task.pool()
+    with pytest.raises(ContractRevert, match="reclaim_pool: only the creator"):
+        task.reclaim_pool(sender=people[0])
     got = [task.withdraw(sender=p).named("Withdrawn")[0] for p in people]
     assert [g["stake"] for g in got] == [10 * T] * 3
-    assert [g["share"] for g in got] == [pool // 3, pool // 3, pool - 2 * (pool // 3)]
+    assert task.reclaim_pool(sender=w.creator).named("PoolReclaimed")[0]["amount"] == 1000 * T
+    assert w.token.balance_of(w.creator) == creator_start
     assert w.token.balance_of(task.address) == 0
 
 
@@ -624,14 +569,10 @@ def test_a_task_never_started_returns_the_pool_to_its_creator(w: World) -> None:
     creator_start = w.token.balance_of(w.creator)
     task = w.task()
     people = w.people[:3]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     task.advance_to_phase(Phase.STALLED)  # nobody called start
     for p in people:
-        assert task.withdraw(sender=p).named("Withdrawn")[0] == {
-            "participant": p,
-            "stake": 10 * T,
-            "share": 0,
-        }
+        assert task.withdraw(sender=p).named("Withdrawn")[0] == {"participant": p, "stake": 10 * T}
     task.reclaim_pool(sender=w.creator)
     assert w.token.balance_of(w.creator) == creator_start
     assert w.token.balance_of(task.address) == 0
@@ -641,10 +582,10 @@ def test_missed_rounds_evict_and_free_the_slot_for_a_latecomer(w: World) -> None
     task = w.task(max_participants=3, max_missed_rounds=2, rounds=3)
     people = w.people[:3]
     absent, latecomer = people[2], w.people[3]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     start(task)
     with pytest.raises(ContractRevert, match="join: task is full"):
-        task.join(10 * T, sender=latecomer)
+        task.join(sender=latecomer)
     seed_and_draw(task, people, RoundPlan(skip_seed={absent}))  # void: 2 < 3 revealers
     assert task.missed_rounds(absent) == 1 and absent in task.participants()
     drawn = seed_and_draw(task, people, RoundPlan(skip_seed={absent}))
@@ -653,10 +594,10 @@ def test_missed_rounds_evict_and_free_the_slot_for_a_latecomer(w: World) -> None
     assert absent not in task.participants() and task.stake_of(absent) == 0
     assert task.reward_of(absent) == evicted["refund"]  # its stake, less two no-show slashes
     # round 2: the freed slot takes a latecomer during SEED_COMMIT, who plays at once
-    task.join(10 * T, sender=latecomer)
+    task.join(sender=latecomer)
     assert latecomer in task.participants()
     with pytest.raises(ContractRevert, match="join: already joined"):
-        task.join(10 * T, sender=absent)
+        task.join(sender=absent)
     play_round(task, [p for p in people if p != absent] + [latecomer])
     assert task.result(2).outcome == Outcome.ACCEPTED
     task.claim(sender=absent)
@@ -679,7 +620,8 @@ def test_windows_are_sized_from_block_time_and_training() -> None:
     with pytest.raises(ConfigError, match="propose_commit_blocks = 10 < 54"):
         TaskParams(max_participants=64).check_windows(mainnet)
     # the embedded chain: a block per transaction, no time passes while training
-    assert phase_windows(EMBEDDED_TIMING, participants=5)["seed_reveal_blocks"] == 11
+    # (+ the beacon block at the end of the reveal window)
+    assert phase_windows(EMBEDDED_TIMING, participants=5)["seed_reveal_blocks"] == 12
     assert phase_windows(EMBEDDED_TIMING, participants=5)["registration_blocks"] == 21
 
 
@@ -692,9 +634,9 @@ def test_phase_at_predicts_the_block_a_transaction_lands_in(w: World) -> None:
     for who in w.people[:2]:
         w.token.approve(task.address, 10 * T, sender=who)
     w.chain.advance_to(end - 1)  # the next transaction lands in the last registration block
-    task.join(10 * T, sender=w.people[0], approve=False)
+    task.join(sender=w.people[0], approve=False)
     with pytest.raises(ContractRevert, match="join: only in REGISTRATION or SEED_COMMIT"):
-        task.join(10 * T, sender=w.people[1], approve=False)
+        task.join(sender=w.people[1], approve=False)
 
 
 # ---------------------------------------------------------------- commit-reveal integrity
@@ -703,7 +645,7 @@ def test_phase_at_predicts_the_block_a_transaction_lands_in(w: World) -> None:
 def test_reveal_with_wrong_salt_or_from_another_address_fails(w: World) -> None:
     task = w.task()
     people = w.people[:4]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     start(task)
     r = 0
     for p in people:
@@ -748,16 +690,70 @@ def test_reveal_with_wrong_salt_or_from_another_address_fails(w: World) -> None:
         task.reveal_vote(1, fixed_salt(r, v1), sender=outsider)
     assert task.tally(r).revealed_count == 0
     task.reveal_vote(1, fixed_salt(r, v1), sender=v1)
-    assert task.vote_of(r, v1).revealed and task.vote_of(r, v1).weight == 10 * T
+    assert task.vote_of(r, v1).revealed and task.vote_of(r, v1).weight == 1
+
+
+def test_the_beacon_block_takes_no_reveals(w: World) -> None:
+    """The reveal window's last block is the beacon: a reveal cannot land in the block whose
+    hash the draw mixes in, so no revealer's transaction can shape it."""
+    task = w.task()
+    people = w.people[:3]
+    join_all(task, people)
+    start(task)
+    for p in people:
+        task.commit_seed(seed_commitment(fixed_seed(0, p), p), sender=p)
+    task.advance_to_phase(Phase.SEED_REVEAL)
+    beacon = task.beacon_block()
+    assert beacon == beacon_block(task, 0) == task.phase_end() - 1
+    for p in people[:2]:
+        task.reveal_seed(fixed_seed(0, p), sender=p)
+    w.chain.advance_to(beacon)  # the next transaction lands in the beacon block
+    assert task.phase() == Phase.SEED_REVEAL
+    with pytest.raises(ContractRevert, match="reveal_seed: the reveal window's last block"):
+        task.reveal_seed(fixed_seed(0, people[2]), sender=people[2])
+    task.advance_to_phase(Phase.AWAIT_DRAW)
+    drawn = task.draw_roles()
+    assert slashes(drawn) == {people[2]: (2 * T, SlashReason.SEED_NOT_REVEALED)}
+
+
+def test_a_digest_counts_once_in_the_whole_task(w: World) -> None:
+    """A digest revealed in an earlier round is a duplicate in a later one (a missed duty),
+    whoever reveals it: the author again, or a copier after a round that accepted nothing."""
+    task = w.task(rounds=3, max_missed_rounds=5)
+    people = w.people[:3]
+    join_all(task, people)
+    start(task)
+    seed_and_draw(task, people)
+    (author,) = task.proposers_of(0)
+    # round 0: nothing is accepted (every voter withholds), so the global adapter is unchanged
+    propose_and_vote(task, RoundPlan(skip_vote_commit=set(task.voters_of(0))))
+    assert task.result(0).outcome == Outcome.NO_QUORUM
+    old = update_digest(0, author)
+    for r in (1, 2):
+        seed_and_draw(task, people)
+        (proposer,) = task.proposers_of(r)
+        salt = fixed_salt(r, proposer)
+        task.commit_proposal(proposal_commitment(old, salt, proposer), sender=proposer)
+        task.advance_to_phase(Phase.PROPOSE_REVEAL)
+        revealed = task.reveal_proposal(old, salt, sender=proposer)
+        assert revealed.named("DuplicateProposal") == [
+            {"round": r, "proposer": proposer, "original": author}
+        ]
+        assert task.proposal_count(r) == 0 and not task.proposal_of(r, proposer).valid
+        task.advance_to_phase(Phase.AWAIT_FINALIZE)
+        final = task.finalize()
+        assert slashes(final)[proposer][1] == SlashReason.DUPLICATE_PROPOSAL
+        assert rewards(final) == {}
+    assert task.proposals(0) == [(author, old)]  # still the author's, in its own round
 
 
 def test_double_actions_fail(w: World) -> None:
     """No second join, seed commit or reveal, proposal commit or reveal, vote commit or reveal."""
     task = w.task()
     people = w.people[:3]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     with pytest.raises(ContractRevert, match="join: already joined"):
-        task.join(10 * T, sender=people[0])
+        task.join(sender=people[0])
     start(task)
     p = people[0]
     task.commit_seed(seed_commitment(fixed_seed(0, p), p), sender=p)
@@ -797,7 +793,7 @@ def test_double_actions_fail(w: World) -> None:
 
 
 CALLS = {
-    "join": (10 * T, ""),
+    "join": ("",),
     "start": (),
     "commit_seed": (b"\x01" * 32,),
     "reveal_seed": (b"\x02" * 32,),
@@ -854,7 +850,7 @@ def test_calls_outside_their_phase_fail(w: World) -> None:
                 assert "only in" not in error, (phase, name, error)
 
     check(people[0])
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     task.advance_to_phase(Phase.AWAIT_START)
     check(people[0])
     task.start()
@@ -892,7 +888,7 @@ def test_calls_outside_their_phase_fail(w: World) -> None:
 def test_roles_gate_propose_and_vote(w: World) -> None:
     task = w.task()
     people = w.people[:3]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     start(task)
     seed_and_draw(task, people)
     (proposer,) = task.proposers_of(0)
@@ -914,18 +910,24 @@ def test_roles_gate_propose_and_vote(w: World) -> None:
         task.commit_seed(b"\x01" * 32, sender=voter)
 
 
-def test_participant_cap_and_stake_bounds(w: World) -> None:
+def test_participant_cap_and_one_fixed_stake(w: World) -> None:
+    """Every member stakes exactly `stake`: no stake buys more draws or more votes."""
     task = w.task(max_participants=3)
     a, b, c, d = w.people[:4]
-    with pytest.raises(ContractRevert, match="join: stake below min_stake"):
-        task.join(10 * T - 1, sender=a)
-    with pytest.raises(ContractRevert, match="join: stake above MAX_STAKE"):
-        task.join(MAX_STAKE + 1, sender=a, approve=False)
-    join_all(task, {a: 10 * T, b: 10 * T, c: 11 * T})
+    w.token.approve(task.address, 100 * T, sender=a)  # approving more does not stake more
+    task.join(sender=a, approve=False)
+    assert task.stake_of(a) == 10 * T and w.token.balance_of(a) == FUNDS - 10 * T
+    (joined,) = task.events("Joined")
+    assert joined["amount"] == 10 * T
+    with pytest.raises(ContractRevert, match="exceeds allowance"):
+        task.join(sender=b, approve=False)  # no allowance
+    join_all(task, [b, c])
     with pytest.raises(ContractRevert, match="join: task is full"):
-        task.join(10 * T, sender=d)
+        task.join(sender=d)
     assert task.participant_count() == 3
-    assert w.token.balance_of(d) == FUNDS
+    assert w.token.balance_of(d) == FUNDS - 0  # nothing taken from a refused joiner
+    with pytest.raises(ConfigError, match=r"stake must be in 1\.\.2\*\*96"):
+        TaskParams(stake=MAX_STAKE + 1).validate()
 
 
 def test_hard_caps_are_enforced_on_chain_and_in_python(w: World) -> None:
@@ -938,7 +940,10 @@ def test_hard_caps_are_enforced_on_chain_and_in_python(w: World) -> None:
         "init: timeout_blocks not in 1..255": TaskParams(timeout_blocks=256),
         "init: need slash_pct < no_show_pct <= 100": TaskParams(slash_pct=20, no_show_pct=20),
         "init: reward_pool above MAX_POOL": TaskParams(reward_pool=2**96 + 1),
-        "init: keeper fees for every transition exceed": TaskParams(keeper_fee=200 * T),
+        "init: keeper fees for every transition exceed 5%": TaskParams(keeper_fee=8 * T),
+        "init: threshold_pct not in 1..99": TaskParams(threshold_pct=100),
+        "init: seed_reveal_blocks must be >= 2": TaskParams(seed_reveal_blocks=1),
+        "init: stake not in 1..MAX_STAKE": TaskParams(stake=MAX_STAKE + 1),
     }
     for reason, params in cases.items():
         constructor = factory.constructor(w.token.address, params.as_tuple(), BUNDLE)
@@ -954,7 +959,7 @@ def test_cancelled_task_refunds_everyone(w: World) -> None:
     creator_start = w.token.balance_of(w.creator)
     task = w.task(min_participants=3)
     a, b = w.people[:2]
-    join_all(task, {a: 10 * T, b: 15 * T})
+    join_all(task, [a, b])
     with pytest.raises(ContractRevert, match="withdraw: only in ENDED, CANCELLED or STALLED"):
         task.withdraw(sender=a)
     assert start(task).named("TaskCancelled") == [{"participants": 2}]
@@ -974,15 +979,16 @@ def test_cancelled_task_refunds_everyone(w: World) -> None:
 def test_exit_only_between_rounds_or_unassigned(w: World) -> None:
     task = w.task()
     people = w.people[:5]
-    join_all(task, dict.fromkeys(people, 10 * T))
+    join_all(task, people)
     with pytest.raises(ContractRevert, match="exit: only in SEED_COMMIT"):
         task.exit(sender=people[0])
     start(task)
     leaver, committed = people[4], people[0]
-    assert task.exit(sender=leaver).named("Exited") == [
-        {"participant": leaver, "round": 0, "amount": 10 * T}
-    ]
-    assert w.token.balance_of(leaver) == FUNDS
+    # leaving early is a missed duty: no_show_pct of the stake is burned
+    left = task.exit(sender=leaver)
+    assert left.named("Exited") == [{"participant": leaver, "round": 0, "amount": 8 * T}]
+    assert slashes(left) == {leaver: (2 * T, SlashReason.EXIT)}
+    assert w.token.balance_of(leaver) == FUNDS - 2 * T and task.burned() == 2 * T
     assert leaver not in task.participants() and task.participant_count() == 4
     task.commit_seed(seed_commitment(fixed_seed(0, committed), committed), sender=committed)
     with pytest.raises(ContractRevert, match="exit: seed committed this round"):
@@ -990,7 +996,7 @@ def test_exit_only_between_rounds_or_unassigned(w: World) -> None:
     with pytest.raises(ContractRevert, match="commit_seed: not a participant"):
         task.commit_seed(seed_commitment(fixed_seed(0, leaver), leaver), sender=leaver)
     with pytest.raises(ContractRevert, match="join: already joined"):
-        task.join(10 * T, sender=leaver)  # SEED_COMMIT is open to joins, not to rejoins
+        task.join(sender=leaver)  # SEED_COMMIT is open to joins, not to rejoins
     for p in people[1:4]:
         task.commit_seed(seed_commitment(fixed_seed(0, p), p), sender=p)
     task.advance_to_phase(Phase.SEED_REVEAL)
@@ -1008,7 +1014,7 @@ def test_exit_only_between_rounds_or_unassigned(w: World) -> None:
     with pytest.raises(ContractRevert, match="exit: not a participant"):
         task.exit(sender=idle)
     with pytest.raises(ContractRevert, match="join: only in REGISTRATION or SEED_COMMIT"):
-        task.join(10 * T, sender=w.people[6])
+        task.join(sender=w.people[6])
     assert sorted(task.participants()) == sorted(assigned)
     assert contract_holdings(task) == w.token.balance_of(task.address)
 
@@ -1100,7 +1106,7 @@ def test_token_callbacks_cannot_reenter(w: World) -> None:
     a = w.people[0]
     evil.functions.transfer(a, 100 * T).transact({"from": w.creator})
     evil.functions.arm(task.address).transact({"from": w.creator})
-    task.join(10 * T, sender=a, approve=False)  # join's transferFrom calls back
+    task.join(sender=a, approve=False)  # join's transferFrom calls back
     probe = evil.functions.probes
     assert probe(0).call()  # a view answers: the callback itself works
     # claim and exit are refused by the lock (no reason), not by their own checks

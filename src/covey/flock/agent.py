@@ -509,10 +509,7 @@ class Participant:
         if self.task.stake_of(me) > 0:
             result = self.task.withdraw(sender=me)
             for event in result.named("Withdrawn"):
-                log.info(
-                    "%s: withdrew its stake of %s tokens and %s of the pool",
-                    self.name, _tokens(event["stake"]), _tokens(event["share"]),
-                )  # fmt: skip
+                log.info("%s: withdrew its stake of %s tokens", self.name, _tokens(event["stake"]))
             return True
         self.done = True
         log.info("%s: task %s; nothing left to claim", self.name, phase.name.lower())
@@ -545,14 +542,14 @@ class Participant:
 
 def stake_and_join(task: FlockTask, address: str, endpoint: str, name: str) -> None:
     """Approve and stake the task's minimum, registering where this participant serves blobs."""
-    stake = task.params.min_stake
+    stake = task.params.stake
     balance = task.token.balance_of(address)
     if balance < stake:
         raise CoveyError(
             f"{address} holds {balance / TOKEN_UNIT:g} tokens of {task.token.address}; the "
             f"stake is {stake / TOKEN_UNIT:g}: ask the task's creator to fund the address"
         )
-    task.join(stake, endpoint, sender=address)
+    task.join(endpoint, sender=address)
     log.info("%s: joined with a stake of %s tokens; serving blobs at %s", name, _tokens(stake),
              endpoint or "(nowhere)")  # fmt: skip
 

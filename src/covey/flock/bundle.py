@@ -87,7 +87,7 @@ def task_params(
         rounds=cfg.fed.rounds,
         min_participants=min_participants,
         max_participants=max_participants,
-        min_stake=int(flock.stake * TOKEN_UNIT),
+        stake=int(flock.stake * TOKEN_UNIT),
         reward_pool=int(flock.reward_pool * TOKEN_UNIT),
         proposers_per_round=flock.proposers_per_round,
         voters_per_round=flock.voters_per_round,

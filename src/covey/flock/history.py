@@ -72,8 +72,8 @@ def round_facts(task: FlockTask, history: TaskHistory, round_: int) -> dict[str,
                 "duplicate": proposer.lower() in duplicates,
                 "accepted": bool(result.accepted >> position & 1),
                 "rejected": bool(result.rejected >> position & 1),
-                "accept_stake": verdict["accept_stake"] / TOKEN_UNIT if verdict else 0.0,
-                "reject_stake": verdict["reject_stake"] / TOKEN_UNIT if verdict else 0.0,
+                "accept_votes": verdict["accept_votes"] if verdict else 0,
+                "reject_votes": verdict["reject_votes"] if verdict else 0,
             }
         )
     votes = []
@@ -84,7 +84,6 @@ def round_facts(task: FlockTask, history: TaskHistory, round_: int) -> dict[str,
                 "address": voter,
                 "committed": any(vote.commitment),
                 "revealed": vote.revealed,
-                "weight": vote.weight / TOKEN_UNIT,
                 "accepts": [bool(vote.accepts >> i & 1) for i in range(len(proposers))]
                 if vote.revealed
                 else [],

@@ -125,7 +125,7 @@ def setup(
     base_id = fed.run_model.base_model_id
     initial_cid = store.put(global_bytes(initial, base_id))
     params = task_params(cfg, n, n, phase_windows(EMBEDDED_TIMING, n))
-    funds = 2 * params.min_stake
+    funds = 2 * params.stake
     if saved_chain is None:
         # the base named by its weights' id, not a local path: the chain's history (and so
         # every draw, which mixes in block hashes) must not depend on where folders are

@@ -5,7 +5,8 @@ pool first) and `FlockTask.attach(chain, address)` joins an existing one; every 
 function is a typed method. The rules live in FlockTask.vy's header; in short, per round:
 participants commit and reveal seeds, `draw_roles` picks proposers and voters, proposers commit
 then reveal the sha2-256 digest of their update's CID, voters commit then reveal one ballot with
-a verdict per proposal, and `finalize` judges each proposal by stake, pays and slashes.
+a verdict per proposal, and `finalize` judges each proposal (one ballot, one vote), pays at
+fixed rates and burns the rest and every slash.
 
 Phase windows are counted in blocks. `phase_windows(Timing(...), participants)` sizes them from
 the chain's block time, the expected training and judging time and the transactions each window
@@ -44,6 +45,7 @@ MAX_POOL = 2**96
 MAX_ROUNDS = 10_000
 MAX_TIMEOUT_BLOCKS = 255
 MAX_ENDPOINT_BYTES = 256
+MAX_KEEPER_PCT = 5  # every transition's keeper fee together, as a share of the reward pool
 
 
 class Phase(IntEnum):
@@ -90,6 +92,7 @@ class SlashReason(IntEnum):
     PROPOSAL_REJECTED = 5
     VOTE_NOT_REVEALED = 6
     LOSING_VOTE = 7
+    EXIT = 8  # left with exit() before the task was over
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ def phase_windows(timing: Timing, participants: int, margin: float = 2.0) -> dic
     A window must hold, `margin` times over, both the time its work takes (training for
     PROPOSE_COMMIT, judging for VOTE_COMMIT, one transaction for the others, two at
     registration: approve then join) in blocks of `block_time_s`, and one transaction per
-    participant (two at registration) at `txs_per_block`; plus the block that opens it.
+    participant (two at registration) at `txs_per_block`; plus the block that opens it (and
+    SEED_REVEAL the beacon block at its end, which takes no reveals).
     timeout_blocks, how long a due start/draw_roles/finalize may wait before the task stalls,
     is the longest window, at most 255.
     """
@@ -147,7 +151,7 @@ def phase_windows(timing: Timing, participants: int, margin: float = 2.0) -> dic
     windows = {
         "registration_blocks": blocks(2 * tx, 2 * participants),
         "seed_commit_blocks": blocks(tx, participants),
-        "seed_reveal_blocks": blocks(tx, participants),
+        "seed_reveal_blocks": blocks(tx, participants) + 1,  # + the beacon block
         "propose_commit_blocks": blocks(timing.train_s + tx, participants),
         "propose_reveal_blocks": blocks(tx, participants),
         "vote_commit_blocks": blocks(judge_s + tx, participants),
@@ -161,13 +165,14 @@ def phase_windows(timing: Timing, participants: int, margin: float = 2.0) -> dic
 class TaskParams:
     """A task's creation parameters, in the contract's `Params` order (amounts in token wei).
 
-    The defaults follow FLock's demo: 10 tokens minimum stake, a 1000-token reward pool.
+    The defaults follow FLock's demo: a 10-token stake, a 1000-token reward pool.
     """
 
     rounds: int = 3
     min_participants: int = 4
     max_participants: int = 16
-    min_stake: int = 10 * TOKEN_UNIT
+    stake: int = 10 * TOKEN_UNIT
+    """What every participant stakes, exactly: one member, one stake, one vote."""
     reward_pool: int = 1000 * TOKEN_UNIT
     proposers_per_round: int = 1
     voters_per_round: int = 3
@@ -176,14 +181,18 @@ class TaskParams:
     no_show_pct: int = 20
     """Lost for a missed duty (seed, proposal, vote); must exceed slash_pct."""
     threshold_pct: int = 50
+    """A proposal is accepted when more than this share of the committed ballots accept it,
+    rejected when more than the rest reject it; a tie decides nothing."""
     voter_reward_pct: int = 20
     keeper_fee: int = TOKEN_UNIT // 10
-    """Paid from the pool to whoever calls start, draw_roles or finalize."""
+    """Paid from the pool to whoever calls start, draw_roles or finalize; all of them together
+    at most 5% of the pool."""
     max_missed_rounds: int = 2
     """A participant that misses a duty in this many rounds is evicted."""
     registration_blocks: int = 20
     seed_commit_blocks: int = 10
     seed_reveal_blocks: int = 10
+    """Its last block is the beacon block: it takes no reveals."""
     propose_commit_blocks: int = 10
     propose_reveal_blocks: int = 10
     vote_commit_blocks: int = 10
@@ -203,21 +212,27 @@ class TaskParams:
             problems.append("each round needs at least one proposer and one voter")
         if self.proposers_per_round + self.voters_per_round > self.min_participants:
             problems.append("proposers_per_round + voters_per_round must be <= min_participants")
-        if not 1 <= self.min_stake <= MAX_STAKE:
-            problems.append("min_stake must be in 1..2**96 wei")
+        if not 1 <= self.stake <= MAX_STAKE:
+            problems.append("stake must be in 1..2**96 wei")
         if self.reward_pool > MAX_POOL:
             problems.append("reward_pool is capped at 2**96 wei")
         if not self.slash_pct < self.no_show_pct <= 100:
             problems.append("need slash_pct < no_show_pct <= 100 (not acting must cost more)")
-        if not 1 <= self.threshold_pct <= 100:
-            problems.append("threshold_pct must be in 1..100")
+        if not 1 <= self.threshold_pct <= 99:
+            problems.append("threshold_pct must be in 1..99 (a share that must be exceeded)")
         if self.voter_reward_pct > 100:
             problems.append("voter_reward_pct is a percentage (0..100)")
-        if self.keeper_fee * (1 + 2 * self.rounds) > self.reward_pool:
-            problems.append("keeper_fee x (1 + 2 x rounds) transitions must fit in reward_pool")
+        if self.keeper_fee * (1 + 2 * self.rounds) * 100 > self.reward_pool * MAX_KEEPER_PCT:
+            most = self.reward_pool * MAX_KEEPER_PCT // (100 * (1 + 2 * self.rounds))
+            problems.append(
+                f"keeper_fee x (1 + 2 x rounds) transitions must be at most {MAX_KEEPER_PCT}% of"
+                f" reward_pool (keeper_fee at most {most} wei)"
+            )
         if self.max_missed_rounds < 1:
             problems.append("max_missed_rounds must be at least 1")
         problems += [f"{name} must be at least 1" for name in WINDOWS if getattr(self, name) < 1]
+        if self.seed_reveal_blocks == 1:
+            problems.append("seed_reveal_blocks must be at least 2 (its last is the beacon block)")
         if not 1 <= self.timeout_blocks <= MAX_TIMEOUT_BLOCKS:
             problems.append(f"timeout_blocks must be in 1..{MAX_TIMEOUT_BLOCKS}")
         if problems:
@@ -242,6 +257,12 @@ class TaskParams:
 
     def as_tuple(self) -> tuple[int, ...]:
         return astuple(self)
+
+    @property
+    def round_budget(self) -> int:
+        """Every round's reward: the pool after setting aside every transition's keeper fee,
+        over the rounds (as the contract computes it)."""
+        return (self.reward_pool - self.keeper_fee * (1 + 2 * self.rounds)) // self.rounds
 
 
 def validate_endpoint(endpoint: str) -> str:
@@ -270,14 +291,14 @@ class ProposalStatus:
 @dataclass(frozen=True)
 class Vote:
     commitment: bytes
-    weight: int  # the voter's stake when it committed
+    weight: int  # 1: every ballot weighs the same
     revealed: bool
     accepts: int  # bit i: accept the proposal of proposers_of(round)[i]
 
 
 @dataclass(frozen=True)
 class Tally:
-    committed_weight: int  # the weight every proposal is judged against
+    committed_weight: int  # the ballots every proposal is judged against
     revealed_weight: int
     committed_count: int
     revealed_count: int
@@ -286,9 +307,9 @@ class Tally:
 @dataclass(frozen=True)
 class RoundResult:
     outcome: Outcome
-    reward: int  # the round's reward budget: (pool - keeper fee) / rounds left, at finalize
-    paid: int  # rewards credited in the round (the rest stays in the pool)
-    slashed: int  # all the round's slashes, the draw's included
+    reward: int  # the round's budget (TaskParams.round_budget)
+    paid: int  # rewards credited in the round; reward - paid was burned
+    slashed: int  # all the round's slashes, the draw's included (burned)
     accepted: int  # bit i: the proposal of proposers_of(round)[i] was accepted
     rejected: int  # bit i: it was rejected (neither: undecided, or not a valid proposal)
 
@@ -447,10 +468,19 @@ class FlockTask(BoundContract):
         return int(self.call("stage_start"))
 
     def pool(self) -> int:
+        """Budgets of rounds not settled yet and keeper fees not paid yet."""
         return int(self.call("pool"))
 
-    def round_reward(self) -> int:
-        return int(self.call("round_reward"))
+    def burned(self) -> int:
+        """Every slash and every reward a round did not pay: locked in the contract for good."""
+        return int(self.call("burned"))
+
+    def round_budget(self) -> int:
+        return int(self.call("round_budget"))
+
+    def beacon_block(self) -> int:
+        """The block whose hash the current round's draw mixes in (0 outside seeding)."""
+        return int(self.call("beacon_block"))
 
     def total_staked(self) -> int:
         return int(self.call("total_staked"))
@@ -540,17 +570,18 @@ class FlockTask(BoundContract):
         return self.transact(name, *args, sender=sender)
 
     def join(
-        self, amount: int, endpoint: str = "", *, sender: str | None = None, approve: bool = True
+        self, endpoint: str = "", *, sender: str | None = None, approve: bool = True
     ) -> TxResult:
-        """Stake `amount` and register with the URL where blobs are served; approves the task
-        for `amount` first unless told not to. Open in REGISTRATION, and in SEED_COMMIT while a
-        slot is free."""
+        """Stake the task's `stake` and register with the URL where blobs are served; approves
+        the task for it first unless told not to. Open in REGISTRATION, and in SEED_COMMIT
+        while a slot is free."""
         validate_endpoint(endpoint)
         who = to_checksum_address(sender) if sender else self.chain.default_account
+        amount = self.params.stake
         if approve and self.token.allowance(who, self.address) < amount:
             self.token.approve(self.address, amount, sender=who)
         phases = (Phase.REGISTRATION, Phase.SEED_COMMIT)
-        return self._act("join", phases, amount, endpoint, sender=who)
+        return self._act("join", phases, endpoint, sender=who)
 
     def set_endpoint(self, endpoint: str, *, sender: str | None = None) -> TxResult:
         return self.transact("set_endpoint", validate_endpoint(endpoint), sender=sender)
@@ -563,7 +594,10 @@ class FlockTask(BoundContract):
         return self._act("commit_seed", (Phase.SEED_COMMIT,), commitment, sender=sender)
 
     def reveal_seed(self, seed: bytes, *, sender: str | None = None) -> TxResult:
-        return self._act("reveal_seed", (Phase.SEED_REVEAL,), seed, sender=sender)
+        """Reveal the round's seed; the reveal window's last block (the beacon) takes none."""
+        if self.chain.margin_blocks:
+            self.check_phase("reveal_seed", (Phase.SEED_REVEAL,), before=self.beacon_block())
+        return self.transact("reveal_seed", seed, sender=sender)
 
     def draw_roles(self, *, sender: str | None = None) -> TxResult:
         return self._act("draw_roles", (Phase.AWAIT_DRAW,), sender=sender)
@@ -604,14 +638,22 @@ class FlockTask(BoundContract):
 
     # ---------------------------------------------------------------- timing
 
-    def check_phase(self, function: str, phases: tuple[Phase, ...]) -> None:
+    def check_phase(
+        self, function: str, phases: tuple[Phase, ...], *, before: int | None = None
+    ) -> None:
         """PhaseError unless the latest block and the block `chain.margin_blocks` after the
         next one are both in one of `phases` (windows are contiguous: so is every block
-        between), i.e. a transaction sent now lands in the phase with blocks to spare."""
+        between), i.e. a transaction sent now lands in the phase with blocks to spare; with
+        `before`, that block must also come before block `before`."""
         latest = self.chain.block_number
         margin = self.chain.margin_blocks
         now, _ = self.phase_at(latest)
         later, end = self.phase_at(latest + 1 + margin)
+        if before is not None and latest + 1 + margin >= before:
+            raise PhaseError(
+                f"{function} must land before block {before}: block {latest + 1 + margin} would"
+                " not; wait_for_phase() waits for the next window"
+            )
         if now in phases and later in phases:
             return
         wanted = " or ".join(p.name for p in phases)
@@ -643,13 +685,6 @@ class FlockTask(BoundContract):
                         f" {self.phase_at(self.chain.block_number)[0].name})"
                     ) from None
             time.sleep(poll_s)
-
-    def skip_phase(self) -> Phase:
-        """Mine to the end of the current timed phase (embedded chain); returns the new phase."""
-        end = self.phase_end()
-        if end:
-            self.chain.advance_to(end)
-        return self.phase()
 
     def advance_to_phase(self, phase: Phase) -> None:
         """Mine until the next transaction lands in `phase` (embedded chain).

@@ -3,120 +3,138 @@
 """
 @title Covey FLock task: stake, draw roles, propose, vote, reward and slash
 @license Apache-2.0
-@notice One federated fine-tuning task run under FLock's rules (version 2).
+@notice One federated fine-tuning task run under FLock's rules (version 3: the rules never
+        pay anyone to lie; see "Incentives" below and docs/flock.md's threat model).
 
     The task is created with a token, its Params and `task_bundle`: the
     sha2-256 digest of the CID of the task bundle (what to train, on which
     base model, how to judge), readable by anyone. `deployed_at` is the block
     it was created in: event scans start there. Every participant registers an
     `endpoint` (an http(s) URL, at most 256 bytes) where it serves its blobs;
-    set at join, changed with set_endpoint.
+    set at join, changed with set_endpoint. Endpoints are not checked here:
+    peers check them before connecting (covey.store.endpoints).
+
+    Membership: every participant stakes exactly `stake` (one member, one
+    stake, one seat per draw, one vote). Extra capital buys nothing here; a
+    party that wants more influence must run more members, each staking and
+    doing the work (or being slashed for not doing it).
 
     Phase machine (`phase()`; a window of w blocks spans w blocks from the
     block that opened its stage; `phase_at(b)` tells what a transaction mined
     in block b would see, `phase_end()` where the current phase ends):
 
-      REGISTRATION    join(amount, endpoint): approve + transferFrom,
-                      min_stake <= amount <= MAX_STAKE, at most
-                      max_participants; registration_blocks from deployment
+      REGISTRATION    join(endpoint): approve + transferFrom of `stake`, at
+                      most max_participants; registration_blocks from deployment
       AWAIT_START     anyone calls start() (keeper fee): fewer than
                       min_participants -> CANCELLED
       per round r = 0 .. rounds-1:
         SEED_COMMIT     commit_seed(keccak256(abi_encode(seed, sender)));
                         join() is open again while a slot is free
-        SEED_REVEAL     reveal_seed(seed)
+        SEED_REVEAL     reveal_seed(seed), in every block of the window but
+                        the last: the last block (the beacon block) takes no
+                        reveals, so its hash comes after every reveal
         AWAIT_DRAW      anyone calls draw_roles() (keeper fee): members that
                         did not commit or did not reveal are slashed
                         no_show_pct and sit the round out; proposers and voters
-                        are drawn from the revealers by a partial Fisher-Yates
-                        shuffle keyed by keccak256(abi_encode(xor of the
-                        revealed seeds, blockhash(last SEED_REVEAL block),
-                        round, this contract)). Too few revealers -> VOID.
+                        are drawn uniformly from the revealers by a partial
+                        Fisher-Yates shuffle keyed by keccak256(abi_encode(xor
+                        of the revealed seeds, blockhash(beacon block), round,
+                        this contract)). Too few revealers -> VOID.
         PROPOSE_COMMIT  each proposer trains, then commits
                         keccak256(abi_encode(digest, salt, sender)), digest
                         being the sha2-256 digest of its update's CID; the
                         update is published only after this window closes
-        PROPOSE_REVEAL  reveal_proposal(digest, salt). A digest revealed by
-                        several proposers counts once, for the one that
-                        committed first; the others are duplicates
+        PROPOSE_REVEAL  reveal_proposal(digest, salt). A digest counts once in
+                        the whole task: revealed again in a later round, or by
+                        a proposer of the same round that committed later, it
+                        is a duplicate (a missed duty)
         VOTE_COMMIT     each voter commits keccak256(abi_encode(accepts, salt,
                         sender)); bit i of `accepts` is its verdict on the
-                        proposal of proposers_of(r)[i]; its weight is its
-                        stake now. Closed when no proposal is valid.
+                        proposal of proposers_of(r)[i]; every ballot weighs 1.
+                        Closed when no proposal is valid.
         VOTE_REVEAL     reveal_vote(accepts, salt)
         AWAIT_FINALIZE  anyone calls finalize() (keeper fee): settles the round
-      ENDED           after the last round: withdraw() stake plus a share of
-                      what is left of the pool
-      CANCELLED       withdraw() stake; the creator reclaims the pool
+      ENDED           after the last round: withdraw() the stake
+      CANCELLED       withdraw() the stake; the creator reclaims the pool
       STALLED         a due start/draw_roles/finalize was not called within
                       timeout_blocks (<= 255) of becoming due: the task stops
-                      where it is and everyone withdraws (as in ENDED, or as
-                      in CANCELLED if it never started)
+                      where it is, everyone withdraws its stake and the
+                      creator reclaims the rewards of the rounds not played
 
-    Settlement (finalize). Keeper fees come out of the pool first; the round's
-    reward is then pool / rounds left (this round included). A proposal is
-    valid when revealed and not a duplicate. With W the weight committed by
-    voters, A the revealed weight accepting it and R the revealed weight
-    rejecting it:
-      accepted   A * 100 >= threshold_pct * W
+    Settlement (finalize). Every round has the same reward, fixed at creation:
+    round_budget = (reward_pool - keeper_fee * (1 + 2 * rounds)) // rounds
+    (the keeper fees of every transition are set aside first). A proposal is
+    valid when revealed and not a duplicate. With W the number of ballots
+    committed, A the revealed ballots accepting it and R those rejecting it:
+      accepted   A * 100 > threshold_pct * W
       rejected   R * 100 > (100 - threshold_pct) * W
-      undecided  neither (withheld weight was pivotal): nobody is paid or
-                 slashed for it
-    When everyone reveals the two rules are complementary (FLock's
-    stake-weighted vote per proposal). Withheld weight counts on neither side,
-    so withholding a ballot can leave a verdict undecided but never turn an
-    acceptance into a rejection or back.
-      ACCEPTED      some proposal accepted: the accepted proposers share
-                    (100 - voter_reward_pct)% of the reward pro rata to stake
-      REJECTED      none accepted, some rejected: the proposers' part stays in
-                    the pool
+      undecided  neither (an exact tie, or withheld ballots were pivotal):
+                 nobody is paid or slashed for it
+    Withheld ballots count on neither side, so withholding a ballot can leave a
+    verdict undecided but never turn an acceptance into a rejection or back.
+      ACCEPTED      some proposal accepted: each accepted proposal earns
+                    (100 - voter_reward_pct)% of the reward / proposers_per_round
+      REJECTED      none accepted, some rejected
       NO_QUORUM     no valid proposal was decided: nothing is paid
       NO_PROPOSALS  no valid proposal: voting was closed, nothing is paid
       in ACCEPTED and REJECTED, a voter that revealed earns voter_reward_pct%
-      of the reward in proportion to weight * (decided verdicts it matched);
-      it loses slash_pct% * wrong / n of its stake, wrong being the decided
-      verdicts it voted against, n the valid proposals.
-    Slashes move stake into the pool:
+      of the reward / voters_per_round, times the share of the decided
+      verdicts it matched; it loses slash_pct% * wrong / n of its stake, wrong
+      being the decided verdicts it voted against, n the valid proposals.
+    Slashes:
       slash_pct     a rejected proposal, a losing vote (in part, as above)
       no_show_pct   a missed duty: no seed committed or revealed, no valid
                     proposal (none, not revealed, or a duplicate), no vote
-                    revealed while a valid proposal was up. no_show_pct >
-                    slash_pct, so not acting costs more than any outcome of
-                    acting. Each missed duty counts a missed round; at
+                    revealed while a valid proposal was up, or leaving with
+                    exit() before the task is over. no_show_pct > slash_pct,
+                    so not acting costs more than any outcome of acting. Each
+                    missed duty but exit counts a missed round; at
                     max_missed_rounds the participant is evicted: removed, its
                     slot freed, its remaining stake credited to `rewards`.
     Rewards, keeper fees and eviction refunds accrue to `rewards`, pulled
-    with claim() at any time. A participant may exit() with its stake during
-    SEED_COMMIT before committing, or during a round in which it has no role;
-    an address that left cannot rejoin.
+    with claim() at any time. A participant may exit() (paying no_show_pct)
+    during SEED_COMMIT before committing, or during a round in which it has
+    no role; an address that left cannot rejoin.
 
-    Who gets what is left: slashes and unpaid rewards stay in the pool and pay
-    later rounds. After the task has started the creator gets nothing back:
-    what is left when it ends (or stalls) is shared by the participants still
-    in it, pro rata to stake, as they withdraw (the last one takes the
-    rounding dust). The creator reclaims the pool only if the task was
-    cancelled or never started, or if no participant is left to share it. So
-    neither slashes nor rejections pay the creator.
+    Incentives: nothing a participant can do to others ever pays it. Each
+    payment depends only on the payee's own verdicts and work, at fixed rates
+    (a round's budget is never shared among fewer winners), and every token a
+    round does not pay, and every slash, is burned: it stays locked in this
+    contract (`burned`), paid to nobody, the creator included. So rejecting a
+    good proposal, outvoting an honest voter, slashing or evicting someone
+    earns the liar nothing: its own pay is the same whether it votes with the
+    truth or against it, and a voter outvoted is the only one who loses. The
+    creator gets back only what was never spent on a played round: the whole
+    pool if the task was cancelled or never started, the budgets of rounds
+    never played if it stalled, and the keeper fees nobody earned.
 
-    Bounds: every stake and the reward pool are at most 2**96 wei, rounds at
+    Bounds: the stake and the reward pool are at most 2**96 wei, rounds at
     most 10,000 and participants 64, so every product in settlement stays
-    below 2**225 (the pool stays below 2**117: the funding plus at most one
-    slash per member per round) and no reachable state makes a transition
-    overflow. Every loop is bounded by MAX_PARTICIPANTS; transitions make no
-    external calls. Measured gas at the cap: benchmarks/bench_gas.py.
+    below 2**200 and no reachable state makes a transition overflow. Every
+    loop is bounded by MAX_PARTICIPANTS; transitions make no external calls.
+    Keeper fees for every transition together are at most 5% of the pool.
+    Measured gas at the cap: benchmarks/bench_gas.py.
 
     Trust assumptions:
-    - Role draws: no participant can predict the draw when it decides whether
-      to reveal its seed, because the draw mixes in the hash of the last
-      block of the reveal window, mined after every reveal; withholding a seed
-      costs a no-show slash and the round and buys no influence. The producer
-      of that one block could grind its hash if it also knows the seeds; use
-      a chain whose block producers are not participants.
+    - Verdicts: a round's voters are trusted as a majority: a coalition that
+      holds more than threshold_pct% of a round's ballots decides that round's
+      verdicts (it cannot pay itself more than the fixed rates by doing so,
+      but it can pay a colluding proposer for garbage). With f of n members in
+      a coalition, the chance that a uniform draw gives it such a majority is
+      tabulated in docs/flock.md; tasks size voters_per_round against it.
+    - Role draws: no revealer can predict the draw when it decides whether to
+      reveal, because the draw mixes in the hash of the beacon block, which
+      takes no reveals and is mined after every reveal; withholding a seed
+      costs a no-show slash and the round. Whoever produces the beacon block
+      could grind its hash if it also knows the seeds: on a chain whose
+      blocks are made by the task's participants (a devnet that mines a block
+      per transaction) that is anyone; use a chain whose block producers are
+      not participants, or one that mines on a clock.
     - Proposals: a digest is hidden behind its commitment, bound to its
       sender, until the commit window closes; a copier could only commit a
-      digest it was given, and then the first committer keeps it.
-    - Voters are trusted as a stake-weighted majority (FLock's assumption):
-      commit-reveal hides ballots until the reveal phase.
+      digest it was given, and then the first committer keeps it; a digest
+      seen in an earlier round is refused. Near-copies under another digest
+      are for the voters to refuse (covey.flock.scoring).
     - The token is trusted to follow EIP-20 (use Covey's Token or a known
       one); every token call comes after the state change it pays for and
       functions that move tokens are @nonreentrant.
@@ -132,6 +150,7 @@ MAX_POOL: constant(uint256) = 2**96
 MAX_ROUNDS: constant(uint256) = 10000
 MAX_TIMEOUT: constant(uint256) = 255  # draw_roles reads a block hash, kept for 256 blocks
 MAX_ENDPOINT: constant(uint256) = 256
+MAX_KEEPER_PCT: constant(uint256) = 5  # every transition's keeper fee together, of the pool
 
 PHASE_REGISTRATION: constant(uint256) = 0
 PHASE_AWAIT_START: constant(uint256) = 1
@@ -171,13 +190,14 @@ SLASH_DUPLICATE_PROPOSAL: constant(uint256) = 4
 SLASH_PROPOSAL_REJECTED: constant(uint256) = 5
 SLASH_VOTE_NOT_REVEALED: constant(uint256) = 6
 SLASH_LOSING_VOTE: constant(uint256) = 7
+SLASH_EXIT: constant(uint256) = 8
 
 
 struct Params:
     rounds: uint256
     min_participants: uint256
     max_participants: uint256
-    min_stake: uint256
+    stake: uint256
     reward_pool: uint256
     proposers_per_round: uint256
     voters_per_round: uint256
@@ -199,13 +219,13 @@ struct Params:
 
 struct Vote:
     commitment: bytes32
-    weight: uint256  # the voter's stake when it committed
+    weight: uint256  # 1: every ballot weighs the same (one member, one stake, one vote)
     revealed: bool
     accepts: uint256  # bit i: accept the proposal of round_proposers[r][i]
 
 
 struct Tally:
-    committed_weight: uint256  # W: the weight every proposal is judged against
+    committed_weight: uint256  # W: the ballots every proposal is judged against
     revealed_weight: uint256
     committed_count: uint256
     revealed_count: uint256
@@ -213,9 +233,9 @@ struct Tally:
 
 struct RoundResult:
     outcome: uint256
-    reward: uint256
+    reward: uint256  # round_budget; what the round did not pay was burned
     paid: uint256
-    slashed: uint256
+    slashed: uint256  # burned too
     accepted: uint256  # bit i: the proposal of round_proposers[r][i] was accepted
     rejected: uint256  # bit i: ... was rejected (neither bit: undecided or not valid)
 
@@ -228,7 +248,7 @@ event TaskCreated:
 
 event Joined:
     participant: indexed(address)
-    amount: uint256
+    amount: uint256  # always params.stake
     endpoint: String[MAX_ENDPOINT]
 
 event EndpointSet:
@@ -279,7 +299,7 @@ event ProposalRevealed:
 event DuplicateProposal:
     round: indexed(uint256)
     proposer: indexed(address)
-    original: address  # committed the same digest first
+    original: address  # revealed the same digest in an earlier round, or committed it first
 
 event VoteCommitted:
     round: indexed(uint256)
@@ -296,8 +316,8 @@ event VoteRevealed:
 event ProposalJudged:
     round: indexed(uint256)
     proposer: indexed(address)
-    accept_stake: uint256
-    reject_stake: uint256
+    accept_votes: uint256
+    reject_votes: uint256
     accepted: bool
     rejected: bool
 
@@ -320,9 +340,9 @@ event Evicted:
 event RoundFinalized:
     round: indexed(uint256)
     outcome: uint256
-    reward: uint256  # (pool - keeper fee) / rounds left, at finalize
-    paid: uint256  # rewards credited this round
-    slashed: uint256  # every slash of the round, the draw's included
+    reward: uint256  # round_budget
+    paid: uint256  # rewards credited this round; reward - paid is burned
+    slashed: uint256  # every slash of the round, the draw's included (burned)
     accepted: uint256
     rejected: uint256
     committed_weight: uint256
@@ -337,12 +357,11 @@ event Claimed:
 event Withdrawn:
     participant: indexed(address)
     stake: uint256
-    share: uint256  # of what was left of the pool
 
 event Exited:
     participant: indexed(address)
     round: uint256
-    amount: uint256
+    amount: uint256  # the stake paid back, after the exit's no_show_pct slash
 
 event PoolReclaimed:
     creator: indexed(address)
@@ -355,16 +374,15 @@ params: public(immutable(Params))
 task_bundle: public(immutable(bytes32))
 deployed_at: public(immutable(uint256))
 registration_end: public(immutable(uint256))
+round_budget: public(immutable(uint256))  # every round's reward, fixed at creation
 
 stage: uint256
 stage_start: public(uint256)
 current_round: public(uint256)
-pool: public(uint256)
+pool: public(uint256)  # the budgets of rounds not settled yet, and keeper fees not paid yet
+burned: public(uint256)  # slashes and unpaid rewards: locked here for good, nobody's
 total_staked: public(uint256)
 total_unclaimed: public(uint256)
-closed: bool  # the end-of-task shares below are fixed
-closing_pool: uint256
-closing_staked: uint256
 
 participants: DynArray[address, MAX_PARTICIPANTS]
 participant_index: HashMap[address, uint256]  # position + 1; 0 = not a participant
@@ -386,7 +404,8 @@ proposal_commitments: HashMap[uint256, HashMap[address, bytes32]]
 proposal_order: HashMap[uint256, HashMap[address, uint256]]  # 1 = committed first
 proposal_commits: HashMap[uint256, uint256]
 digests: HashMap[uint256, HashMap[address, bytes32]]
-digest_owner: HashMap[uint256, HashMap[bytes32, address]]
+digest_owner: HashMap[bytes32, address]  # task-wide: a digest counts once in the whole task
+digest_round: HashMap[bytes32, uint256]  # the round its owner revealed it in
 proposal_count: public(HashMap[uint256, uint256])  # valid proposals
 votes: HashMap[uint256, HashMap[address, Vote]]
 tallies: HashMap[uint256, Tally]
@@ -403,19 +422,20 @@ def __init__(token_: IERC20, p: Params, task_bundle_: bytes32):
     assert p.proposers_per_round + p.voters_per_round <= p.min_participants, (
         "init: proposers + voters exceed min_participants"
     )
-    assert p.min_stake >= 1 and p.min_stake <= MAX_STAKE, "init: min_stake not in 1..MAX_STAKE"
+    assert p.stake >= 1 and p.stake <= MAX_STAKE, "init: stake not in 1..MAX_STAKE"
     assert p.reward_pool <= MAX_POOL, "init: reward_pool above MAX_POOL"
     assert p.no_show_pct > p.slash_pct and p.no_show_pct <= 100, (
         "init: need slash_pct < no_show_pct <= 100"
     )
-    assert p.threshold_pct >= 1 and p.threshold_pct <= 100, "init: threshold_pct not in 1..100"
+    assert p.threshold_pct >= 1 and p.threshold_pct <= 99, "init: threshold_pct not in 1..99"
     assert p.voter_reward_pct <= 100, "init: voter_reward_pct above 100"
-    assert p.keeper_fee * (1 + 2 * p.rounds) <= p.reward_pool, (
-        "init: keeper fees for every transition exceed the reward pool"
+    assert p.keeper_fee * (1 + 2 * p.rounds) * 100 <= p.reward_pool * MAX_KEEPER_PCT, (
+        "init: keeper fees for every transition exceed 5% of the reward pool"
     )
     assert p.max_missed_rounds >= 1, "init: max_missed_rounds must be at least 1"
     assert p.registration_blocks >= 1 and p.seed_commit_blocks >= 1, "init: windows must be >= 1"
-    assert p.seed_reveal_blocks >= 1 and p.propose_commit_blocks >= 1, "init: windows must be >= 1"
+    assert p.seed_reveal_blocks >= 2, "init: seed_reveal_blocks must be >= 2 (the last is the beacon)"
+    assert p.propose_commit_blocks >= 1, "init: windows must be >= 1"
     assert p.propose_reveal_blocks >= 1 and p.vote_commit_blocks >= 1, "init: windows must be >= 1"
     assert p.vote_reveal_blocks >= 1, "init: windows must be >= 1"
     assert p.timeout_blocks >= 1 and p.timeout_blocks <= MAX_TIMEOUT, (
@@ -428,6 +448,7 @@ def __init__(token_: IERC20, p: Params, task_bundle_: bytes32):
     task_bundle = task_bundle_
     deployed_at = block.number
     registration_end = block.number + p.registration_blocks
+    round_budget = (p.reward_pool - p.keeper_fee * (1 + 2 * p.rounds)) // p.rounds
     self.pool = p.reward_pool
     log TaskCreated(
         creator=msg.sender, token=token_.address, task_bundle=task_bundle_, reward_pool=p.reward_pool
@@ -513,13 +534,14 @@ def phase_at(b: uint256) -> (uint256, uint256):
 
 @external
 @view
-def round_reward() -> uint256:
-    """@notice What the current round would pay out in full at today's pool."""
-    r: uint256 = self.current_round
-    if r >= params.rounds:
+def beacon_block() -> uint256:
+    """
+    @notice The block whose hash the current round's draw mixes in: the last block of its
+            SEED_REVEAL window, which takes no reveals (0 before the task starts).
+    """
+    if self.stage != STAGE_SEEDING:
         return 0
-    pool: uint256 = self.pool
-    return (pool - min(params.keeper_fee, pool)) // (params.rounds - r)
+    return self.stage_start + params.seed_commit_blocks + params.seed_reveal_blocks - 1
 
 
 @external
@@ -606,16 +628,20 @@ def result(r: uint256) -> RoundResult:
 @internal
 @view
 def _valid(r: uint256, who: address, digest: bytes32) -> bool:
-    return digest != empty(bytes32) and self.digest_owner[r][digest] == who
+    return (
+        digest != empty(bytes32)
+        and self.digest_owner[digest] == who
+        and self.digest_round[digest] == r
+    )
 
 
 @internal
 def _slash(r: uint256, who: address, pct: uint256, parts: uint256, whole: uint256, reason: uint256) -> uint256:
-    """Move parts/whole of pct% of the stake into the pool."""
+    """Burn parts/whole of pct% of the stake: it pays nobody, so slashing pays nobody."""
     amount: uint256 = self.stakes[who] * pct * parts // (100 * whole)
     self.stakes[who] -= amount
     self.total_staked -= amount
-    self.pool += amount
+    self.burned += amount
     log Slashed(round=r, participant=who, amount=amount, reason=reason)
     return amount
 
@@ -702,9 +728,9 @@ def _next_round():
 
 @external
 @nonreentrant
-def join(amount: uint256, endpoint: String[MAX_ENDPOINT]):
+def join(endpoint: String[MAX_ENDPOINT]):
     """
-    @notice Stake `amount` (approve it first) and register, with the URL where this
+    @notice Stake params.stake (approve it first) and register, with the URL where this
             participant serves its blobs. Open in REGISTRATION, and in SEED_COMMIT while
             a slot is free.
     """
@@ -713,9 +739,8 @@ def join(amount: uint256, endpoint: String[MAX_ENDPOINT]):
         "join: only in REGISTRATION or SEED_COMMIT"
     )
     assert not self.joined[msg.sender], "join: already joined"
-    assert amount >= params.min_stake, "join: stake below min_stake"
-    assert amount <= MAX_STAKE, "join: stake above MAX_STAKE"
     assert len(self.participants) < params.max_participants, "join: task is full"
+    amount: uint256 = params.stake
     self.joined[msg.sender] = True
     self.participants.append(msg.sender)
     self.participant_index[msg.sender] = len(self.participants)
@@ -770,8 +795,13 @@ def commit_seed(commitment: bytes32):
 
 @external
 def reveal_seed(seed: bytes32):
-    """@notice Reveal the committed seed; it is XORed into the round's entropy."""
+    """
+    @notice Reveal the committed seed; it is XORed into the round's entropy. The reveal
+            window's last block (the beacon block) takes no reveals.
+    """
     assert self._phase() == PHASE_SEED_REVEAL, "reveal_seed: only in SEED_REVEAL"
+    beacon: uint256 = self.stage_start + params.seed_commit_blocks + params.seed_reveal_blocks - 1
+    assert block.number < beacon, "reveal_seed: the reveal window's last block takes no reveals"
     r: uint256 = self.current_round
     commitment: bytes32 = self.seed_commitments[r][msg.sender]
     assert commitment != empty(bytes32), "reveal_seed: no seed committed"
@@ -814,11 +844,16 @@ def draw_roles():
     n_prop: uint256 = params.proposers_per_round
     need: uint256 = n_prop + params.voters_per_round
     if n < need:
-        self.results[r].outcome = OUTCOME_VOID
+        # nobody is paid for a void round: its budget is burned, as a round's unpaid reward is
+        self.pool -= round_budget
+        self.burned += round_budget
+        self.results[r] = RoundResult(
+            outcome=OUTCOME_VOID, reward=round_budget, paid=0, slashed=slashed, accepted=0, rejected=0
+        )
         log RoundFinalized(
             round=r,
             outcome=OUTCOME_VOID,
-            reward=0,
+            reward=round_budget,
             paid=0,
             slashed=slashed,
             accepted=0,
@@ -827,12 +862,11 @@ def draw_roles():
         )
         self._next_round()
         return
-    # the hash of the reveal window's last block: mined after every reveal, so no revealer
-    # knows it when deciding whether to reveal (timeout_blocks <= 255 keeps it readable)
-    last_reveal_block: uint256 = (
-        self.stage_start + params.seed_commit_blocks + params.seed_reveal_blocks - 1
-    )
-    seed: bytes32 = keccak256(abi_encode(self.seed_xor[r], blockhash(last_reveal_block), r, self))
+    # the hash of the beacon block (the reveal window's last, which takes no reveals): mined
+    # after every reveal, so no revealer knows it when deciding whether to reveal, and no
+    # reveal transaction is in it (timeout_blocks <= 255 keeps it readable)
+    beacon: uint256 = self.stage_start + params.seed_commit_blocks + params.seed_reveal_blocks - 1
+    seed: bytes32 = keccak256(abi_encode(self.seed_xor[r], blockhash(beacon), r, self))
     self.round_seed[r] = seed
     proposers: DynArray[address, MAX_PARTICIPANTS] = []
     voters: DynArray[address, MAX_PARTICIPANTS] = []
@@ -879,7 +913,8 @@ def commit_proposal(commitment: bytes32):
 def reveal_proposal(digest: bytes32, salt: bytes32):
     """
     @notice Open the committed proposal: the sha2-256 digest of the update's CID. A digest
-            already revealed by a proposer that committed earlier is a duplicate.
+            revealed in an earlier round, or in this round by a proposer that committed
+            earlier, is a duplicate.
     """
     assert self._phase() == PHASE_PROPOSE_REVEAL, "reveal_proposal: only in PROPOSE_REVEAL"
     r: uint256 = self.current_round
@@ -892,12 +927,16 @@ def reveal_proposal(digest: bytes32, salt: bytes32):
     )
     self.digests[r][msg.sender] = digest
     log ProposalRevealed(round=r, proposer=msg.sender, digest=digest)
-    owner: address = self.digest_owner[r][digest]
+    owner: address = self.digest_owner[digest]
     if owner == empty(address):
-        self.digest_owner[r][digest] = msg.sender
+        self.digest_owner[digest] = msg.sender
+        self.digest_round[digest] = r
         self.proposal_count[r] += 1
-    elif self.proposal_order[r][msg.sender] < self.proposal_order[r][owner]:
-        self.digest_owner[r][digest] = msg.sender
+    elif (
+        self.digest_round[digest] == r
+        and self.proposal_order[r][msg.sender] < self.proposal_order[r][owner]
+    ):
+        self.digest_owner[digest] = msg.sender
         log DuplicateProposal(round=r, proposer=owner, original=msg.sender)
     else:
         log DuplicateProposal(round=r, proposer=msg.sender, original=owner)
@@ -905,14 +944,14 @@ def reveal_proposal(digest: bytes32, salt: bytes32):
 
 @external
 def commit_vote(commitment: bytes32):
-    """@notice Commit keccak256(abi_encode(accepts, salt, sender)) (once); weight = stake now."""
+    """@notice Commit keccak256(abi_encode(accepts, salt, sender)) (once); every ballot weighs 1."""
     assert self._phase() == PHASE_VOTE_COMMIT, "commit_vote: only in VOTE_COMMIT"
     r: uint256 = self.current_round
     assert self.roles[r][msg.sender] == ROLE_VOTER, "commit_vote: not a voter this round"
     assert self.proposal_count[r] > 0, "commit_vote: no valid proposals this round"
     assert commitment != empty(bytes32), "commit_vote: empty commitment"
     assert self.votes[r][msg.sender].commitment == empty(bytes32), "commit_vote: already voted"
-    weight: uint256 = self.stakes[msg.sender]
+    weight: uint256 = 1
     self.votes[r][msg.sender] = Vote(commitment=commitment, weight=weight, revealed=False, accepts=0)
     self.tallies[r].committed_weight += weight
     self.tallies[r].committed_count += 1
@@ -951,7 +990,7 @@ def finalize():
     assert self._phase() == PHASE_AWAIT_FINALIZE, "finalize: only in AWAIT_FINALIZE"
     r: uint256 = self.current_round
     self._pay_keeper(r)
-    reward: uint256 = self.pool // (params.rounds - r)
+    reward: uint256 = round_budget
     tally: Tally = self.tallies[r]
     committed: uint256 = tally.committed_weight
     proposers: DynArray[address, MAX_PARTICIPANTS] = self.round_proposers[r]
@@ -976,25 +1015,24 @@ def finalize():
                 if (vote.accepts >> i) & 1 == 1:
                     accept_weight[i] += vote.weight
 
-    # verdicts against the committed weight: withheld weight counts on neither side
+    # verdicts against the committed ballots: withheld ones count on neither side, a tie
+    # decides nothing
     accepted: uint256 = 0  # bit masks
     rejected: uint256 = 0
-    accepted_stake: uint256 = 0
     for i: uint256 in range(n_prop, bound=MAX_PARTICIPANTS):
         if (valid >> i) & 1 == 0:
             continue
         accept: uint256 = accept_weight[i]
         reject: uint256 = tally.revealed_weight - accept
-        if committed > 0 and accept * 100 >= params.threshold_pct * committed:
+        if accept * 100 > params.threshold_pct * committed:
             accepted |= 1 << i
-            accepted_stake += self.stakes[proposers[i]]
         elif reject * 100 > (100 - params.threshold_pct) * committed:
             rejected |= 1 << i
         log ProposalJudged(
             round=r,
             proposer=proposers[i],
-            accept_stake=accept,
-            reject_stake=reject,
+            accept_votes=accept,
+            reject_votes=reject,
             accepted=(accepted >> i) & 1 == 1,
             rejected=(rejected >> i) & 1 == 1,
         )
@@ -1007,12 +1045,11 @@ def finalize():
     elif rejected != 0:
         outcome = OUTCOME_REJECTED
 
-    voter_budget: uint256 = 0
-    if decided != 0:
-        voter_budget = reward * params.voter_reward_pct // 100
-    proposer_budget: uint256 = 0
-    if accepted != 0:
-        proposer_budget = reward - voter_budget
+    # fixed rates: what one accepted proposal earns, what one voter seat earns for matching
+    # every decided verdict; never shared among fewer winners, so nobody gains by others losing
+    voter_budget: uint256 = reward * params.voter_reward_pct // 100
+    per_proposal: uint256 = (reward - voter_budget) // params.proposers_per_round
+    per_seat: uint256 = voter_budget // params.voters_per_round
 
     paid: uint256 = 0
     slashed: uint256 = self.results[r].slashed  # seed no-shows, slashed at the draw
@@ -1030,19 +1067,13 @@ def finalize():
             if evict:
                 leaving.append(p)
         elif (accepted >> i) & 1 == 1:
-            if accepted_stake > 0:
-                share: uint256 = proposer_budget * self.stakes[p] // accepted_stake
-                self._reward(r, p, share)
-                paid += share
+            self._reward(r, p, per_proposal)
+            paid += per_proposal
         elif (rejected >> i) & 1 == 1:
             slashed += self._slash(r, p, params.slash_pct, 1, 1, SLASH_PROPOSAL_REJECTED)
 
     # a voter's right verdicts: decided proposals where its bit equals the verdict
-    agreement_weight: uint256 = 0
     n_decided: uint256 = self._popcount(decided)
-    for vote: Vote in ballots:
-        if vote.revealed:
-            agreement_weight += vote.weight * (n_decided - self._popcount((vote.accepts ^ accepted) & decided))
     for j: uint256 in range(len(voters), bound=MAX_PARTICIPANTS):
         v: address = voters[j]
         vote: Vote = ballots[j]
@@ -1057,8 +1088,8 @@ def finalize():
                 leaving.append(v)
         elif decided != 0:
             wrong: uint256 = self._popcount((vote.accepts ^ accepted) & decided)
-            if wrong < n_decided and agreement_weight > 0:
-                share: uint256 = voter_budget * vote.weight * (n_decided - wrong) // agreement_weight
+            if wrong < n_decided:
+                share: uint256 = per_seat * (n_decided - wrong) // n_decided
                 self._reward(r, v, share)
                 paid += share
             if wrong > 0:
@@ -1066,8 +1097,10 @@ def finalize():
     for p: address in leaving:
         self._evict(r, p)
 
-    # slashes were added to the pool as they happened; payments leave it here
-    self.pool -= paid
+    # the round's budget leaves the pool: what was paid is credited, the rest is burned
+    # (slashes were burned as they happened)
+    self.pool -= reward
+    self.burned += reward - paid
     self.results[r] = RoundResult(
         outcome=outcome, reward=reward, paid=paid, slashed=slashed, accepted=accepted, rejected=rejected
     )
@@ -1104,31 +1137,17 @@ def claim():
 @external
 @nonreentrant
 def withdraw():
-    """
-    @notice Take the stake back once the task is over (ENDED, CANCELLED or STALLED), with a
-            pro-rata share of what is left of the pool if the task had started.
-    """
+    """@notice Take the stake back once the task is over (ENDED, CANCELLED or STALLED)."""
     ph: uint256 = self._phase()
     assert ph == PHASE_ENDED or ph == PHASE_CANCELLED or ph == PHASE_STALLED, (
         "withdraw: only in ENDED, CANCELLED or STALLED"
     )
     amount: uint256 = self.stakes[msg.sender]
     assert amount > 0, "withdraw: no stake"
-    share: uint256 = 0
-    if self.stage != STAGE_CANCELLED and self.stage != STAGE_REGISTRATION:
-        if not self.closed:
-            self.closed = True
-            self.closing_pool = self.pool
-            self.closing_staked = self.total_staked
-        if amount == self.total_staked:
-            share = self.pool  # the last one out takes the rounding dust
-        else:
-            share = self.closing_pool * amount // self.closing_staked
-        self.pool -= share
     self.stakes[msg.sender] = 0
     self.total_staked -= amount
-    log Withdrawn(participant=msg.sender, stake=amount, share=share)
-    assert extcall token.transfer(msg.sender, amount + share, default_return_value=True), (
+    log Withdrawn(participant=msg.sender, stake=amount)
+    assert extcall token.transfer(msg.sender, amount, default_return_value=True), (
         "withdraw: token transfer failed"
     )
 
@@ -1136,7 +1155,10 @@ def withdraw():
 @external
 @nonreentrant
 def exit():
-    """@notice Leave mid-task with the stake: before committing a seed, or while unassigned."""
+    """
+    @notice Leave mid-task with the stake less no_show_pct (burned): before committing a
+            seed, or while unassigned in a round.
+    """
     ph: uint256 = self._phase()
     r: uint256 = self.current_round
     assert self.participant_index[msg.sender] != 0, "exit: not a participant"
@@ -1149,6 +1171,8 @@ def exit():
     else:
         raise "exit: only in SEED_COMMIT or while unassigned in a round"
     self._remove(msg.sender)
+    # leaving early is a missed duty: a squatter that filled registration to exit pays it
+    self._slash(r, msg.sender, params.no_show_pct, 1, 1, SLASH_EXIT)
     amount: uint256 = self.stakes[msg.sender]
     self.stakes[msg.sender] = 0
     self.total_staked -= amount
@@ -1163,15 +1187,14 @@ def exit():
 @nonreentrant
 def reclaim_pool():
     """
-    @notice The creator takes the pool back if the task was cancelled or never started,
-            or if nobody is left to share it.
+    @notice The creator takes back what was never spent on a played round: the whole pool
+            of a cancelled or never started task; once the task ended or stalled, the
+            budgets of rounds never played and the keeper fees nobody earned.
     """
     assert msg.sender == creator, "reclaim_pool: only the creator"
     ph: uint256 = self._phase()
-    never_ran: bool = ph == PHASE_CANCELLED or (ph == PHASE_STALLED and self.stage == STAGE_REGISTRATION)
-    nobody_left: bool = (ph == PHASE_ENDED or ph == PHASE_STALLED) and self.total_staked == 0
-    assert never_ran or nobody_left, (
-        "reclaim_pool: only after a cancelled or unstarted task, or when no stake is left"
+    assert ph == PHASE_CANCELLED or ph == PHASE_ENDED or ph == PHASE_STALLED, (
+        "reclaim_pool: only once the task is over (ENDED, CANCELLED or STALLED)"
     )
     amount: uint256 = self.pool
     assert amount > 0, "reclaim_pool: pool is empty"
