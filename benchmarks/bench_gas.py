@@ -137,9 +137,9 @@ def main() -> None:
     )
     task = FlockTask.deploy(chain, token, params, BUNDLE, sender=creator)
     for i, p in enumerate(people):
-        # distinct stakes, so pro rata shares differ; a 27-byte URL each
-        task.join((10 + i) * TOKEN_UNIT, f"http://10.0.0.{i}:8000/blobs", sender=p)
-    task.set_endpoint("https://peer0.example/blobs", sender=people[0])
+        # a 23-byte URL each
+        task.join(f"http://10.0.0.{i}:8000", sender=p)
+    task.set_endpoint("https://peer0.example", sender=people[0])
     task.advance_to_phase(Phase.AWAIT_START)
     task.start()
     kinds = ("accept", "reject", "mixed", "no_show")
@@ -153,12 +153,14 @@ def main() -> None:
             task.claim(sender=p)
         if task.stake_of(p):
             task.withdraw(sender=p)
-    assert token.balance_of(task.address) == 0
+    if task.pool():
+        task.reclaim_pool(sender=creator)
+    assert token.balance_of(task.address) == task.burned()
 
     # nobody commits a seed: draw_roles slashes and evicts every member
     idle = FlockTask.deploy(chain, token, params, BUNDLE, sender=creator)
     for p in people:
-        idle.join(10 * TOKEN_UNIT, sender=p)
+        idle.join(sender=p)
     idle.advance_to_phase(Phase.AWAIT_START)
     idle.start()
     idle.advance_to_phase(Phase.AWAIT_DRAW)

@@ -97,7 +97,7 @@ def test_a_round_on_anvil_with_separate_signed_accounts(anvil_url: str, tmp_path
     me = [chain.default_account for chain in chains]
 
     urls = [f"http://127.0.0.1:{9000 + i}" for i in range(PEOPLE)]
-    all_at_once([lambda t=t, u=u: t.join(10 * T, u) for t, u in zip(tasks, urls, strict=True)])
+    all_at_once([lambda t=t, u=u: t.join(u) for t, u in zip(tasks, urls, strict=True)])
     assert sorted(task.participants()) == sorted(me)
     assert tasks[1].endpoint_of(me[2]) == "http://127.0.0.1:9002"
 

@@ -246,11 +246,11 @@ def test_connect_signs_locally_and_never_logs_the_key(
     token = Token.deploy(chain, 5000 * TOKEN_UNIT)
     task = FlockTask.deploy(chain, token, SMALL, BUNDLE)
     assert task.token.balance_of(task.address) == SMALL.reward_pool
-    task.join(10 * TOKEN_UNIT, "http://127.0.0.1:8000")
+    task.join("http://127.0.0.1:8000")
     assert task.participants() == [me]
     # the node's gas estimate carries the contract's reason
     with pytest.raises(ContractRevert, match="join: already joined") as info:
-        task.join(10 * TOKEN_UNIT)
+        task.join()
     # the client checks the phase of the block the transaction would land in before sending
     with pytest.raises(PhaseError, match="commit_seed needs SEED_COMMIT"):
         task.commit_seed(seed_commitment(fixed_seed(0, me), me))
@@ -286,11 +286,11 @@ def test_window_edges_are_checked_and_failed_transactions_explained(rpc_url: str
     # latest = end - 2: the next block is the last of REGISTRATION, but with a block to spare
     # the transaction might land in AWAIT_START
     with pytest.raises(PhaseError, match="join needs REGISTRATION or SEED_COMMIT with 1 block"):
-        task.join(10 * TOKEN_UNIT, approve=False)
+        task.join(approve=False)
     chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
     assert chain.block_number == end - 1
     # sent regardless (fixed gas, no estimate): mined in block `end`, after registration closed
-    tx = task.contract.functions.join(10 * TOKEN_UNIT, "").build_transaction(
+    tx = task.contract.functions.join("").build_transaction(
         {"from": me, "gas": 400_000, "nonce": chain.w3.eth.get_transaction_count(me)}
     )
     tx_hash = chain.w3.eth.send_raw_transaction(key.sign_transaction(dict(tx)))

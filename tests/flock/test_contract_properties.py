@@ -6,11 +6,12 @@ millisecond), and the chain tier can afford 10,000 sequences (COVEY_PROPERTY_SEQ
 the count; the default tier runs a hundred). A Python model predicts whether each call may
 succeed (phase, membership, commitments, roles, balances); the contract must agree, call by
 call. Each settlement is recomputed independently: every reward, slash, eviction refund, keeper
-fee and end-of-task share the contract emits must equal the model's, to the wei. Transitions
-that are due (start, draw_roles, finalize) must never revert, with stakes up to the 2**96 cap
-and a 2**96 pool on a token of supply 2**256 - 1. After every sequence the task is run out to
-STALLED if it has not ended, everyone cashes out and the contract must hold zero tokens, with
-each account's wallet + stake + credits equal to its funds + earnings - slashes.
+fee and reclaimed pool the contract emits must equal the model's, to the wei, and so must what
+it burns. Transitions that are due (start, draw_roles, finalize) must never revert, with a
+stake at the 2**96 cap and a 2**96 pool on a token of supply 2**256 - 1. After every sequence
+the task is run out to STALLED if it has not ended, everyone cashes out and the contract must
+hold exactly what was burned, with each account's wallet + stake + credits equal to its funds +
+earnings - slashes.
 """
 
 from __future__ import annotations
@@ -197,15 +198,15 @@ def _checksummed(kind: str, value: Any) -> Any:
 
 PEOPLE = 6  # one more than max_participants, so the cap gets hit
 FUNDS = 2**100  # per person: several maximal stakes
-# mostly valid stakes; 9 is below min_stake, MAX_STAKE + 1 above the cap
-STAKES = [9 * T, *[10 * T, 25 * T, MAX_STAKE] * 3, MAX_STAKE + 1]
+# what a joiner approves before join(): mostly enough, 9 tokens too little for a 10-token stake
+APPROVALS = [9 * T, *[10 * T, 25 * T, MAX_STAKE] * 3]
 BASE = TaskParams(
     rounds=2,
     min_participants=4,
     max_participants=5,
-    min_stake=10 * T,
+    stake=10 * T,
     reward_pool=1000 * T,
-    # two voters (unequal stakes) judging two proposals: split and undecided verdicts
+    # two voters judging two proposals: split (tied) and undecided verdicts
     proposers_per_round=2,
     voters_per_round=2,
     slash_pct=10,
@@ -226,10 +227,14 @@ BASE = TaskParams(
 VARIANTS = [
     BASE,
     replace(BASE, threshold_pct=51, keeper_fee=0, max_missed_rounds=1),
-    replace(BASE, rounds=1, threshold_pct=100, slash_pct=0, no_show_pct=100),
+    replace(BASE, rounds=1, threshold_pct=99, slash_pct=0, no_show_pct=100),
     replace(BASE, proposers_per_round=1, voters_per_round=3, rounds=3, keeper_fee=2 * T),
-    replace(BASE, reward_pool=MAX_POOL, keeper_fee=MAX_POOL // 7, voter_reward_pct=100),
-]
+    # the caps: a 2**96 stake and pool, every keeper fee together at 5% of the pool
+    replace(
+        BASE, stake=MAX_STAKE, reward_pool=MAX_POOL, keeper_fee=MAX_POOL // 100,
+        voter_reward_pct=100,
+    ),
+]  # fmt: skip
 ACTIONS = {  # random calls and their weights
     "mine": 4,
     "stall": 1,
@@ -249,7 +254,7 @@ ACTIONS = {  # random calls and their weights
     "exit": 4,
     "reclaim_pool": 1,
 }
-DIGEST_CHOICES = [0, 0, 1, 1, 1, 2]  # mostly its own digest, some shared, a few empty
+DIGEST_CHOICES = [0, 1, 1, 1, 2, 3, 3]  # mostly its own, some shared (this round, any round), empty
 MOVES_TOKENS = {
     "join",
     "start",
@@ -272,9 +277,12 @@ def popcount(x: int) -> int:
 
 
 def digest_for(round_: int, choice: int, who: str) -> bytes:
-    """0: a digest every proposer may pick (duplicates), 1: its own, 2: the empty digest."""
+    """0: a digest every proposer of the round may pick (duplicates), 1: its own, 2: the empty
+    digest, 3: one digest for every round (an earlier round's, revealed again)."""
     if choice == 2:
         return b"\0" * 32
+    if choice == 3:
+        return keccak(b"update of every round")
     return keccak(f"update {round_} {who if choice else 'shared'}".encode())
 
 
@@ -315,7 +323,7 @@ class RoundState:
     voters: list[str] = field(default_factory=list)
     proposal_commits: dict[str, tuple[bytes, bytes, int]] = field(default_factory=dict)
     digests: dict[str, bytes] = field(default_factory=dict)  # revealed
-    owner: dict[bytes, str] = field(default_factory=dict)  # digest -> first committer
+    owner: dict[bytes, str] = field(default_factory=dict)  # digest -> first committer (this round)
     ballots: dict[str, tuple[int, bytes, int]] = field(default_factory=dict)  # mask, salt, weight
     opened: set[str] = field(default_factory=set)
 
@@ -340,12 +348,13 @@ class FlockMachine(RuleBasedStateMachine):
         self.unclaimed = dict.fromkeys(self.accounts, 0)
         self.earned = dict.fromkeys(self.accounts, 0)  # rewards, fees, end-of-task shares
         self.lost = dict.fromkeys(self.accounts, 0)  # slashes
+        self.burned = 0
+        self.used: dict[bytes, str] = {}  # digests owned in earlier rounds -> their owner
         self.missed = dict.fromkeys(self.accounts, 0)
         self.members: list[str] = []
         self.ever_joined: set[str] = set()
         self.done: set[str] = set()  # functions that succeeded at least once (statistics)
         self.acted: set[tuple[int, Phase]] = set()
-        self.closing: tuple[int, int] | None = None
         self.round = 0
         self.rs = RoundState()
         self.task: Contract | None = None
@@ -355,10 +364,10 @@ class FlockMachine(RuleBasedStateMachine):
 
     @initialize(
         params=st.sampled_from(VARIANTS),
-        amounts=st.lists(st.sampled_from(STAKES), min_size=PEOPLE, max_size=PEOPLE),
+        amounts=st.lists(st.sampled_from(APPROVALS), min_size=PEOPLE, max_size=PEOPLE),
     )
     def create(self, params: TaskParams, amounts: list[int]) -> None:
-        """Deploy a task, then people join (some below min_stake, above the cap, or too late)."""
+        """Deploy a task, then people join (some approving too little, some too late)."""
         self.p = params
         creator = self.w.creator
         # revm counts a sender's nonce for deployments only
@@ -443,8 +452,13 @@ class FlockMachine(RuleBasedStateMachine):
         amount = self.stake[who] * pct * parts // (100 * whole)
         self.stake[who] -= amount
         self.lost[who] += amount
-        self.pool += amount
+        self.burned += amount
         return amount
+
+    @property
+    def budget(self) -> int:
+        p = self.p
+        return (p.reward_pool - p.keeper_fee * (1 + 2 * p.rounds)) // p.rounds
 
     def evict(self, who: str) -> int:
         event("a participant was evicted")
@@ -456,6 +470,7 @@ class FlockMachine(RuleBasedStateMachine):
 
     def next_round(self, block: int) -> None:
         self.round += 1
+        self.used |= self.rs.owner
         self.rs = RoundState()
         if self.round == self.p.rounds:
             self.stage = "ended"
@@ -533,7 +548,7 @@ class FlockMachine(RuleBasedStateMachine):
         elif action == "stall":  # far enough that a due transition times out
             self.w.evm.mine(self.p.timeout_blocks + j)
         elif action == "join":
-            self.join(i, rng.choice(STAKES))
+            self.join(i, rng.choice(APPROVALS))
         elif action == "set_endpoint":
             url = f"https://peer{j}.example"
             events = self.attempt(who in self.members, "set_endpoint", url, sender=who)
@@ -579,25 +594,25 @@ class FlockMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ registration and transitions
 
-    def join(self, i: int, amount: int) -> None:
-        who = self.people[i]
+    def join(self, i: int, approved: int) -> None:
+        who, stake = self.people[i], self.p.stake
         assert self.task is not None
         # approve first: it mines a block, which can close the window before the join lands
-        self.w.token.tx("approve", self.task.address, amount, sender=who)
+        self.w.token.tx("approve", self.task.address, approved, sender=who)
         url = "" if i % 2 else f"http://10.0.0.{i}:8000"
         ok = (
             self.phase() in (Phase.REGISTRATION, Phase.SEED_COMMIT)
             and who not in self.ever_joined
-            and self.p.min_stake <= amount <= MAX_STAKE
+            and approved >= stake  # join takes exactly the task's stake, whatever was approved
             and len(self.members) < self.p.max_participants
         )
-        events = self.attempt(ok, "join", amount, url, sender=who)
+        events = self.attempt(ok, "join", url, sender=who)
         if events is not None:
-            assert events == [("Joined", {"participant": who, "amount": amount, "endpoint": url})]
+            assert events == [("Joined", {"participant": who, "amount": stake, "endpoint": url})]
             self.members.append(who)
             self.ever_joined.add(who)
-            self.stake[who] = amount
-            self.wallet[who] -= amount
+            self.stake[who] = stake
+            self.wallet[who] -= stake
 
     def start(self, keeper: str) -> None:
         events = self.attempt(True, "start", sender=keeper)
@@ -632,10 +647,13 @@ class FlockMachine(RuleBasedStateMachine):
         self.check_events(events, slashes, {}, refunds)
         eligible = [m for m in self.members if m in rs.revealed]
         need = p.proposers_per_round + p.voters_per_round
-        if len(eligible) < need:
+        if len(eligible) < need:  # void: the round's budget is burned
             (void,) = [a for name, a in events if name == "RoundFinalized"]
             assert void["outcome"] == Outcome.VOID
+            assert (void["reward"], void["paid"]) == (self.budget, 0)
             assert void["slashed"] == sum(a for a, _ in slashes.values())
+            self.pool -= self.budget
+            self.burned += self.budget
             self.next_round(block)
             return
         (drawn,) = [a for name, a in events if name == "RolesDrawn"]
@@ -653,28 +671,27 @@ class FlockMachine(RuleBasedStateMachine):
         assert events is not None
         self.keeper_fee(keeper, events)
         rs, p = self.rs, self.p
-        reward = self.pool // (p.rounds - self.round)
-        committed = sum(weight for _, _, weight in rs.ballots.values())
-        revealed = sum(rs.ballots[v][2] for v in rs.opened)
+        reward = self.budget
+        committed = len(rs.ballots)  # every ballot weighs 1
+        revealed = len(rs.opened)
         valid = [rs.valid(pr) for pr in rs.proposers]
-        accepted = rejected = accepted_stake = 0
+        accepted = rejected = 0
         judged = []
         for k, pr in enumerate(rs.proposers):
             if not valid[k]:
                 continue
-            yes = sum(rs.ballots[v][2] for v in rs.opened if rs.ballots[v][0] >> k & 1)
+            yes = sum(1 for v in rs.opened if rs.ballots[v][0] >> k & 1)
             no = revealed - yes
-            if committed > 0 and yes * 100 >= p.threshold_pct * committed:
+            if yes * 100 > p.threshold_pct * committed:
                 accepted |= 1 << k
-                accepted_stake += self.stake[pr]
             elif no * 100 > (100 - p.threshold_pct) * committed:
                 rejected |= 1 << k
             judged.append(
                 {
                     "round": self.round,
                     "proposer": pr,
-                    "accept_stake": yes,
-                    "reject_stake": no,
+                    "accept_votes": yes,
+                    "reject_votes": no,
                     "accepted": bool(accepted >> k & 1),
                     "rejected": bool(rejected >> k & 1),
                 }
@@ -689,8 +706,10 @@ class FlockMachine(RuleBasedStateMachine):
             if rejected
             else Outcome.NO_QUORUM
         )
-        voter_budget = reward * p.voter_reward_pct // 100 if decided else 0
-        proposer_budget = reward - voter_budget if accepted else 0
+        # fixed rates, whoever else wins or loses
+        voter_budget = reward * p.voter_reward_pct // 100
+        per_proposal = (reward - voter_budget) // p.proposers_per_round
+        per_seat = voter_budget // p.voters_per_round
         rewards: dict[str, int] = {}
         slashes: dict[str, tuple[int, SlashReason]] = {}
         leaving = []
@@ -705,30 +724,27 @@ class FlockMachine(RuleBasedStateMachine):
             if not valid[k]:
                 dup = pr in rs.digests
                 no_show(pr, SlashReason.DUPLICATE_PROPOSAL if dup else SlashReason.NO_PROPOSAL)
-            elif accepted >> k & 1 and accepted_stake > 0:
-                rewards[pr] = proposer_budget * self.stake[pr] // accepted_stake
+            elif accepted >> k & 1:
+                rewards[pr] = per_proposal
             elif rejected >> k & 1:
                 slashes[pr] = (self.slash(pr, p.slash_pct, 1, 1), SlashReason.PROPOSAL_REJECTED)
         n_decided = popcount(decided)
-        agreement = sum(
-            rs.ballots[v][2] * (n_decided - popcount((rs.ballots[v][0] ^ accepted) & decided))
-            for v in rs.opened
-        )
         for v in rs.voters if n_valid else []:
             if v not in rs.opened:
                 no_show(v, SlashReason.VOTE_NOT_REVEALED)
             elif decided:
-                mask, _, weight = rs.ballots[v]
+                mask = rs.ballots[v][0]
                 wrong = popcount((mask ^ accepted) & decided)
-                if wrong < n_decided and agreement > 0:
-                    rewards[v] = voter_budget * weight * (n_decided - wrong) // agreement
+                if wrong < n_decided:
+                    rewards[v] = per_seat * (n_decided - wrong) // n_decided
                 if wrong:
                     slash = self.slash(v, p.slash_pct, wrong, n_valid)
                     slashes[v] = (slash, SlashReason.LOSING_VOTE)
         for who, amount in rewards.items():
             self.credit(who, amount)
         paid = sum(rewards.values())
-        self.pool -= paid
+        self.pool -= reward
+        self.burned += reward - paid  # nobody gains from what others did not earn
         refunds = {who: self.evict(who) for who in leaving}
         self.check_events(events, slashes, rewards, refunds)
         if valid and not all(valid):
@@ -784,12 +800,14 @@ class FlockMachine(RuleBasedStateMachine):
 
     def reveal_seed(self, i: int, j: int, wrong: bool) -> None:
         """Reveal i's seed, sent by j (a wrong sender, unless i == j), or a garbled one."""
-        owner, sender, rs = self.people[i], self.people[j], self.rs
+        owner, sender, rs, p = self.people[i], self.people[j], self.rs, self.p
         seed = rs.seeds.get(owner, keccak(b"no seed"))
         if wrong:
             seed = keccak(b"not " + seed)
+        beacon = self.stage_start + p.seed_commit_blocks + p.seed_reveal_blocks - 1
         ok = (
             self.phase() == Phase.SEED_REVEAL
+            and self.w.evm.block < beacon  # the beacon block takes no reveals
             and owner == sender
             and owner in rs.seeds
             and owner not in rs.revealed
@@ -828,6 +846,13 @@ class FlockMachine(RuleBasedStateMachine):
         if events is None:
             return
         rs.digests[owner] = digest
+        if digest in self.used:  # revealed in an earlier round: counts once in the whole task
+            event("an earlier round's digest was revealed again")
+            assert events[-1] == (
+                "DuplicateProposal",
+                {"round": self.round, "proposer": owner, "original": self.used[digest]},
+            )
+            return
         first = rs.owner.get(digest)
         if first is None:
             rs.owner[digest] = owner
@@ -853,8 +878,8 @@ class FlockMachine(RuleBasedStateMachine):
         )
         events = self.attempt(ok, "commit_vote", vote_commitment(accepts, salt, who), sender=who)
         if events is not None:
-            rs.ballots[who] = (accepts, salt, self.stake[who])
-            assert events[0][1]["weight"] == self.stake[who]
+            rs.ballots[who] = (accepts, salt, 1)
+            assert events[0][1]["weight"] == 1
 
     def reveal_vote(self, i: int, j: int, wrong: bool, flip: bool) -> None:
         """Open i's ballot, sent by j, possibly with the wrong salt or another verdict."""
@@ -890,18 +915,9 @@ class FlockMachine(RuleBasedStateMachine):
         events = self.attempt(over and amount > 0, "withdraw", sender=who)
         if events is None:
             return
-        share = 0
-        if self.stage not in ("cancelled", "registration"):  # rounds ran: share the leftover
-            total = sum(self.stake.values())
-            if self.closing is None:
-                self.closing = (self.pool, total)
-            pool, staked = self.closing
-            share = self.pool if amount == total else pool * amount // staked
-        assert events == [("Withdrawn", {"participant": who, "stake": amount, "share": share})]
-        self.pool -= share
-        self.earned[who] += share
+        assert events == [("Withdrawn", {"participant": who, "stake": amount})]
         self.stake[who] = 0
-        self.wallet[who] += amount + share
+        self.wallet[who] += amount
 
     def exit(self, i: int) -> None:
         who, rs, phase = self.people[i], self.rs, self.phase()
@@ -912,20 +928,23 @@ class FlockMachine(RuleBasedStateMachine):
         )
         events = self.attempt(ok, "exit", sender=who)
         if events is not None:
+            event("a participant left with exit()")
+            fee = self.slash(who, self.p.no_show_pct, 1, 1)  # leaving early is a missed duty
             amount = self.stake[who]
+            slashed = {"round": self.round, "participant": who, "amount": fee}
             exited = {"participant": who, "round": self.round, "amount": amount}
-            assert events == [("Exited", exited)]
+            assert events == [
+                ("Slashed", slashed | {"reason": SlashReason.EXIT}),
+                ("Exited", exited),
+            ]
             self.members.remove(who)
             self.stake[who] = 0
             self.wallet[who] += amount
 
     def reclaim_pool(self, who: str) -> None:
-        phase = self.phase()
-        never_ran = phase == Phase.CANCELLED or (
-            phase == Phase.STALLED and self.stage == "registration"
-        )
-        nobody_left = phase in (Phase.ENDED, Phase.STALLED) and sum(self.stake.values()) == 0
-        ok = who == self.w.creator and (never_ran or nobody_left) and self.pool > 0
+        """The creator takes back what no played round spent, once the task is over."""
+        over = self.phase() in (Phase.CANCELLED, Phase.ENDED, Phase.STALLED)
+        ok = who == self.w.creator and over and self.pool > 0
         if self.attempt(ok, "reclaim_pool", sender=who) is not None:
             self.wallet[who] += self.pool
             self.earned[who] += self.pool
@@ -941,19 +960,23 @@ class FlockMachine(RuleBasedStateMachine):
         if not self.dirty:
             return
         self.dirty = False
-        staked, pool, unclaimed = (
+        staked, pool, unclaimed, burned = (
             self.task.call("total_staked"),
             self.task.call("pool"),
             self.task.call("total_unclaimed"),
+            self.task.call("burned"),
         )
         assert staked == sum(self.stake.values())
         assert pool == self.pool
         assert unclaimed == sum(self.unclaimed.values())
-        assert self.w.token.call("balanceOf", self.task.address) == staked + pool + unclaimed
+        assert burned == self.burned
+        balance = self.w.token.call("balanceOf", self.task.address)
+        assert balance == staked + pool + unclaimed + burned
 
     def teardown(self) -> None:
         """Run the task out (mined to STALLED if it has not ended), cash everyone out: the
-        contract holds nothing, and every account got its funds + earnings - slashes."""
+        contract holds only what was burned, and every account got its funds + earnings -
+        slashes."""
         if self.task is None:
             return
         event(f"reached stage {self.stage}, round {self.round}")
@@ -964,7 +987,7 @@ class FlockMachine(RuleBasedStateMachine):
         self.w.evm.mine(1000)
         assert self.phase() in (Phase.ENDED, Phase.CANCELLED, Phase.STALLED)
         self.cash_out(set())
-        assert self.w.token.call("balanceOf", self.task.address) == 0
+        assert self.w.token.call("balanceOf", self.task.address) == self.burned
         for who in self.accounts:
             assert self.w.token.call("balanceOf", who) == self.wallet[who]
             assert self.stake[who] == self.unclaimed[who] == 0

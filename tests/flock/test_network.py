@@ -179,7 +179,7 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
             assert any(p["accepted"] for p in honest), status["history"]
             # every slash follows the contract's documented rule, replayed from the events
             params = task.params
-            stakes = dict.fromkeys(addresses, params.min_stake)
+            stakes = dict.fromkeys(addresses, params.stake)
             rejected_slashes = 0
             for event in task.events("Slashed"):
                 who, reason = str(event["participant"]), SlashReason(int(event["reason"]))
@@ -191,11 +191,12 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
                 rejected_slashes += reason == SlashReason.PROPOSAL_REJECTED
                 stakes[who] -= event["amount"]
             assert rejected_slashes == len(attacked)
-            # tokens are conserved: whatever is not in a wallet is still in the task's pool
+            # tokens are conserved: whatever is not in a wallet is in the task's pool (the
+            # creator's to reclaim) or burned there
             token = task.token
             holders = [created.task, chain.default_account, *addresses]
             assert sum(token.balance_of(h) for h in holders) == token.call("totalSupply")
-            assert token.balance_of(created.task) == task.pool()
+            assert token.balance_of(created.task) == task.pool() + task.burned()
             # the restarted participant's seed was on disk before its commitment went out
             saved = json.loads((folders[RESTARTED] / "state.json").read_text())
             seed = bytes.fromhex(saved["rounds"]["0"]["seed"])
