@@ -7,8 +7,9 @@ see (all revealed seeds), and withhold the fewest seeds that make one of them th
 any. Then anyone calls draw_roles and the trial records who was drawn. Fair share: k / 8.
 
 FlockTask v1 (kept as tests/flock/fixtures/flocktask_v1.json) drew from the seeds alone, so the
-colluders' prediction was exact. FlockTask v2 also mixes in the hash of the reveal window's
-last block, which nobody knows when deciding; the colluders run the same strategy (their best
+colluders' prediction was exact. FlockTask v2 and v3 (today's) also mix in the hash of a block
+mined after the reveals (v3: the beacon block, the reveal window's last, which takes no
+reveals), which nobody knows when deciding; the colluders run the same strategy (their best
 guess is the same seed-only draw). The contracts run on anvil (`make anvil`), a block per
 transaction, whose block hashes cover each block's contents and time like a real chain's; every
 trial starts from a snapshot of the same task at SEED_COMMIT. Writes
@@ -67,7 +68,7 @@ class V1Params:
     vote_reveal_blocks: int = 8
 
 
-V2_PARAMS = TaskParams(
+V3_PARAMS = TaskParams(
     rounds=1,
     min_participants=PARTICIPANTS,
     max_participants=PARTICIPANTS,
@@ -76,7 +77,7 @@ V2_PARAMS = TaskParams(
     keeper_fee=0,
     registration_blocks=40,
     seed_commit_blocks=9,
-    seed_reveal_blocks=9,
+    seed_reveal_blocks=10,  # 8 reveals, the block that opens the window, the beacon block
 )
 
 
@@ -86,11 +87,11 @@ class V1Task(BoundContract):
 
 
 def deploy(chain: Chain, token: Token, version: str, people: list[str]) -> BoundContract:
-    """A started task of `version` ('v1' or 'v2') with every participant joined."""
+    """A started task of `version` ('v1' or 'v3', today's) with every participant joined."""
     creator = chain.accounts[0]
-    if version == "v2":
+    if version == "v3":
         bundle = hashlib.sha256(b"draw bias").digest()
-        task: BoundContract = FlockTask.deploy(chain, token, V2_PARAMS, bundle, sender=creator)
+        task: BoundContract = FlockTask.deploy(chain, token, V3_PARAMS, bundle, sender=creator)
     else:
         chain.artifacts["contracts"][V1Task.artifact] = json.loads(V1_ARTIFACT.read_text())[
             "contracts"
@@ -102,7 +103,7 @@ def deploy(chain: Chain, token: Token, version: str, people: list[str]) -> Bound
         task = V1Task(chain, str(receipt["contractAddress"]))
     for who in people:
         token.approve(task.address, 10 * T, sender=who)
-        args = (10 * T, "") if version == "v2" else (10 * T,)
+        args = ("",) if version == "v3" else (10 * T,)
         task.transact("join", *args, sender=who)
     advance(task, 1)  # AWAIT_START, in both versions
     task.transact("start")
@@ -143,10 +144,10 @@ def trial(
     task: BoundContract, people: list[str], colluders: list[str], seeds: dict[str, bytes]
 ) -> tuple[bool, int, int]:
     """One round's draw under attack: (a colluder is the proposer, seeds withheld, slashed)."""
-    v2 = isinstance(task, FlockTask)
+    current = isinstance(task, FlockTask)
     for who in people:
         task.transact("commit_seed", seed_commitment(seeds[who], who), sender=who)
-    advance(task, Phase.SEED_REVEAL if v2 else V1Task.SEED_REVEAL)
+    advance(task, Phase.SEED_REVEAL if current else V1Task.SEED_REVEAL)
     honest = [p for p in people if p not in colluders]
     for who in honest:
         task.transact("reveal_seed", seeds[who], sender=who)
@@ -163,7 +164,7 @@ def trial(
     for who in colluders:
         if who not in withheld:
             task.transact("reveal_seed", seeds[who], sender=who)
-    advance(task, Phase.AWAIT_DRAW if v2 else V1Task.AWAIT_DRAW)
+    advance(task, Phase.AWAIT_DRAW if current else V1Task.AWAIT_DRAW)
     drawn = task.transact("draw_roles")
     (roles,) = drawn.named("RolesDrawn")
     slashed = sum(e["amount"] for e in drawn.named("Slashed"))
@@ -207,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     rows = []
-    for v in ("v1", "v2"):
+    for v in ("v1", "v3"):
         for k in (2, 3):
             with run_anvil() as url:
                 rows.append(row := measure(url, v, k, args.trials))

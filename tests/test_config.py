@@ -97,7 +97,7 @@ def test_every_shipped_recipe_loads(recipe: Path) -> None:
         (["train.batch_size=2"], "train.batch_size (2) must be >= train.micro_batch_size (8)"),
         (["fed.client_fraction=1.5"], "fed.client_fraction must be in (0, 1], got 1.5"),
         (["fed.server_momentum=1"], "fed.server_momentum must be in [0, 1), got 1.0"),
-        (["flock.threshold_pct=0"], "flock.threshold_pct must be in 1..100, got 0"),
+        (["flock.threshold_pct=0"], "flock.threshold_pct must be in 1..99, got 0"),
         (["lora.dropout=1.0"], "lora.dropout must be in [0, 1), got 1.0"),
         (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
         (["run.out=''"], "run.out is empty"),

@@ -196,14 +196,22 @@ def beacon_block(task: FlockTask, round_: int) -> int:
 
 
 def draw_in_python(
-    task: FlockTask, round_: int, revealed: list[str]
+    task: FlockTask,
+    round_: int,
+    revealed: list[str],
+    *,
+    seeds: Mapping[str, bytes] | None = None,
+    block: int | None = None,
 ) -> tuple[list[str], list[str]]:
-    """The contract's documented draw, redone off chain: XOR of the seeds and the hash of the
-    beacon block, then a partial Fisher-Yates shuffle of the revealers."""
+    """The contract's documented draw, redone off chain: XOR of the seeds (default: the
+    drivers' `fixed_seed`s) and the hash of `block` (default: the round's beacon block), then a
+    partial Fisher-Yates shuffle of the revealers."""
     xor = 0
     for who in revealed:
-        xor ^= int.from_bytes(fixed_seed(round_, who), "big")
-    block_hash = bytes(task.chain.w3.eth.get_block(beacon_block(task, round_))["hash"])
+        seed = fixed_seed(round_, who) if seeds is None else seeds[who]
+        xor ^= int.from_bytes(seed, "big")
+    block = beacon_block(task, round_) if block is None else block
+    block_hash = bytes(task.chain.w3.eth.get_block(block)["hash"])
     seed = keccak(
         abi_encode(
             ["uint256", "bytes32", "uint256", "address"], [xor, block_hash, round_, task.address]

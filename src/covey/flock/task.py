@@ -596,7 +596,8 @@ class FlockTask(BoundContract):
     def reveal_seed(self, seed: bytes, *, sender: str | None = None) -> TxResult:
         """Reveal the round's seed; the reveal window's last block (the beacon) takes none."""
         if self.chain.margin_blocks:
-            self.check_phase("reveal_seed", (Phase.SEED_REVEAL,), before=self.beacon_block())
+            beacon = self.beacon_block() or None  # 0 outside seeding: the phase check says why
+            self.check_phase("reveal_seed", (Phase.SEED_REVEAL,), before=beacon)
         return self.transact("reveal_seed", seed, sender=sender)
 
     def draw_roles(self, *, sender: str | None = None) -> TxResult:
@@ -649,13 +650,13 @@ class FlockTask(BoundContract):
         margin = self.chain.margin_blocks
         now, _ = self.phase_at(latest)
         later, end = self.phase_at(latest + 1 + margin)
-        if before is not None and latest + 1 + margin >= before:
+        if now in phases and later in phases:
+            if before is None or latest + 1 + margin < before:
+                return
             raise PhaseError(
                 f"{function} must land before block {before}: block {latest + 1 + margin} would"
                 " not; wait_for_phase() waits for the next window"
             )
-        if now in phases and later in phases:
-            return
         wanted = " or ".join(p.name for p in phases)
         raise PhaseError(
             f"{function} needs {wanted} with {margin} block(s) to spare: block {latest} is in"
