@@ -156,6 +156,8 @@ class Gateway:
 
     def stop(self) -> None:
         """Close every connection and the listening socket; returns within about a second."""
+        if self._stopping.is_set():
+            return  # stopped already
         self._stopping.set()
         if self._thread is None:
             self.server.close_everything()
@@ -184,6 +186,8 @@ class Gateway:
                 if now >= next_sweep:
                     self.server.sweep(now)
                     next_sweep = now + SWEEP_SECONDS
+        except Exception:
+            log.exception("gateway %s: the event loop failed; no longer serving", self.url)
         finally:
             self.server.close_everything()
 
