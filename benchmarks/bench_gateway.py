@@ -29,6 +29,7 @@ import os
 import platform
 import resource
 import select
+import shlex
 import socket
 import subprocess
 import sys
@@ -266,7 +267,7 @@ def main() -> None:
     except PackageNotFoundError:
         waitress = None
     result = {
-        "command": " ".join([".venv/bin/python benchmarks/bench_gateway.py", *sys.argv[1:]]),
+        "command": ".venv/bin/python benchmarks/bench_gateway.py " + shlex.join(sys.argv[1:]),
         "server": args.label,
         "gateway_module": gateway_module(),
         "setup": f"gateway, attacker and honest client in 3 processes on loopback; "
