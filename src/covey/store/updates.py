@@ -34,7 +34,8 @@ _METADATA = "__metadata__"
 MAX_HEADER_BYTES = 1 << 20
 """1 MiB. A header costs about 130 bytes per tensor: a rank-16 LoRA of a 7B model on all seven
 linear modules of its 32 layers has 448 tensors (about 60 kB), 1,344 when sent int8+topk (values,
-scales, indices: about 180 kB); a 70B model's (80 layers) about 470 kB sent int8+topk."""
+scales, indices: about 180 kB); a 70B model's (80 layers) about 450 kB sent int8+topk
+(tests/store/test_update_limits.py builds these headers)."""
 MAX_HEADER_DEPTH = 3
 """A safetensors header nests exactly three deep: the header, a tensor's entry, its shape."""
 MAX_TENSORS = 16_384
