@@ -223,6 +223,10 @@ def blob_corpus() -> Iterator[tuple[str, bytes]]:
             ),
         )
     yield (
+        "dtype a list",
+        safetensors_bytes({"__metadata__": meta, "a": entry(["F32"], [1], 0, 4)}, b"\0" * 4),
+    )
+    yield (
         "dtype a number",
         safetensors_bytes({"__metadata__": meta, "a": entry(4, [1], 0, 4)}, b"\0" * 4),
     )
@@ -473,28 +477,35 @@ def run_fuzz(examples: int, randomize: bool) -> None:
             for key, tensor in state.items():
                 assert tensor.shape == ref[key].shape and tensor.dtype == ref[key].dtype
 
-    dims = st.integers(0, 5) | st.integers(-2, 2**70)
-    header_entries = st.fixed_dictionaries(
+    leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+    any_json = leaves | st.lists(leaves, max_size=3) | st.dictionaries(st.text(max_size=3), leaves)
+    dims = st.integers(0, 5) | st.integers(-2, 2**70) | leaves
+    header_entries = st.fixed_dictionaries(  # the right keys, values often wrong
         {
-            "dtype": st.sampled_from([*DTYPES, "F4", "F8_E5M2", "U32", "x"]) | st.integers(),
-            "shape": st.lists(dims, max_size=4) | st.just([[1]]),
-            "data_offsets": st.lists(st.integers(0, 64) | st.integers(-2, 2**66), max_size=3),
-        },
-        optional={"extra": st.none()},
+            "dtype": st.sampled_from([*DTYPES, "F4", "F8_E5M2", "U32", "x"]) | any_json,
+            "shape": st.lists(dims, max_size=4) | any_json,
+            "data_offsets": st.lists(st.integers(0, 64) | st.integers(-2, 2**66), max_size=3)
+            | any_json,
+        }
     )
     headers = st.dictionaries(
         st.text(max_size=6) | st.sampled_from([*ref, "__metadata__"]),
-        header_entries | st.dictionaries(st.text(max_size=4), st.text(max_size=4)),
+        header_entries | header_entries | any_json,
         max_size=4,
     )
 
     @fuzz
     @given(
         header=headers,
+        transport=st.none() | st.sampled_from(TRANSPORTS),
         body=st.binary(max_size=96),
         length=st.none() | st.integers(0, 2**64 - 1),
     )
-    def structured_headers(header: dict[str, Any], body: bytes, length: int | None) -> None:
+    def structured_headers(
+        header: dict[str, Any], transport: str | None, body: bytes, length: int | None
+    ) -> None:
+        if transport is not None:  # metadata read_update accepts, so its checks come next
+            header = {**header, "__metadata__": metadata(transport)}
         read_all(safetensors_bytes(header, body, length))
 
     @fuzz

@@ -128,12 +128,12 @@ def _entry(name: str, value: Any) -> TensorEntry:
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
         raise _refuse(f"tensor {shown}: expected exactly dtype, shape and data_offsets")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _refuse(
             f"tensor {shown}: dtype {str(dtype)[:20]!r} is not one of {', '.join(DTYPES)}"
         )
-    if not _ints(shape) or len(shape) > MAX_RANK:
-        raise _refuse(f"tensor {shown}: shape must be at most {MAX_RANK} integers >= 0")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not _ints(shape):
+        raise _refuse(f"tensor {shown}: shape must be a list of at most {MAX_RANK} integers < 2^64")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise _refuse(f"tensor {shown}: shape {shape} is over {MAX_ELEMENTS:,} elements")
     if not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
@@ -148,8 +148,9 @@ def _entry(name: str, value: Any) -> TensorEntry:
 
 
 def _ints(value: Any) -> bool:
+    """A list of integers that fit safetensors' u64 (so no message quotes a huge one)."""
     return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in value
     )
 
 
