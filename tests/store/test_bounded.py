@@ -90,7 +90,8 @@ def test_json_depth_counts_containers() -> None:
     assert json_nesting("[]") == 1
     assert json_nesting('{"a": [[]], "b": "[[[[["}') == 3
     assert json_nesting("]]]]" + "[[") == 2  # an unmatched ] never lowers it below 0
-    assert json_nesting("[" * 50, stop_above=3) == 4  # stops as soon as it is too deep
+    assert json_nesting('["\\\\", [[]]]') == 3  # an escaped backslash, then the string ends
+    assert json_nesting('"[[\\') == 0  # an unterminated string, up to a lone backslash
     assert json_ok("[[[]]]", depth=3) == [[[]]]
     with pytest.raises(DataError, match="deeper than 2 levels"):
         json_ok("[[[]]]", depth=2)
