@@ -58,6 +58,7 @@ FORMAT = "covey-task/1"
 MAX_BUNDLE_BYTES = 64 * 1024
 """A bundle is its recipe (about 3 kB) and three short strings; 64 KiB is over 10x that."""
 MAX_RECIPE_BYTES = 32 * 1024
+"""`to_toml` writes every setting of a recipe in about 3 kB."""
 BUNDLE_DEPTH = 2
 """A bundle is one flat object (depth 1); one level more lets the field checks name a field
 that holds an object or a list instead of a string."""
@@ -84,8 +85,9 @@ BUDGET_CAPS: dict[str, int] = {
     "eval.rouge_examples": 1_000,
 }
 """The most of each cost a participant accepts from a task bundle's recipe (a list setting: its
-length). Far above any task Covey runs (the demo trains a few steps a round), far below one that
-would keep a participant busy past its phase windows, where it is slashed as a no-show."""
+length): far above what any task Covey runs asks (the demo trains a few steps a round), and a
+bound on what a creator can make participants spend; one kept busy past a phase window is
+slashed as a no-show. How long a round takes still depends on each participant's own data."""
 
 UNREAD_BASE = "unread-bundle-path:"
 """Put before a model.base from a bundle that names a path on this machine: nothing loads it,
