@@ -28,7 +28,7 @@ from covey.flock.commitments import (
     vote_commitment,
 )
 from covey.flock.devnode import find_anvil, run_anvil
-from covey.flock.keys import load_private_key
+from covey.flock.keys import load_private_key, write_private_file
 from covey.flock.task import (
     TOKEN_UNIT,
     FlockTask,
@@ -58,8 +58,7 @@ def anvil_url() -> Iterator[str]:
 
 def keyed_chain(url: str, path: Path) -> Chain:
     """A participant's own connection, with a fresh key written to a private file."""
-    path.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
-    path.chmod(0o600)
+    write_private_file(path, (secrets.token_hex(32) + "\n").encode())
     return Chain.connect(url, key=load_private_key(path), log_range=5)
 
 

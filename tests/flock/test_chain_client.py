@@ -24,7 +24,7 @@ from eth_abi.abi import encode as abi_encode
 from covey.errors import ConfigError
 from covey.flock.chain import Chain, ChainError, ContractRevert
 from covey.flock.commitments import seed_commitment
-from covey.flock.keys import InsecureKeyFileWarning, PrivateKey, load_private_key
+from covey.flock.keys import PrivateKey, load_private_key
 from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, TaskParams, Token
 from tests.flock import BUNDLE, SMALL, fixed_seed
 
@@ -53,18 +53,6 @@ def test_key_loads_from_file_and_environment(
     assert load_private_key() == from_file
     monkeypatch.setenv("OTHER_KEY", SECRET_HEX)
     assert load_private_key(env="OTHER_KEY").address != KEY_ADDRESS
-
-
-def test_key_file_readable_by_others_warns(tmp_path: Path) -> None:
-    loose = write_key(tmp_path / "loose", SECRET_HEX, mode=0o644)
-    with pytest.warns(InsecureKeyFileWarning, match="chmod 600"):
-        load_private_key(loose)
-    tight = write_key(tmp_path / "tight", SECRET_HEX, mode=0o600)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load_private_key(tight)
 
 
 @pytest.mark.parametrize(

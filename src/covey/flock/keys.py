@@ -1,7 +1,8 @@
 """Private keys: read from a file or an environment variable, never shown; written owner-only.
 
 A key never comes from the command line (it would land in shell history and `ps`). It is read
-from a file (a warning if group or others can read it) or from an environment variable, and
+from a file that only its owner can read or write (any other is refused, as ssh refuses such
+a key, with the chmod that fixes it) or from an environment variable, and
 lives only inside a `PrivateKey`, whose repr and str show the address alone. Error messages
 say what is wrong with a key without quoting any of it.
 
@@ -16,7 +17,6 @@ import contextlib
 import os
 import secrets
 import stat
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
 DEFAULT_ENV = "COVEY_PRIVATE_KEY"
 _SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-
-
-class InsecureKeyFileWarning(UserWarning):
-    """A key file that users other than its owner can read."""
 
 
 class PrivateKey:
@@ -100,26 +96,27 @@ def load_private_key(
 ) -> PrivateKey:
     """Load the key from `path` if given, else from the environment variable `env`.
 
-    The file holds the key as hex on its first line. A file readable by group or others
-    still loads, with an InsecureKeyFileWarning, so that a shared test key works but a real
-    one gets noticed.
+    The file holds the key as hex on its first line, and only its owner may read or write
+    it (mode 0600 or 0400): a file that group or others can read or write is refused with a
+    ConfigError saying `chmod 600 FILE`, before its contents are read: others may have read
+    the key already, or (with write access) replaced it with one they know.
     """
     if path is not None:
         file = Path(path)
         try:
-            mode = file.stat().st_mode
-            text = file.read_text(encoding="utf-8")
+            with file.open("rb") as opened:  # the mode of the file read, not of a path swapped
+                mode = os.fstat(opened.fileno()).st_mode
+                if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    raise ConfigError(
+                        f"key file {file} can be read or written by group or others (mode "
+                        f"{stat.filemode(mode)}); a key must be its owner's alone: run "
+                        f"`chmod 600 {file}` (and use a new key if others may have read it)"
+                    )
+                text = opened.read().decode("utf-8")
         except FileNotFoundError:
             raise ConfigError(f"key file {file} does not exist") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"key file {file} cannot be read: {type(e).__name__}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            warnings.warn(
-                f"key file {file} is accessible by group or others "
-                f"(mode {stat.filemode(mode)}); run: chmod 600 {file}",
-                InsecureKeyFileWarning,
-                stacklevel=2,
-            )
         lines = text.strip().splitlines()
         return PrivateKey.from_hex(lines[0] if lines else "", source=f"key file {file}")
     value = os.environ.get(env)

@@ -78,7 +78,13 @@ def read_update(data: bytes, reference: State, reference_cid: str, codec: Codec)
         raise DataError(
             f"made from global adapter {metadata.get('reference')}, not the round's {reference_cid}"
         )
-    return decode_update(deserialize_update(data), reference, codec)
+    wire = deserialize_update(data)
+    try:
+        return decode_update(wire, reference, codec)
+    except (ValueError, RuntimeError, IndexError, TypeError, OverflowError) as e:
+        # decode_update names what it checks as TransportError (a DataError); anything else
+        # from torch on a peer's tensors must still refuse the blob, never stop the reader
+        raise DataError(f"update does not decode ({type(e).__name__}: {e})") from None
 
 
 class Blobs:

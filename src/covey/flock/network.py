@@ -44,7 +44,13 @@ from covey.flock.agent import (
     data_split,
     stake_and_join,
 )
-from covey.flock.bundle import TaskBundle, bundle_recipe, task_params, weights_sha256
+from covey.flock.bundle import (
+    TaskBundle,
+    bundle_base_path,
+    bundle_recipe,
+    task_params,
+    weights_sha256,
+)
 from covey.flock.chain import Chain, ChainError, ContractRevert
 from covey.flock.history import TaskHistory, balances, finished_rounds, round_facts
 from covey.flock.keys import load_private_key
@@ -114,6 +120,13 @@ def read_bundle(task: FlockTask, blobs: Blobs) -> tuple[TaskBundle, RunConfig]:
 
 def task_model(cfg: RunConfig, bundle: TaskBundle) -> RunModel:
     """Load the base model named by `cfg.model` and check it has the bundle's weights."""
+    path = bundle_base_path(cfg)
+    if path is not None:  # read_bundle left it unread and no --base replaced it
+        raise ConfigError(
+            f"the task's bundle names a path as its base model ({path!r}); paths from a "
+            f"bundle are never read: pass --base with this machine's copy of "
+            f"{bundle.base_model!r}"
+        )
     model, tokenizer = load_base_model(cfg.model)
     digest = weights_sha256(model)
     if digest != bundle.base_weights_sha256:
