@@ -211,7 +211,7 @@ def fetch(
     """Rebuild the task's global adapter from the chain and the blobs (every CID checked)."""
     from covey.flock.ledger import Blobs
     from covey.flock.network import attach_task, connect, fetch_adapter
-    from covey.store.fetch import check_gateway_url
+    from covey.store.endpoints import check_gateway_url
     from covey.store.local import LocalStore
 
     _setup_logging()
