@@ -8,6 +8,13 @@ registrant's path and query.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import socket
+import ssl
+import threading
+from pathlib import Path
+
 import pytest
 
 from covey.errors import ConfigError, DataError
@@ -160,3 +167,57 @@ def test_a_private_endpoint_allowed_by_the_task_still_cannot_pick_the_path() -> 
         assert canary.requests == []
         assert fetch(CID, [Source(canary.url, allow_private=True)], ONCE) == BLOB
         assert [r.line.split()[1] for r in canary.requests] == [f"/ipfs/{CID}?format=raw"]
+
+
+def test_tls_names_the_urls_host_and_verifies_its_certificate(tmp_path: Path) -> None:
+    """Over https the handshake carries the URL's host name (SNI) although the socket connects
+    to an address; a certificate no CA vouches for is that source's failure."""
+    certificate = _self_signed(tmp_path, "localhost")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    names: list[str | None] = []
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def handshake_once() -> None:
+        connection, _ = listener.accept()
+        with contextlib.suppress(OSError), context.wrap_socket(connection, server_side=True):
+            pass
+
+    threading.Thread(target=handshake_once, daemon=True).start()
+    with listener:
+        url = f"https://localhost:{listener.getsockname()[1]}"
+        with pytest.raises(DataError, match="CERTIFICATE_VERIFY_FAILED"):
+            fetch(CID, [Source(url, allow_private=True)], ONCE)
+    assert names == ["localhost"]
+
+
+def _self_signed(folder: Path, host: str) -> tuple[Path, Path]:
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file

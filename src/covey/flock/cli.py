@@ -120,7 +120,9 @@ def join(
     state: Path = typer.Option(..., help="This participant's folder: secrets, blobs, adapters."),
     listen: str = typer.Option("127.0.0.1:0", help="HOST:PORT this participant serves blobs on."),
     public_url: str = typer.Option(
-        "", help="The URL others reach that server at (default: http://HOST:PORT of --listen)."
+        "",
+        help="http(s)://HOST[:PORT] others reach that server at, no path (default: http://"
+        "HOST:PORT of --listen); a task without flock.allow_private_endpoints needs a public one.",
     ),
     gateway: list[str] = _GATEWAY,
     base: str | None = typer.Option(None, help="This machine's copy of the base model."),

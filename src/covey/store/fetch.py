@@ -70,9 +70,12 @@ class FetchLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
     """Largest blob accepted (Content-Length checked first, then the bytes counted)."""
     timeout_s: float = 300.0
-    """Wall-clock limit for the whole blob: every source, every try. 256 MB at 1 MB/s fits."""
+    """Wall-clock limit for the whole blob: every source, every try (a caller's `deadline` may
+    end it sooner)."""
     source_timeout_s: float = 120.0
-    """Wall-clock limit for one request to one source, from DNS lookup to the last byte."""
+    """Wall-clock limit for one request to one source, from DNS lookup to the last byte: a
+    source must average max_bytes / 120 s (2.2 MB/s for 256 MB; a Covey adapter of a few MB
+    needs tens of kB/s)."""
     min_rate: float = 64 * 1024
     """Bytes a second a source must average after `grace_s` (a 0.5 Mbit/s uplink), counted from
     the end of the grace period: a drip or a silent server is cut off soon after it."""
@@ -84,9 +87,9 @@ class FetchLimits:
     """While no answer is complete, ask one more source (up to `parallel`) this often; a
     failed source is replaced at once."""
     attempts: int = 2
-    """Tries per source when a failure may pass (refused or reset connection, timeout, too
-    slow, 404 not yet held, 5xx); wrong bytes, oversize, redirects and refused addresses are
-    not retried."""
+    """Tries per source when a failure may pass (refused or reset connection, 404 not yet held,
+    5xx); a source that ran out of time or fell below `min_rate` has had its chance, and wrong
+    bytes, oversize, redirects and refused addresses are not retried either."""
     backoff_s: float = 1.0
     """Wait before a source's second try (doubling after)."""
 
@@ -259,14 +262,14 @@ class _Fetch:
                     attempt,
                     f"timed out: no complete answer within {elapsed:.1f} s "
                     f"({attempt.received} bytes)",
-                    retry=True,
+                    retry=False,
                 )
             elif now >= self._too_slow_at(attempt):
                 self._fail(
                     attempt,
                     f"too slow: {attempt.received} bytes in {elapsed:.1f} s (at least "
                     f"{limits.min_rate:.0f} bytes/s after the first {limits.grace_s:g} s)",
-                    retry=True,
+                    retry=False,
                 )
 
     def _too_slow_at(self, attempt: _Attempt) -> float:
