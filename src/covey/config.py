@@ -340,6 +340,11 @@ class FlockConfig:
     round_trust_gain_z: float = 2.0
     """Round-relative: never reject for its direction an update that lowers the voter's own
     validation loss by at least this many standard errors (the others may be the attackers)."""
+    allow_private_endpoints: bool = False
+    """Let participants fetch blobs from peers' endpoints at private, loopback, link-local or
+    other non-public addresses: for a task on one LAN or one machine (the devnet sets it). Off,
+    an endpoint must resolve to a public address, so that no registrant can make every voter
+    send requests into its own network (covey.store.endpoints)."""
 
     def __post_init__(self) -> None:
         for name in ("proposers_per_round", "voters_per_round", "validation_examples"):

@@ -171,7 +171,7 @@ def test_every_transaction_emits_an_event(w: World) -> None:
     task = w.task()
     people = w.people[:3]
     results = [task.join("http://127.0.0.1:9000", sender=p) for p in people]
-    results.append(task.set_endpoint("https://peer.example/blobs", sender=people[0]))
+    results.append(task.set_endpoint("https://peer.example", sender=people[0]))
     task.advance_to_phase(Phase.AWAIT_START)
     results.append(task.start())
     r = 0
@@ -217,7 +217,9 @@ def test_task_bundle_deployment_block_and_endpoints(w: World) -> None:
     assert again.endpoint_of(b) == "https://b.example"
     with pytest.raises(ContractRevert, match="set_endpoint: not a participant"):
         task.set_endpoint("https://c.example", sender=w.people[2])
-    for bad in ("ftp://x", "not a url", "http://", "https://" + "a" * 250 + ".example"):
+    long = "https://" + "a" * 250 + ".example"
+    paths = ("http://b.example/blobs", "http://b.example/?", "http://u@b.example")
+    for bad in ("ftp://x", "not a url", "http://", long, *paths):
         with pytest.raises(ConfigError, match="endpoint"):
             task.set_endpoint(bad, sender=a)
     # events are read from the deployment block in ranges of log_range blocks

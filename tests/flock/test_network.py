@@ -83,6 +83,7 @@ voters_per_round = 1
 max_missed_rounds = 3
 validation_examples = 4
 harm_z = 0.0
+allow_private_endpoints = true
 """
     path = data.parent / "recipe.toml"
     path.write_text(text)

@@ -14,7 +14,7 @@ import pytest
 
 from covey.errors import ConfigError, DataError
 from covey.store.cid import cid_for
-from covey.store.fetch import check_gateway_url, fetch
+from covey.store.fetch import FetchLimits, Source, check_gateway_url, fetch
 from covey.store.gateway import Gateway
 from covey.store.local import LocalStore
 
@@ -23,6 +23,11 @@ from covey.store.local import LocalStore
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
     with Gateway(LocalStore(tmp_path / "store")) as g:
         yield g
+
+
+def own(*urls: str) -> list[Source]:
+    """Gateways the user chose: loopback is allowed for them."""
+    return [Source(u, allow_private=True) for u in urls]
 
 
 def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[str, ThreadingHTTPServer]:
@@ -39,7 +44,7 @@ def test_a_published_blob_is_served_raw_and_fetched_intact(gateway: Gateway) -> 
         assert response.headers["Content-Type"] == "application/vnd.ipld.raw"
         assert response.headers["X-Ipfs-Path"] == f"/ipfs/{cid}"
         assert response.read() == b"adapter bytes"
-    assert fetch(cid, [gateway.url]) == b"adapter bytes"
+    assert fetch(cid, own(gateway.url)) == b"adapter bytes"
 
 
 @pytest.mark.parametrize(
@@ -56,7 +61,7 @@ def test_a_corrupted_file_is_never_served(gateway: Gateway) -> None:
     cid = gateway.store.put(b"good")
     (gateway.store.root / cid).write_bytes(b"evil")
     with pytest.raises(DataError, match="no source served it intact"):
-        fetch(cid, [gateway.url], attempts=1)
+        fetch(cid, own(gateway.url), FetchLimits(attempts=1))
 
 
 def test_wrong_bytes_from_one_peer_fall_back_to_the_next(gateway: Gateway) -> None:
@@ -73,9 +78,9 @@ def test_wrong_bytes_from_one_peer_fall_back_to_the_next(gateway: Gateway) -> No
 
     liar, server = serve(Liar)
     try:
-        assert fetch(cid, [liar, gateway.url], attempts=1) == b"the real update"
+        assert fetch(cid, own(liar, gateway.url), FetchLimits(attempts=1)) == b"the real update"
         with pytest.raises(DataError, match=r"do not match their content hash"):
-            fetch(cid, [liar], attempts=1)
+            fetch(cid, own(liar), FetchLimits(attempts=1))
     finally:
         server.shutdown()
 
@@ -107,10 +112,11 @@ def test_oversized_slow_and_dead_peers_cost_a_bounded_wait(gateway: Gateway) -> 
     try:
         started = time.monotonic()
         with pytest.raises(DataError) as caught:
-            fetch(cid, [flood, silent, dead], max_bytes=1000, timeout=0.5, attempts=2, backoff=0.1)
+            limits = FetchLimits(max_bytes=1000, source_timeout_s=0.5, attempts=2, backoff_s=0.1)
+            fetch(cid, own(flood, silent, dead), limits)
         assert time.monotonic() - started < 4
         message = str(caught.value)
-        assert "1000-byte limit" in message and "timed out" in message
+        assert "1000-byte limit" in message and "timed out" in message, message
         assert "Connection refused" in message or "ConnectionRefused" in message
     finally:
         flood_server.shutdown()
@@ -119,11 +125,18 @@ def test_oversized_slow_and_dead_peers_cost_a_bounded_wait(gateway: Gateway) -> 
 
 def test_a_peer_cannot_point_the_fetcher_at_local_files(gateway: Gateway) -> None:
     cid = cid_for(b"secret")
-    with pytest.raises(DataError, match="not an http"):
-        fetch(cid, ["file:///etc"], attempts=1)
+    for source in ("file:///etc", Source("file:///etc", allow_private=True)):
+        with pytest.raises(DataError, match="not an http"):
+            fetch(cid, [source], FetchLimits(attempts=1))
 
 
 def test_gateway_urls_are_checked() -> None:
     assert check_gateway_url("http://10.0.0.2:8090/", "--public-url") == "http://10.0.0.2:8090"
+    assert check_gateway_url(" https://gw.example/prefix/ ", "--gateway") == (
+        "https://gw.example/prefix"
+    )
     with pytest.raises(ConfigError, match="--public-url 'ftp://x'"):
         check_gateway_url("ftp://x", "--public-url")
+    for bad in ("http://gw.example/?x=1", "http://gw.example/#", "http://user:pw@gw.example"):
+        with pytest.raises(ConfigError, match="--gateway"):
+            check_gateway_url(bad, "--gateway")

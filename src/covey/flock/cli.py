@@ -120,7 +120,9 @@ def join(
     state: Path = typer.Option(..., help="This participant's folder: secrets, blobs, adapters."),
     listen: str = typer.Option("127.0.0.1:0", help="HOST:PORT this participant serves blobs on."),
     public_url: str = typer.Option(
-        "", help="The URL others reach that server at (default: http://HOST:PORT of --listen)."
+        "",
+        help="http(s)://HOST[:PORT] others reach that server at, no path (default: http://"
+        "HOST:PORT of --listen); a task without flock.allow_private_endpoints needs a public one.",
     ),
     gateway: list[str] = _GATEWAY,
     base: str | None = typer.Option(None, help="This machine's copy of the base model."),
@@ -211,7 +213,7 @@ def fetch(
     """Rebuild the task's global adapter from the chain and the blobs (every CID checked)."""
     from covey.flock.ledger import Blobs
     from covey.flock.network import attach_task, connect, fetch_adapter
-    from covey.store.fetch import check_gateway_url
+    from covey.store.endpoints import check_gateway_url
     from covey.store.local import LocalStore
 
     _setup_logging()

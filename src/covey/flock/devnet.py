@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,8 @@ def run_devnet(
     """Run a task to its end with one join process per client; the task's status at the end."""
     files = check_data_dir(Path(cfg.data.dir))
     out.mkdir(parents=True, exist_ok=True)
+    # every participant serves its blobs on loopback: peers may fetch from private addresses
+    cfg = replace(cfg, flock=replace(cfg.flock, allow_private_endpoints=True))
     with run_anvil(block_time_s=block_time_s) as url:
         node = Chain.connect(url)
         creator_dir = out / "creator"

@@ -38,7 +38,8 @@ from covey.fed.validation import validate_update
 from covey.flock.task import FlockTask, Outcome
 from covey.state import State
 from covey.store.cid import cid_from_digest
-from covey.store.fetch import DEFAULT_MAX_BYTES, fetch
+from covey.store.endpoints import endpoint_problem
+from covey.store.fetch import FetchLimits, Source, fetch
 from covey.store.local import LocalStore
 from covey.store.updates import deserialize_update, serialize_update, update_metadata
 
@@ -90,7 +91,13 @@ def read_update(data: bytes, reference: State, reference_cid: str, codec: Codec)
 class Blobs:
     """Where a participant keeps, serves and finds blobs: its own store (which its gateway
     serves) first, then the publisher's registered endpoint, every other participant's, and
-    any configured gateways. Whatever is fetched is verified and kept, so it is served on."""
+    any configured gateways. Whatever is fetched is verified and kept, so it is served on.
+
+    Peers' endpoints are untrusted: one that is not `http(s)://host[:port]` is skipped (and
+    logged), and the others may only reach public addresses unless `allow_private_endpoints`
+    (the task's `flock.allow_private_endpoints`, for a LAN or loopback task); `gateways` are
+    the user's own choice and may reach any address. `limits` bounds each fetch
+    (`covey.store.fetch.FetchLimits`)."""
 
     def __init__(
         self,
@@ -98,45 +105,59 @@ class Blobs:
         task: FlockTask | None = None,
         gateways: Sequence[str] = (),
         *,
-        timeout: float = 30.0,
-        attempts: int = 3,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        limits: FetchLimits = FetchLimits(),
+        allow_private_endpoints: bool = False,
     ) -> None:
         self.store = store
         self.task = task
         self.gateways = list(gateways)
-        self.timeout, self.attempts, self.max_bytes = timeout, attempts, max_bytes
+        self.limits = limits
+        self.allow_private_endpoints = allow_private_endpoints
+        """Whether peers' endpoints may be private addresses; set from the task bundle once it
+        is read (the bundle itself comes from the publisher or the user's gateways)."""
         self.fetched_bytes = 0
         """Bytes received from other parties so far (not counting the local store)."""
         self.fetch_s = 0.0
+        self._skipped: set[str] = set()
 
     def put(self, data: bytes) -> str:
         return self.store.put(data)
 
-    def get(self, cid: str, publisher: str | None = None) -> bytes:
+    def get(
+        self, cid: str, publisher: str | None = None, *, deadline: float | None = None
+    ) -> bytes:
+        """The blob `cid`, from the local store or fetched (the publisher's endpoint first),
+        giving up (DataError) at `deadline`, a `time.monotonic()` value, if it comes before
+        `limits.timeout_s`: a voter bounds its ballot's fetching by its phase window."""
         if cid in self.store:
             return self.store.get(cid)
         started = time.perf_counter()
         try:
-            data = fetch(
-                cid, self.sources(publisher), max_bytes=self.max_bytes, timeout=self.timeout,
-                attempts=self.attempts,
-            )  # fmt: skip
+            data = fetch(cid, self.sources(publisher), self.limits, deadline=deadline)
         finally:
             self.fetch_s += time.perf_counter() - started
         self.fetched_bytes += len(data)
         self.store.put(data)
         return data
 
-    def sources(self, publisher: str | None = None) -> list[str]:
-        """Gateways to ask, the publisher's first."""
-        urls: list[str] = []
+    def sources(self, publisher: str | None = None) -> list[Source]:
+        """Where to ask, the publisher's endpoint first, the user's gateways last."""
+        sources: list[Source] = []
         if self.task is not None:
             members = self.task.participants()
             if publisher is not None:
                 members = [publisher, *[m for m in members if m.lower() != publisher.lower()]]
-            urls = [self.task.endpoint_of(m) for m in members]
-        return [u for u in dict.fromkeys([*urls, *self.gateways]) if u]
+            for member in members:
+                endpoint = self.task.endpoint_of(member)
+                problem = endpoint_problem(endpoint) if endpoint else None
+                if problem:
+                    if endpoint not in self._skipped:  # once per endpoint, not per blob
+                        self._skipped.add(endpoint)
+                        log.warning("skipping %s's endpoint %r: %s", member, endpoint, problem)
+                elif endpoint:
+                    sources.append(Source(endpoint, self.allow_private_endpoints))
+        sources += [Source(g, allow_private=True) for g in self.gateways]
+        return sources
 
 
 def global_bytes(state: State, base_model: str) -> bytes:

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -67,7 +68,7 @@ from covey.flock.task import (
 from covey.model.loading import base_model_id, load_base_model
 from covey.model.lora import adapter_files, adapter_state, wrap_with_lora
 from covey.store.cid import cid_from_digest, digest_of
-from covey.store.fetch import check_gateway_url
+from covey.store.endpoints import address_refusal, check_endpoint, check_gateway_url
 from covey.store.gateway import Gateway
 from covey.store.local import LocalStore
 
@@ -249,6 +250,7 @@ def join_task(settings: JoinSettings) -> Path:
     gateways = [check_gateway_url(g, "--gateway") for g in settings.gateways]
     blobs = Blobs(store, task, gateways)
     bundle, cfg = read_bundle(task, blobs)
+    blobs.allow_private_endpoints = cfg.flock.allow_private_endpoints
     model_cfg = cfg.model
     if settings.base:
         model_cfg = replace(model_cfg, base=settings.base)
@@ -260,8 +262,9 @@ def join_task(settings: JoinSettings) -> Path:
         records = poison_records(records, cfg.attack, int(me, 16))
     host, _, port = settings.listen.rpartition(":")
     with Gateway(store, host or "127.0.0.1", int(port or 0)) as gateway:
-        endpoint = check_gateway_url(settings.public_url or gateway.url, "--public-url")
+        endpoint = check_endpoint(settings.public_url or gateway.url, "--public-url")
         log.info("%s: serving blobs at %s (announced as %s)", me, gateway.url, endpoint)
+        warn_if_unreachable(endpoint, cfg.flock.allow_private_endpoints)
         # before the model loads (minutes): stake while registration is open, and after a
         # restart on another address point peers at it, so our published blobs stay reachable
         if task.phase() == Phase.REGISTRATION and not task.joined(me):
@@ -306,6 +309,23 @@ def join_task(settings: JoinSettings) -> Path:
             log.info("%s: serving blobs for %.0f s more", me[:10], settings.linger_s)
             time.sleep(settings.linger_s)
     return final
+
+
+def warn_if_unreachable(endpoint: str, allow_private: bool) -> None:
+    """Say so when peers will refuse to fetch from `endpoint`: an address literal that is not
+    public, in a task that does not allow private endpoints."""
+    host = urlsplit(endpoint).hostname or ""
+    try:
+        why = None if allow_private else address_refusal(host)
+    except ValueError:  # a host name: resolved by each peer when it fetches
+        return
+    if why:
+        log.warning(
+            "--public-url %s is %s: peers will not fetch from it (this task does not set "
+            "flock.allow_private_endpoints); announce a public address",
+            endpoint,
+            why,
+        )
 
 
 def write_adapter(run_model: RunModel, ledger: Ledger, round_: int, out: Path) -> Path:
@@ -357,6 +377,7 @@ def fetch_adapter(
     """Rebuild the global adapter of `round_` (default: the latest) from the chain and the
     gateways, checking every CID, and write it as a PEFT folder; (folder, CID)."""
     bundle, cfg = read_bundle(task, blobs)
+    blobs.allow_private_endpoints = cfg.flock.allow_private_endpoints
     done = finished_rounds(task)
     target = done if round_ is None else round_
     if not 0 <= target <= done:
@@ -397,8 +418,10 @@ def serve_until_done(
 def task_archive(task: FlockTask, store: LocalStore, created: Created, fed: FedConfig) -> Ledger:
     """The creator's ledger of `task` over its own store (which holds the bundle), for
     `archive_rounds`."""
-    base_model = TaskBundle.from_bytes(store.get(created.bundle_cid)).base_model
-    return Ledger(task, Blobs(store, task), created.initial_adapter, fed, base_model)
+    bundle = TaskBundle.from_bytes(store.get(created.bundle_cid))
+    private = bundle.config().flock.allow_private_endpoints
+    blobs = Blobs(store, task, allow_private_endpoints=private)
+    return Ledger(task, blobs, created.initial_adapter, fed, bundle.base_model)
 
 
 def archive_rounds(archive: Ledger) -> None:

@@ -24,7 +24,6 @@ from dataclasses import astuple, dataclass, fields
 from enum import IntEnum
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlsplit
 
 from eth_utils.address import to_checksum_address
 
@@ -37,6 +36,7 @@ from covey.flock.chain import (
     TxResult,
     contract_address,
 )
+from covey.store.endpoints import endpoint_problem
 
 TOKEN_UNIT = 10**18  # the token has 18 decimals: 10 tokens are 10 * TOKEN_UNIT
 MAX_PARTICIPANTS = 64  # FlockTask.vy's hard caps, checked again here for clear errors
@@ -266,18 +266,17 @@ class TaskParams:
 
 
 def validate_endpoint(endpoint: str) -> str:
-    """An http(s) URL of at most 256 bytes where a participant serves blobs, or "" for none."""
+    """Where a participant serves blobs, `http(s)://host[:port]` of at most 256 bytes (no path,
+    query, fragment or user info: `covey.store.endpoints.endpoint_problem`), or "" for none;
+    ConfigError otherwise. Which addresses peers will connect to is checked when they fetch."""
     if endpoint == "":
         return endpoint
-    parts = urlsplit(endpoint)
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or any(c.isspace() for c in endpoint)
-    ):
-        raise ConfigError(f"endpoint {endpoint!r}: expected an http(s):// URL with a host")
-    if len(endpoint.encode()) > MAX_ENDPOINT_BYTES:
-        raise ConfigError(f"endpoint is {len(endpoint.encode())} bytes; the contract keeps 256")
+    problem = endpoint_problem(endpoint)
+    if problem:
+        raise ConfigError(
+            f"endpoint {endpoint[:300]!r}: {problem}; expected http(s)://host[:port] such as "
+            "http://203.0.113.5:8091"
+        )
     return endpoint
 
 
