@@ -17,7 +17,6 @@ import pytest
 
 from covey.errors import DataError
 from covey.flock.ledger import Blobs
-from covey.flock.task import TOKEN_UNIT
 from covey.store.cid import cid_for
 from covey.store.fetch import FetchLimits
 from covey.store.gateway import Gateway
@@ -49,7 +48,7 @@ def test_registered_endpoints_cannot_aim_fetches_at_the_voters_network(
         mine.store.put(BLOB)
         forger, loopback, named, quiet = w.people[:4]
         for who in (forger, loopback, named, quiet):
-            task.join(10 * TOKEN_UNIT, sender=who)
+            task.join(sender=who)
         # straight to the contract: validate_endpoint would refuse the first one
         forged = f"{canary.url}/admin/delete-all?confirm=yes#"
         task.transact("set_endpoint", forged, sender=forger)
