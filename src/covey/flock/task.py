@@ -44,7 +44,6 @@ MAX_STAKE = 2**96
 MAX_POOL = 2**96
 MAX_ROUNDS = 10_000
 MAX_TIMEOUT_BLOCKS = 255
-MAX_ENDPOINT_BYTES = 256
 MAX_KEEPER_PCT = 5  # every transition's keeper fee together, as a share of the reward pool
 
 
