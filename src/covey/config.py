@@ -320,6 +320,14 @@ class FlockConfig:
     harm_z: float = 2.0
     """A voter rejects a proposal that raises its validation loss by at least this many standard
     errors (paired over its examples); 0: accept only a strict improvement (FLock's rule)."""
+    copy_cosine: float = 0.9
+    """A voter rejects a proposal whose delta (update minus the round's global adapter) has at
+    least this cosine, in parameters or in what it adds to the weights, with the delta another
+    proposer published in an earlier round of the task: a copy of someone else's work,
+    re-wrapped, re-parametrized, slightly perturbed or added to a newer global adapter
+    (covey.flock.copies). A proposer's own earlier updates never count. Honest updates of two
+    participants reach 0.36 (SmolLM2, 2 steps) to 0.51 (8 steps) on IID data, far more on the
+    tests' random tiny model (0.95: set 0.99 there); benchmarks/bench_voter_checks.py."""
     round_relative: bool = False
     """Voters also compare the round's proposals with each other and reject outliers in size,
     direction or gain (covey.flock.scoring.round_outliers); needs 3 or more proposers."""
@@ -346,6 +354,11 @@ class FlockConfig:
             self.round_max_norm_ratio > 1,
             "round_max_norm_ratio",
             f"must be > 1 (it bounds both sides of the median), got {self.round_max_norm_ratio}",
+        )
+        _require(
+            0 < self.copy_cosine <= 1,
+            "copy_cosine",
+            f"must be in (0, 1] (a cosine of a near-copy), got {self.copy_cosine}",
         )
         _require(
             -1 <= self.round_min_cosine <= 1,
@@ -520,6 +533,16 @@ class RunConfig:
                 "fed.client_fraction",
                 f"= {self.fed.client_fraction} cannot combine with fed.consensus = 'flock' (the "
                 "contract draws flock.proposers_per_round proposers each round); leave it at 1.0",
+            )
+            # voters refuse an update larger than the task's training can make, which needs
+            # a cap on its steps (covey.fed.validation.training_norm_bound)
+            _require(
+                self.train.max_steps >= 1 or self.fed.max_update_norm > 0,
+                "train.max_steps",
+                "= 0 cannot combine with fed.consensus = 'flock': voters refuse an update larger "
+                "than train.lr over train.max_steps AdamW steps can make, so the steps need a "
+                "cap; set train.max_steps (e.g. --set train.max_steps=8), or an explicit "
+                "fed.max_update_norm",
             )
         if self.fed.strategy == "fedprox":
             _require(
