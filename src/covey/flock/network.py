@@ -269,6 +269,7 @@ def join_task(settings: JoinSettings) -> Path:
             cfg.fed,
             base_model=bundle.base_model,
             cache=state / "globals",
+            train=cfg.train,
         )
         participant = Participant(
             task=task, address=me, cfg=cfg, model=run_model, train=train, validation=validation,
@@ -351,7 +352,9 @@ def fetch_adapter(
     if base:
         cfg = replace(cfg, model=replace(cfg.model, base=base))
     run_model = task_model(cfg, bundle)
-    ledger = Ledger(task, blobs, bundle.initial_adapter, cfg.fed, base_model=bundle.base_model)
+    ledger = Ledger(
+        task, blobs, bundle.initial_adapter, cfg.fed, base_model=bundle.base_model, train=cfg.train
+    )
     write_adapter(run_model, ledger, target, out)
     return out, ledger.global_state(target)[1]
 
@@ -384,8 +387,11 @@ def serve_until_done(
 def task_archive(task: FlockTask, store: LocalStore, created: Created, fed: FedConfig) -> Ledger:
     """The creator's ledger of `task` over its own store (which holds the bundle), for
     `archive_rounds`."""
-    base_model = TaskBundle.from_bytes(store.get(created.bundle_cid)).base_model
-    return Ledger(task, Blobs(store, task), created.initial_adapter, fed, base_model)
+    bundle = TaskBundle.from_bytes(store.get(created.bundle_cid))
+    train = bundle.config().train  # the bound on updates comes from the task's training recipe
+    return Ledger(
+        task, Blobs(store, task), created.initial_adapter, fed, bundle.base_model, train=train
+    )
 
 
 def archive_rounds(archive: Ledger) -> None:
