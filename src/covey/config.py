@@ -176,7 +176,8 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the client's data per round (Shepherd: 10; fractions allowed)."""
     max_steps: int = 0
-    """If > 0, stop a client's round after this many optimizer steps (same compute per client)."""
+    """If > 0, stop a client's round after this many optimizer steps (same compute per client).
+    Required by fed.consensus = 'flock' (unless fed.max_update_norm is set): it bounds updates."""
     batch_size: int = 64
     """Examples per optimizer step (Shepherd: 64)."""
     micro_batch_size: int = 8
@@ -249,7 +250,9 @@ class FedConfig:
     clip_norm: float = 0.0
     """norm_clip: the L2 bound on each update's delta; 0 = the round's median delta norm."""
     max_update_norm: float = 0.0
-    """Reject an update whose L2 distance from the global adapter exceeds this (0 disables)."""
+    """Reject an update whose L2 distance from the global adapter exceeds this. 0: no bound on
+    the server engines; under fed.consensus = 'flock', the most the task's training can move
+    the adapter (train.lr over train.max_steps AdamW steps; covey.fed.validation)."""
     consensus: Consensus = "server"
     """`server`: a server aggregates every round (FedIT); `flock`: proposers, voters and a
     contract decide (see [flock])."""
