@@ -33,12 +33,12 @@ its own proposer published one there.
 
 Sketches (`Sketcher`) are random projections keyed by a secret of the voter's own (a copier who
 knew them could pick a perturbation that scrambles the sketch alone), SKETCH_SIZE entries per
-space whatever the adapter's size (128 KiB per proposal as float64, half that on disk; 17 ms
-to make for SmolLM2's 460,800 adapter parameters): a LoRA module's weight change B A - B0 A0 is
-projected on both sides to PROJECTION_SIDE rows and columns from its low-rank factors, never
-formed; the concatenation, like the parameter delta, is then count-sketched (Charikar, Chen
-and Farach-Colton 2002). Cosines come through within 0.03 (parameters) and 0.05 (function) of
-the exact ones on SmolLM2, exact when the adapter is small enough.
+space whatever the adapter's size: 128 KiB per proposal as float64, half that on disk, 20 to 40
+ms to make for SmolLM2's 460,800 adapter parameters. A LoRA module's weight change B A - B0 A0
+is projected on both sides to PROJECTION_SIDE rows and columns from its low-rank factors, never
+formed; the concatenation, like the parameter delta, is then count-sketched (Charikar, Chen and
+Farach-Colton 2002). Cosines come through within 0.03 (parameters) and 0.05 (function) of the
+exact ones on SmolLM2, exact when the adapter is small enough.
 """
 
 from __future__ import annotations
