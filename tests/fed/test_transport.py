@@ -205,19 +205,20 @@ def test_a_flock_blob_names_its_transport_and_the_adapter_it_was_made_from() -> 
     from covey.flock.ledger import read_update, update_bytes
 
     reference = {"w": torch.zeros(4, 4)}
+    task = "0x00000000000000000000000000000000000000aa"
     update = {"w": torch.arange(16.0).reshape(4, 4) / 100}
-    blob = update_bytes(update, reference, "bafkreiglobal", INT8)
-    assert blob == update_bytes(dict(update), reference, "bafkreiglobal", INT8)
-    decoded = read_update(blob, reference, "bafkreiglobal", INT8)
+    blob = update_bytes(update, reference, "bafkreiglobal", INT8, task=task, round_=0)
+    assert blob == update_bytes(dict(update), reference, "bafkreiglobal", INT8, task=task, round_=0)
+    decoded = read_update(blob, reference, "bafkreiglobal", INT8, task=task, round_=0)
     torch.testing.assert_close(decoded["w"], update["w"], atol=0.15 / 127 / 2, rtol=0)
     with pytest.raises(DataError, match="made from global adapter bafkreiglobal, not the round"):
-        read_update(blob, reference, "bafkreiother", INT8)
+        read_update(blob, reference, "bafkreiother", INT8, task=task, round_=0)
     with pytest.raises(DataError, match=r"encoded as 'int8', the task's fed\.transport is 'fp32'"):
-        read_update(blob, reference, "bafkreiglobal", Codec("fp32"))
+        read_update(blob, reference, "bafkreiglobal", Codec("fp32"), task=task, round_=0)
     with pytest.raises(DataError, match="format None"):
-        read_update(serialize_update(update), reference, "bafkreiglobal", INT8)
+        read_update(serialize_update(update), reference, "bafkreiglobal", INT8, task=task, round_=0)
     with pytest.raises(DataError, match="not a valid safetensors"):
-        read_update(b"\xff" * 16, reference, "bafkreiglobal", INT8)
+        read_update(b"\xff" * 16, reference, "bafkreiglobal", INT8, task=task, round_=0)
 
 
 def test_a_resumed_engine_run_keeps_each_clients_residual(

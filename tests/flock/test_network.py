@@ -71,6 +71,7 @@ template = "chat"
 cutoff_len = 128
 [train]
 epochs = 1
+max_steps = 4
 batch_size = 8
 micro_batch_size = 8
 lr = 3e-2
@@ -84,6 +85,7 @@ max_missed_rounds = 3
 validation_examples = 4
 harm_z = 0.0
 allow_private_endpoints = true
+copy_cosine = 0.99  # the tiny model's honest updates are nearly parallel
 """
     path = data.parent / "recipe.toml"
     path.write_text(text)

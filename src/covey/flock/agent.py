@@ -18,6 +18,8 @@ participant killed at any moment and started again continues where it was:
                      last round it proposed in (`round_<r>.safetensors`), added to its next
                      update
       store/         every blob it holds, served by its gateway (`GET /ipfs/{cid}`)
+      sketches/      a sketch of the delta of every valid proposal of each round it has looked
+                     at (`covey.flock.copies`), to refuse copies of earlier rounds' updates
       globals/       the CIDs of the global adapters it derived (`covey.flock.ledger`)
 
 `covey flock join` runs one `Participant` in a loop against a real node; the simulation
@@ -45,7 +47,6 @@ from covey.errors import CoveyError, DataError
 from covey.fed.attacks import UPDATE_ATTACKS, attack_update, honest_estimates
 from covey.fed.rounds import RunModel
 from covey.fed.transport import ErrorFeedback
-from covey.fed.validation import validate_update
 from covey.flock.chain import ChainError, ContractRevert
 from covey.flock.commitments import (
     accept_mask,
@@ -53,6 +54,7 @@ from covey.flock.commitments import (
     seed_commitment,
     vote_commitment,
 )
+from covey.flock.copies import RoundSketches, SketchBook, Sketcher, find_copy
 from covey.flock.history import finished_rounds
 from covey.flock.ledger import Blobs, Ledger, read_update, update_bytes
 from covey.flock.scoring import RoundRule, judge_proposals
@@ -164,6 +166,12 @@ class Participant:
         self.state = LocalState(self.folder, self.task.address, self.address)
         self.name = self.name or self.address[:10]
         self._derived = 0
+        if "sketch_key" not in self.state.data:  # secret: a copier must not know the sketch
+            self.state.data["sketch_key"] = self.secret(0, "sketch_key").hex()
+            self.state.save()
+        self.sketches = SketchBook(
+            self.folder / "sketches", Sketcher(bytes.fromhex(self.state.data["sketch_key"]))
+        )
 
     # ---------------------------------------------------------------- the state machine
 
@@ -364,8 +372,10 @@ class Participant:
                 attack, global_state, state, self.behaviour.strength, seed, estimates
             )
         codec = self.ledger.codec
+        task = self.task.address  # the blob names the task and round: refused in any other
         if not codec.sparse:
-            return update_bytes(state, global_state, global_cid, codec), metrics
+            blob = update_bytes(state, global_state, global_cid, codec, task=task, round_=round_)
+            return blob, metrics
         # the residual after the last round this participant proposed in; the new one is
         # saved before the proposal is (a restart that trains again reads the same old one)
         previous = self._feedback_files(before=round_)
@@ -374,7 +384,9 @@ class Participant:
             if previous
             else ErrorFeedback()
         )
-        data = update_bytes(state, global_state, global_cid, codec, feedback)
+        data = update_bytes(
+            state, global_state, global_cid, codec, feedback, task=task, round_=round_
+        )
         (self.folder / FEEDBACK).mkdir(exist_ok=True)
         path = self.folder / FEEDBACK / f"round_{round_:04d}.safetensors"
         atomic_write_bytes(path, feedback.to_bytes())
@@ -424,36 +436,44 @@ class Participant:
         return True
 
     def _judge(self, round_: int) -> dict[str, Any]:
-        """Fetch every valid proposal by CID, validate it against the round's global adapter,
-        score it on the private validation split: the ballot, a verdict per proposer in draw
-        order (a proposer without a valid, fetchable, well-formed update is rejected)."""
+        """Fetch every valid proposal by CID, check it, and score it on the private validation
+        split: the ballot, a verdict per proposer in draw order. A proposal is refused before
+        scoring (`refused` says why; a proposer without a valid proposal is rejected too) when
+        it cannot be fetched or read as this round's proposal of this task, fails validation
+        (`Ledger.update_problem`: structure, finite values, the task's norm bound), or copies
+        the delta another proposer published in an earlier round (`covey.flock.copies`)."""
         started = time.perf_counter()
         global_state, global_cid = self.ledger.global_state(round_)
         digests = dict(self.task.proposals(round_))
         proposers = self.task.proposers_of(round_)
+        earlier = SketchBook.earlier(self._earlier_sketches(round_))
+        this_round = RoundSketches()
         candidates: list[State | None] = []
         cids: list[str | None] = []
+        refused: list[str | None] = []
         for proposer in proposers:
             state: State | None = None
+            problem = ""
             cid = cid_from_digest(digests[proposer]) if proposer in digests else None
             if cid is not None:
-                try:  # the bytes are re-hashed against the CID on the way
-                    data = self.blobs.get(cid, proposer)
-                    state = read_update(data, global_state, global_cid, self.ledger.codec)
-                except DataError as e:
-                    log.warning("%s: round %d: proposal %s refused: %s", self.name, round_, cid, e)
+                state, problem = self._read_proposal(
+                    round_, proposer, cid, global_state, global_cid
+                )
+                sketch = None
                 if state is not None:
-                    verdict = validate_update(
-                        state, global_state, 1, 1, self.cfg.fed.max_update_norm
+                    sketch = self.sketches.sketcher.sketch(state, global_state)
+                    copy = find_copy(sketch, proposer, earlier, self.cfg.flock.copy_cosine)
+                    if copy is not None:
+                        state, problem = None, copy.reason()
+                this_round.add(proposer, sketch)
+                if problem:
+                    log.warning(
+                        "%s: round %d: proposal %s refused: %s", self.name, round_, cid, problem
                     )
-                    if not verdict.accepted:
-                        log.warning(
-                            "%s: round %d: proposal %s invalid: %s",
-                            self.name, round_, cid, verdict.reason,
-                        )  # fmt: skip
-                        state = None
             candidates.append(state)
             cids.append(cid)
+            refused.append(problem or None)
+        self.sketches.save(round_, this_round)  # later rounds compare with these
         flock = self.cfg.flock
         rule = None
         if flock.round_relative:
@@ -480,12 +500,55 @@ class Participant:
             "gains": [None if j is None else round(j.gain, 6) for j in judged],
             "harm_z": [None if j is None else round(j.harm_z, 3) for j in judged],
             "reasons": [None if j is None else j.reason for j in judged],
+            "refused": refused,
             "round_views": [
                 None if j is None or j.round_view is None else _rounded(asdict(j.round_view))
                 for j in judged
             ],
             "seconds": time.perf_counter() - started,
         }
+
+    def _read_proposal(
+        self, round_: int, proposer: str, cid: str, global_state: State, global_cid: str
+    ) -> tuple[State | None, str]:
+        """(`proposer`'s update of round `round_`, "") or (None, why it is unusable): fetched
+        by CID (the bytes are re-hashed against it), decoded as a proposal of this task and
+        round against its global adapter, and valid by the task's rules."""
+        try:
+            data = self.blobs.get(cid, proposer)
+            state = read_update(
+                data, global_state, global_cid, self.ledger.codec, task=self.task.address,
+                round_=round_,
+            )  # fmt: skip
+        except DataError as e:
+            return None, str(e)
+        problem = self.ledger.update_problem(state, global_state)
+        return (None, problem) if problem else (state, "")
+
+    def _earlier_sketches(self, round_: int) -> list[tuple[int, RoundSketches]]:
+        """The sketches of every valid proposal of the rounds before `round_`; a round this
+        participant has not looked at yet (it proposed, or was not drawn) is sketched now from
+        the blobs, which it holds or fetches (each at most once: one nobody serves when asked
+        is unusable for good, so a withheld blob cannot cost every later vote a fetch)."""
+        rounds = []
+        for r in range(round_):
+            known = self.sketches.load(r)
+            if known is None:
+                known = RoundSketches()
+                global_state, global_cid = self.ledger.global_state(r)
+                for proposer, digest in self.task.proposals(r):
+                    cid = cid_from_digest(digest)
+                    state, problem = self._read_proposal(r, proposer, cid, global_state, global_cid)
+                    if problem:
+                        log.info("%s: round %d: proposal %s not compared: %s",
+                                 self.name, r, cid, problem)  # fmt: skip
+                    sketch = None
+                    if state is not None:
+                        sketch = self.sketches.sketcher.sketch(state, global_state)
+                    known.add(proposer, sketch)
+                self.sketches.save(r, known)
+            rounds.append((r, known))
+        return rounds
 
     def _reveal_ballot(self, round_: int) -> bool:
         vote = self.task.vote_of(round_, self.address)

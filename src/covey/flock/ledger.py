@@ -7,8 +7,9 @@ fetch`), computes it the same way from the chain and the content-addressed updat
     global(r + 1) = global(r) if round r accepted nothing, else the task's `fed.strategy`
                     (equal weights) over the updates round r accepted (the `accepted` bits
                     of result(r), over proposers_of(r) in draw order) that pass validation
-                    against global(r) (`covey.fed.validation`: keys, shapes, dtypes, finite,
-                    fed.max_update_norm)
+                    against global(r) (`Ledger.update_problem`: keys, shapes, dtypes, finite,
+                    and a norm within fed.max_update_norm, or when that is 0 within what the
+                    task's training can make, `covey.fed.validation.training_norm_bound`)
 
 The strategy is fedavg (an equal-weight average) or one of the robust rules that keep no server
 state (`covey.config.FLOCK_STRATEGIES`), with the bundle recipe's [fed] settings. The arithmetic
@@ -16,7 +17,11 @@ runs on the CPU and the bytes are those of the adapter's PEFT file (fixed metada
 bundle's base model id), so every party holds the same bytes under the same CID.
 Proposers publish their update encoded with the task's `fed.transport` against the round's
 global adapter (`update_bytes`), so the CID is over the encoded bytes; whoever reads one decodes
-it against the same adapter (`read_update`), which the blob names by CID.
+it against the same adapter (`read_update`), which the blob names by CID. The blob also names
+the task (its contract address) and the round it was made for, and `read_update` refuses it
+anywhere else: a proposal cannot be revealed again in a later round or another task unchanged
+(a copier that re-wraps the tensors makes a new CID, which voters catch by its delta,
+`covey.flock.copies`).
 An accepted update that fails decoding or validation is left out by everyone alike (both are
 deterministic). One that nobody can fetch stops the derivation with a DataError until some
 peer serves it: every participant serves every blob it holds, so a round's voters can.
@@ -30,11 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from covey.atomic import atomic_write_bytes
-from covey.config import FedConfig
-from covey.errors import DataError
+from covey.config import FedConfig, TrainConfig
+from covey.errors import ConfigError, DataError
 from covey.fed.strategies import aggregate, get_strategy
 from covey.fed.transport import Codec, ErrorFeedback, decode_update, encode_update
-from covey.fed.validation import validate_update
+from covey.fed.validation import training_norm_bound, validate_update
 from covey.flock.task import FlockTask, Outcome
 from covey.state import State
 from covey.store.cid import cid_from_digest
@@ -45,8 +50,9 @@ from covey.store.updates import deserialize_update, serialize_update, update_met
 
 log = logging.getLogger("covey.flock")
 
-UPDATE_FORMAT = "covey-flock-update/2"
-"""`format` in a proposal blob's metadata; /2 added `transport` and `reference`."""
+UPDATE_FORMAT = "covey-flock-update/3"
+"""`format` in a proposal blob's metadata; /2 added `transport` and `reference`, /3 `task`
+(the contract's address, lower case) and `round`."""
 
 
 def update_bytes(
@@ -55,21 +61,38 @@ def update_bytes(
     reference_cid: str,
     codec: Codec,
     feedback: ErrorFeedback | None = None,
+    *,
+    task: str,
+    round_: int,
 ) -> bytes:
-    """The blob a proposer publishes: `update` encoded against the round's global adapter
-    `reference` (named by `reference_cid`), with fixed metadata, so the bytes (and the CID)
-    depend only on the tensors, the transport and the round's global adapter."""
+    """The blob a proposer publishes in round `round_` of `task` (the contract's address):
+    `update` encoded against the round's global adapter `reference` (named by `reference_cid`),
+    with fixed metadata, so the bytes (and the CID) depend only on the tensors, the transport,
+    the task, the round and its global adapter."""
     wire = encode_update(update, reference, codec, feedback)
-    metadata = {"format": UPDATE_FORMAT, "transport": codec.transport, "reference": reference_cid}
+    metadata = {
+        "format": UPDATE_FORMAT,
+        "transport": codec.transport,
+        "reference": reference_cid,
+        "task": task.lower(),
+        "round": str(round_),
+    }
     return serialize_update(wire, metadata)
 
 
-def read_update(data: bytes, reference: State, reference_cid: str, codec: Codec) -> State:
+def read_update(
+    data: bytes, reference: State, reference_cid: str, codec: Codec, *, task: str, round_: int
+) -> State:
     """The adapter a proposal blob stands for, decoded against the round's global adapter;
-    DataError if it is not a proposal of this task's transport made from that adapter."""
+    DataError if it is not a proposal for round `round_` of `task` in this task's transport
+    made from that adapter."""
     metadata = update_metadata(data)
     if metadata.get("format") != UPDATE_FORMAT:
         raise DataError(f"format {metadata.get('format')!r}, expected {UPDATE_FORMAT!r}")
+    if metadata.get("task") != task.lower():
+        raise DataError(f"made for task {metadata.get('task')}, not this task {task.lower()}")
+    if metadata.get("round") != str(round_):
+        raise DataError(f"made for round {metadata.get('round')}, not round {round_}")
     if metadata.get("transport") != codec.transport:
         raise DataError(
             f"encoded as {metadata.get('transport')!r}, the task's fed.transport is "
@@ -168,7 +191,8 @@ def global_bytes(state: State, base_model: str) -> bytes:
 
 class Ledger:
     """Global adapters of one task, derived round by round and cached in `cache` by CID, by
-    the task's `fed` rules (max_update_norm, transport)."""
+    the task's `fed` rules (max_update_norm, transport) and its `train` recipe (the default
+    norm bound)."""
 
     def __init__(
         self,
@@ -178,6 +202,8 @@ class Ledger:
         fed: FedConfig,
         base_model: str,
         cache: Path | None = None,
+        *,
+        train: TrainConfig,
     ) -> None:
         self.task = task
         self.blobs = blobs
@@ -185,7 +211,14 @@ class Ledger:
         self.base_model = base_model
         self.fed = fed
         """The task's [fed] settings: validation's norm bound, the merging strategy, the codec."""
+        self.train = train
+        """The task's [train] settings: how far honest training can move the adapter."""
         self.codec = Codec.of(fed)
+        if fed.max_update_norm <= 0 and train.max_steps < 1:
+            raise ConfigError(
+                "train.max_steps = 0 with fed.max_update_norm = 0: a FLock task needs a bound on "
+                "updates; set train.max_steps in the task's recipe"
+            )
         self.cache = cache
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
@@ -206,11 +239,14 @@ class Ledger:
         for proposer, update_cid in accepted:
             data = self.blobs.get(update_cid, proposer)  # DataError: nobody serves it (yet)
             try:
-                update = read_update(data, previous, previous_cid, self.codec)
+                update = read_update(
+                    data, previous, previous_cid, self.codec, task=self.task.address,
+                    round_=round_ - 1,
+                )  # fmt: skip
             except DataError as e:
                 problem = str(e)
             else:
-                problem = validate_update(update, previous, 1, 1, self.fed.max_update_norm).reason
+                problem = self.update_problem(update, previous)
             if problem:
                 log.warning(
                     "round %d: accepted update %s left out: %s", round_ - 1, update_cid, problem
@@ -231,6 +267,28 @@ class Ledger:
         cid = self.blobs.put(global_bytes(merged, self.base_model))
         self._remember(round_, cid)
         return merged, cid
+
+    def norm_bound(self, reference: State) -> tuple[float, str]:
+        """The largest distance an update may have from `reference` (the round's global
+        adapter), and where that bound comes from: fed.max_update_norm when set, else what the
+        task's training can make (`training_norm_bound`)."""
+        if self.fed.max_update_norm > 0:
+            return self.fed.max_update_norm, "fed.max_update_norm"
+        bound = training_norm_bound(
+            self.train, reference, self.fed.transport, self.fed.topk_fraction
+        )
+        name = (
+            f"the most train.max_steps={self.train.max_steps} AdamW steps at "
+            f"train.lr={self.train.lr:g} can move the adapter; fed.max_update_norm is 0"
+        )
+        return bound, name
+
+    def update_problem(self, update: State, reference: State) -> str:
+        """Why `update` may not count against the round's global adapter `reference` ("" when
+        it may): `validate_update` with the task's norm bound. Voters and the derivation of the
+        global adapter check the same, so every party leaves out the same updates."""
+        bound, name = self.norm_bound(reference)
+        return validate_update(update, reference, 1, 1, bound, name).reason
 
     def accepted_updates(self, round_: int) -> list[tuple[str, str]]:
         """(proposer, update CID) of each proposal round `round_` accepted, in draw order."""

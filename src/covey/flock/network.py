@@ -285,6 +285,7 @@ def join_task(settings: JoinSettings) -> Path:
             cfg.fed,
             base_model=bundle.base_model,
             cache=state / "globals",
+            train=cfg.train,
         )
         participant = Participant(
             task=task, address=me, cfg=cfg, model=run_model, train=train, validation=validation,
@@ -385,7 +386,9 @@ def fetch_adapter(
     if base:
         cfg = replace(cfg, model=replace(cfg.model, base=base))
     run_model = task_model(cfg, bundle)
-    ledger = Ledger(task, blobs, bundle.initial_adapter, cfg.fed, base_model=bundle.base_model)
+    ledger = Ledger(
+        task, blobs, bundle.initial_adapter, cfg.fed, base_model=bundle.base_model, train=cfg.train
+    )
     write_adapter(run_model, ledger, target, out)
     return out, ledger.global_state(target)[1]
 
@@ -419,9 +422,10 @@ def task_archive(task: FlockTask, store: LocalStore, created: Created, fed: FedC
     """The creator's ledger of `task` over its own store (which holds the bundle), for
     `archive_rounds`."""
     bundle = TaskBundle.from_bytes(store.get(created.bundle_cid))
-    private = bundle.config().flock.allow_private_endpoints
-    blobs = Blobs(store, task, allow_private_endpoints=private)
-    return Ledger(task, blobs, created.initial_adapter, fed, bundle.base_model)
+    cfg = bundle.config()
+    blobs = Blobs(store, task, allow_private_endpoints=cfg.flock.allow_private_endpoints)
+    # the bound on updates comes from the task's training recipe
+    return Ledger(task, blobs, created.initial_adapter, fed, bundle.base_model, train=cfg.train)
 
 
 def archive_rounds(archive: Ledger) -> None:

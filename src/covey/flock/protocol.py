@@ -148,7 +148,7 @@ def setup(
     attackers = malicious_participants(n, cfg.attack)
     behaviour = Behaviour.from_attack(cfg.attack.kind, cfg.attack.strength)
     blobs = Blobs(store)
-    ledger = Ledger(task, blobs, initial_cid, cfg.fed, base_id)
+    ledger = Ledger(task, blobs, initial_cid, cfg.fed, base_id, train=cfg.train)
     agents = []
     for i, client in enumerate(fed.clients):
         train, validation = data_split(client.examples, cfg.flock.validation_examples)
@@ -259,6 +259,7 @@ def play_round(sim: Simulation, round_: int, merge: Accumulator, hooks: Hooks) -
             "gains": ballot.get("gains", []),
             "harm_z": ballot.get("harm_z", []),
             "reasons": ballot.get("reasons", []),
+            "refused": ballot.get("refused", []),
             "round_views": ballot.get("round_views", []),
         }
     for key in ("rewards", "slashes", "keeper_fees"):
