@@ -24,6 +24,7 @@ import math
 import struct
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +35,10 @@ from covey.fed.transport import INDEX, SCALE, Codec
 from covey.state import State
 
 REFERENCE_CID = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
-UPDATE_FORMAT = "covey-flock-update/2"  # covey.flock.ledger's, without importing web3 here
+UPDATE_FORMAT = "covey-flock-update/3"  # covey.flock.ledger's, without importing web3 here
+TASK = "0x00000000000000000000000000000000000c0ffe"  # the task and round the blobs claim
+ROUND = 3
+BOUND = {"task": TASK, "round_": ROUND}  # read_update's and update_bytes's keywords
 TRANSPORTS = ("fp32", "fp16", "bf16", "int8", "int8+topk")
 CODECS = {t: Codec(t, topk_fraction=0.25) for t in TRANSPORTS}
 
@@ -46,7 +50,13 @@ def reference() -> State:
 
 
 def metadata(transport: str) -> dict[str, str]:
-    return {"format": UPDATE_FORMAT, "transport": transport, "reference": REFERENCE_CID}
+    return {
+        "format": UPDATE_FORMAT,
+        "transport": transport,
+        "reference": REFERENCE_CID,
+        "task": TASK,
+        "round": str(ROUND),
+    }
 
 
 def safetensors_bytes(header: Any, body: bytes = b"", length: int | None = None) -> bytes:
@@ -432,11 +442,15 @@ def run_corpus() -> list[str]:
         check(name, deserialize_update, data)
         for transport, codec in CODECS.items():
             check(
-                name, read_update, data, ref, REFERENCE_CID, codec, via=f"read_update[{transport}]"
-            )
+                name, partial(read_update, **BOUND), data, ref, REFERENCE_CID, codec,
+                via=f"read_update[{transport}]",
+            )  # fmt: skip
     for name, data, transport in decode_corpus():
         print(f"decode: {name}", flush=True)
-        check(name, read_update, data, ref, REFERENCE_CID, CODECS[transport])
+        check(
+            name, partial(read_update, **BOUND), data, ref, REFERENCE_CID, CODECS[transport],
+            via="read_update",
+        )  # fmt: skip
     for name, data in bundle_corpus():
         print(f"bundle: {name}", flush=True)
         check(name, bundle_config, data, via="TaskBundle.from_bytes().config()")
@@ -469,7 +483,7 @@ def run_fuzz(examples: int, randomize: bool) -> None:
                 read(data)
         for codec in CODECS.values():
             try:
-                state = read_update(data, ref, REFERENCE_CID, codec)
+                state = read_update(data, ref, REFERENCE_CID, codec, **BOUND)
             except DataError:
                 continue
             # what read_update promises: the reference's keys, shapes and dtypes
@@ -514,7 +528,7 @@ def run_fuzz(examples: int, randomize: bool) -> None:
         read_all(data)
 
     valid = {
-        t: update_bytes({k: v + 0.01 for k, v in ref.items()}, ref, REFERENCE_CID, c)
+        t: update_bytes({k: v + 0.01 for k, v in ref.items()}, ref, REFERENCE_CID, c, **BOUND)
         for t, c in CODECS.items()
     }
 
