@@ -146,7 +146,11 @@ def test_a_round_on_anvil_with_separate_signed_accounts(anvil_url: str, tmp_path
 
     all_at_once([lambda t=t: cash_out(t) for t in tasks])
     task.claim()  # the creator's keeper fees
-    assert token.balance_of(task.address) == 0
+    if task.pool():  # what no round spent (rounding dust, unused keeper fees)
+        task.reclaim_pool()
+    assert token.balance_of(task.address) == task.burned()  # what the round did not pay
+    # the pace a voter's fetch deadline is reckoned from: anvil mines a block a second
+    assert 0.5 <= task.chain.seconds_per_block() <= 3.0
     # events are read from the deployment block, five blocks per request
     assert len(tasks[3].events("SeedRevealed")) == PEOPLE
     assert len(tasks[3].events("Withdrawn")) == PEOPLE

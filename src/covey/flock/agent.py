@@ -443,10 +443,11 @@ class Participant:
         (`Ledger.update_problem`: structure, finite values, the task's norm bound), or copies
         the delta another proposer published in an earlier round (`covey.flock.copies`)."""
         started = time.perf_counter()
+        deadline = self._fetch_deadline()
         global_state, global_cid = self.ledger.global_state(round_)
         digests = dict(self.task.proposals(round_))
         proposers = self.task.proposers_of(round_)
-        earlier = SketchBook.earlier(self._earlier_sketches(round_))
+        earlier = SketchBook.earlier(self._earlier_sketches(round_, deadline))
         this_round = RoundSketches()
         candidates: list[State | None] = []
         cids: list[str | None] = []
@@ -457,7 +458,7 @@ class Participant:
             cid = cid_from_digest(digests[proposer]) if proposer in digests else None
             if cid is not None:
                 state, problem = self._read_proposal(
-                    round_, proposer, cid, global_state, global_cid
+                    round_, proposer, cid, global_state, global_cid, deadline
                 )
                 sketch = None
                 if state is not None:
@@ -508,14 +509,32 @@ class Participant:
             "seconds": time.perf_counter() - started,
         }
 
+    def _fetch_deadline(self) -> float | None:
+        """When a ballot's fetching must stop (`time.monotonic()`), so that scoring and the
+        commit still fit in the window however slow the peers are: half of what is left of the
+        current window, at the chain's recent pace. None where no time passes between blocks
+        (the embedded chain): each fetch is then bounded by its own limits alone."""
+        pace = self.task.chain.seconds_per_block()
+        if pace <= 0:
+            return None
+        blocks_left = self.task.phase_end() - self.task.chain.next_block
+        blocks_left -= self.task.chain.margin_blocks
+        return time.monotonic() + max(0.0, blocks_left * pace / 2)
+
     def _read_proposal(
-        self, round_: int, proposer: str, cid: str, global_state: State, global_cid: str
+        self,
+        round_: int,
+        proposer: str,
+        cid: str,
+        global_state: State,
+        global_cid: str,
+        deadline: float | None = None,
     ) -> tuple[State | None, str]:
         """(`proposer`'s update of round `round_`, "") or (None, why it is unusable): fetched
-        by CID (the bytes are re-hashed against it), decoded as a proposal of this task and
-        round against its global adapter, and valid by the task's rules."""
+        by CID (the bytes are re-hashed against it) by `deadline`, decoded as a proposal of
+        this task and round against its global adapter, and valid by the task's rules."""
         try:
-            data = self.blobs.get(cid, proposer)
+            data = self.blobs.get(cid, proposer, deadline=deadline)
             state = read_update(
                 data, global_state, global_cid, self.ledger.codec, task=self.task.address,
                 round_=round_,
@@ -525,7 +544,9 @@ class Participant:
         problem = self.ledger.update_problem(state, global_state)
         return (None, problem) if problem else (state, "")
 
-    def _earlier_sketches(self, round_: int) -> list[tuple[int, RoundSketches]]:
+    def _earlier_sketches(
+        self, round_: int, deadline: float | None = None
+    ) -> list[tuple[int, RoundSketches]]:
         """The sketches of every valid proposal of the rounds before `round_`; a round this
         participant has not looked at yet (it proposed, or was not drawn) is sketched now from
         the blobs, which it holds or fetches (each at most once: one nobody serves when asked
@@ -538,7 +559,9 @@ class Participant:
                 global_state, global_cid = self.ledger.global_state(r)
                 for proposer, digest in self.task.proposals(r):
                     cid = cid_from_digest(digest)
-                    state, problem = self._read_proposal(r, proposer, cid, global_state, global_cid)
+                    state, problem = self._read_proposal(
+                        r, proposer, cid, global_state, global_cid, deadline
+                    )
                     if problem:
                         log.info("%s: round %d: proposal %s not compared: %s",
                                  self.name, r, cid, problem)  # fmt: skip

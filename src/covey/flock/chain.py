@@ -286,6 +286,19 @@ class Chain:
         """The latest mined block."""
         return int(self.w3.eth.block_number)
 
+    def seconds_per_block(self, sample: int = 16) -> float:
+        """The chain's recent pace: mean seconds between the last `sample` blocks (0.0 on the
+        embedded chain, where no time passes between blocks, or when too few exist)."""
+        if self.is_embedded:
+            return 0.0
+        latest = self.block_number
+        first = max(0, latest - sample)
+        if latest == first:
+            return 0.0
+        then = int(self.w3.eth.get_block(first)["timestamp"])
+        now = int(self.w3.eth.get_block(latest)["timestamp"])
+        return max(0.0, (now - then) / (latest - first))
+
     @property
     def call_block(self) -> BlockIdentifier:
         """Block views are evaluated at: the next one on the embedded chain, else the latest."""
