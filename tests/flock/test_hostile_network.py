@@ -79,6 +79,7 @@ voters_per_round = 2
 max_missed_rounds = 2
 validation_examples = 4
 harm_z = 1000.0
+copy_cosine = 0.99  # the tiny model's honest updates are nearly parallel (0.95)
 allow_private_endpoints = true
 """
     path = data.parent / "recipe.toml"
