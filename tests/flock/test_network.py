@@ -215,7 +215,8 @@ def test_participants_in_separate_processes_finish_a_task_on_anvil(
             finals = {(f / "final" / "adapter_model.safetensors").read_bytes() for f in folders}
             assert len(finals) == 1
             blobs = Blobs(LocalStore(tmp_path / "outsider"), task, [gateway.url])
-            out, cid = fetch_adapter(task, blobs, tmp_path / "fetched", None, None)
+            # the bundle names the creator's model folder: an outsider passes its own copy
+            out, cid = fetch_adapter(task, blobs, tmp_path / "fetched", None, cfg.model.base)
             assert (out / "adapter_model.safetensors").read_bytes() in finals
             meta = json.loads((folders[0] / "final" / "covey-flock.json").read_text())
             assert meta["cid"] == cid

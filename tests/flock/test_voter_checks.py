@@ -42,7 +42,7 @@ from covey.store.local import LocalStore
 from covey.store.updates import serialize_update
 from covey.train.local import train_local
 from tests.conftest import dolly_records, write_records
-from tests.flock import SMALL, World, join_all, seed_and_draw, vote
+from tests.flock import World, join_all, seed_and_draw, vote
 from tests.flock import start as start_task
 
 TASK = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
@@ -418,7 +418,7 @@ def test_voters_refuse_copies_and_oversized_updates_in_a_flock_run(
     run_split(SplitConfig(input=str(source), out=tmp_path / "split", clients=5, min_size=8,
                           scheme="iid", test_per_category=2))  # fmt: skip
     cfg = flock_recipe(
-        tiny_model_dir, tmp_path / "split", f"run.out='{tmp_path / 'run'}'", "fed.rounds=2",
+        tiny_model_dir, tmp_path / "split", f"run.out='{tmp_path / 'run'}'", "fed.rounds=3",
         "flock.proposers_per_round=3", "flock.voters_per_round=2",
         "attack.kind=noise", "attack.strength=100", "attack.malicious_fraction=0.2",
         "eval.sample_instructions=0",
@@ -454,11 +454,11 @@ def test_voters_refuse_copies_and_oversized_updates_in_a_flock_run(
                     assert refused is None, (round_, proposer, refused)
                     seen["honest"] += 1
     assert all(seen.values()), seen  # the draw put each before an honest voter at least once
-    for voter in sim.task.voters_of(1):  # a sketch of every round so far, proposer or not
+    last = cfg.fed.rounds - 1
+    for voter in sim.task.voters_of(last):  # a sketch of every round so far, proposer or not
         folder = sim.agents[sim.index(voter)].folder / "sketches"
         assert sorted(p.name for p in folder.iterdir()) == [
-            "round_0000.safetensors",
-            "round_0001.safetensors",
+            f"round_{r:04d}.safetensors" for r in range(last + 1)
         ]
 
 
@@ -474,7 +474,7 @@ def test_every_party_leaves_out_an_accepted_update_that_breaks_the_rules(
     world = World.create(accounts=4)
     task = world.task()
     members = world.people[:3]
-    join_all(task, dict.fromkeys(members, SMALL.min_stake))
+    join_all(task, members)
     start_task(task)
     seed_and_draw(task, members)
     (proposer,) = task.proposers_of(0)
