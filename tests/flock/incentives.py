@@ -385,7 +385,6 @@ def last_revealer_grinds(w: World, rules: str, trials: int = 12, candidates: int
         wins = 0
         for trial in range(trials):
             w.chain.revert(start)
-            w.chain.snapshot()
             seeds = {who: keccak(f"grind/{trial}/{who}".encode()) for who in members}
             for who, seed in seeds.items():
                 task.commit_seed(seed_commitment(seed, who), sender=who)
