@@ -98,6 +98,10 @@ def test_every_shipped_recipe_loads(recipe: Path) -> None:
         (["fed.client_fraction=1.5"], "fed.client_fraction must be in (0, 1], got 1.5"),
         (["fed.server_momentum=1"], "fed.server_momentum must be in [0, 1), got 1.0"),
         (["flock.threshold_pct=0"], "flock.threshold_pct must be in 1..99, got 0"),
+        (
+            ["fed.consensus=flock", "train.max_steps=2", "flock.keeper_fee=8", "fed.rounds=3"],
+            "flock.keeper_fee = 8 x 7 transitions",
+        ),
         (["lora.dropout=1.0"], "lora.dropout must be in [0, 1), got 1.0"),
         (["eval.batch_size=0"], "eval.batch_size must be >= 1, got 0"),
         (["run.out=''"], "run.out is empty"),

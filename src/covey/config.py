@@ -558,6 +558,17 @@ class RunConfig:
                 "cap; set train.max_steps (e.g. --set train.max_steps=8), or an explicit "
                 "fed.max_update_norm",
             )
+            # the contract caps every transition's keeper fee together at 5% of the pool, so
+            # that a creator keeping the transitions to itself cannot take its pool back
+            transitions = 1 + 2 * self.fed.rounds
+            most = self.flock.reward_pool * 0.05 / transitions
+            _require(
+                self.flock.keeper_fee <= most,
+                "flock.keeper_fee",
+                f"= {self.flock.keeper_fee:g} x {transitions} transitions (start, and a draw and "
+                f"a finalize per round) is over 5% of flock.reward_pool ({self.flock.reward_pool:g}"
+                f"); at most {most:.4g} tokens",
+            )
         if self.fed.strategy == "fedprox":
             _require(
                 self.train.prox_mu > 0,
