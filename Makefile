@@ -33,9 +33,13 @@ demo: $(STAMP)
 	$(BIN)/covey train examples/cpu-demo.toml --overwrite
 	$(BIN)/covey eval --run runs/demo/train --overwrite
 
-# Lint, type-check, then every test tier this machine can run (GPU tests need CUDA).
+# Lint, type-check, then every test tier this machine can run (GPU tests need CUDA), spread over
+# PYTEST_WORKERS pytest-xdist workers. Most slow tests wait (on blocks, servers, child processes)
+# rather than compute, so there are more workers than cores; the longest start first
+# (tests/conftest.py). The 20 slowest tests are listed at the end.
+PYTEST_WORKERS ?= 4
 test: $(STAMP) lint browser-deps anvil
-	$(BIN)/pytest -m "not gpu"
+	$(BIN)/pytest -m "not gpu" -n $(PYTEST_WORKERS) --durations=20
 
 # The browser tier drives Debian's Chromium (Playwright's own browser download does not work
 # offline). Installed when missing and apt-get can run (root); otherwise those tests skip.

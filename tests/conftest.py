@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from covey.config import RunConfig, load_recipe
+
 CATEGORIES = [
     "brainstorming",
     "classification",
@@ -61,6 +63,32 @@ def write_records(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the longest tests first.
+
+    `make test` spreads the tests over pytest-xdist workers, which take them in this order: the
+    tests that take minutes (mostly waiting on blocks, servers and child processes) start at
+    once beside each other and the many short ones fill the gaps, instead of one long test
+    starting last and holding the run open alone. A test that raises its own time limit
+    (`@pytest.mark.timeout(seconds)`) is one of those, longest limit first; then the slower
+    tiers. The sort is stable, so a file's tests keep their order within a tier.
+    """
+
+    def order(item: pytest.Item) -> tuple[float, int]:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0] if marker.args else marker.kwargs["timeout"]) if marker else 0
+        tier = next(
+            (rank for rank, name in enumerate(TIERS) if item.get_closest_marker(name)), len(TIERS)
+        )
+        return (-limit, tier)
+
+    items.sort(key=order)
+
+
+TIERS = ("slow", "flower", "browser", "chain")
+"""The marked tiers, slowest first (pyproject.toml's markers)."""
+
+
 @pytest.fixture
 def dolly_file(tmp_path: Path) -> Callable[..., Path]:
     """Factory: `dolly_file(per_category=20, name="data.jsonl")` writes a fixture file."""
@@ -88,4 +116,45 @@ def client_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = write_records(root / "source.jsonl", dolly_records(per_category=8))
     out = root / "split"
     run_split(SplitConfig(input=str(source), out=out, clients=3, min_size=5, test_per_category=2))
+    return out
+
+
+def tiny_recipe(tiny_model_dir: Path, client_data_dir: Path, out: Path, *sets: str) -> RunConfig:
+    """The engine tests' tiny recipe (tests/fed/test_engine.py), cut to 2 rounds."""
+    return load_recipe(
+        None,
+        [
+            f"model.base='{tiny_model_dir}'",
+            f"data.dir='{client_data_dir}'",
+            f"run.out='{out}'",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.dropout=0.0",
+            "prompt.template=chat",
+            "prompt.cutoff_len=128",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "train.lr=3e-2",
+            "fed.rounds=2",
+            "eval.sample_instructions=1",
+            "eval.max_new_tokens=4",
+            *sets,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(
+    tiny_model_dir: Path, client_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A complete 2-round run folder: config.toml, round_000..002, final/, metrics, loss.png."""
+    from covey.fed import engine
+    from covey.model.loading import base_model_id, load_base_model
+
+    out = tmp_path_factory.mktemp("serve-run") / "run"
+    cfg = tiny_recipe(tiny_model_dir, client_data_dir, out)
+    model, tokenizer = load_base_model(cfg.model)
+    fed = engine.prepare(cfg, model, tokenizer, base_model_id(cfg.model))
+    engine.run_federated(cfg, fed)
     return out

@@ -98,7 +98,7 @@ RULES: dict[tuple[str, ...], Rule] = {
     ),
     ("flwr",): Rule(CHECK, "Flower's own CLI against a running federation"),
     ("covey", "flock", "devnet"): Rule(
-        CHECK, "runs a network for minutes; tests/flock/test_network.py runs its parts on anvil"
+        CHECK, "runs a network for minutes; tests/flock/test_network.py runs its code (Devnet)"
     ),
     ("covey", "flock", "create"): Rule(
         CHECK, "needs a chain node; tests/flock/test_network.py creates a task on anvil"

@@ -11,7 +11,7 @@ import pytest
 from covey.config import load_recipe
 from covey.errors import ConfigError
 from covey.eval import tracking
-from tests.serve.conftest import tiny_recipe
+from tests.conftest import tiny_recipe
 
 
 def test_rounds_score_a_fixed_subset_and_report_it_to_tensorboard(

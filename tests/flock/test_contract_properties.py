@@ -1004,11 +1004,29 @@ _SETTINGS = dict(
 )
 
 
-@pytest.mark.chain
-class TestFlockProperties(FlockMachine.TestCase):  # type: ignore[name-defined]
-    """The chain tier's run: 10,000 sequences by default."""
+# The chain tier's 10,000 sequences run as four independent shards of 2,500 (Hypothesis draws each
+# shard's sequences from its own random seed), so pytest-xdist can spread them over its workers.
+_SHARD = settings(max_examples=-(-SEQUENCES // 4), **_SETTINGS)  # type: ignore[arg-type]
 
-    settings = settings(max_examples=SEQUENCES, **_SETTINGS)  # type: ignore[arg-type]
+
+@pytest.mark.chain
+class TestFlockPropertiesShard1(FlockMachine.TestCase):  # type: ignore[name-defined]
+    settings = _SHARD
+
+
+@pytest.mark.chain
+class TestFlockPropertiesShard2(FlockMachine.TestCase):  # type: ignore[name-defined]
+    settings = _SHARD
+
+
+@pytest.mark.chain
+class TestFlockPropertiesShard3(FlockMachine.TestCase):  # type: ignore[name-defined]
+    settings = _SHARD
+
+
+@pytest.mark.chain
+class TestFlockPropertiesShard4(FlockMachine.TestCase):  # type: ignore[name-defined]
+    settings = _SHARD
 
 
 class TestFlockPropertiesQuick(FlockMachine.TestCase):  # type: ignore[name-defined]

@@ -43,6 +43,7 @@ from tests.flock.test_network import wait_for_line
 pytestmark = [
     pytest.mark.chain,
     pytest.mark.slow,
+    pytest.mark.timeout(1800),  # registration and three rounds of block windows, under load
     pytest.mark.skipif(find_anvil() is None, reason="no anvil binary: run `make anvil`"),
 ]
 

@@ -24,7 +24,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,154 @@ def join_command(
     return command
 
 
+class Devnet:
+    """A running devnet: anvil, the task, the creator's gateway and one `join` process per client.
+
+    `run_devnet` (what `covey flock devnet` calls) enters it, waits for the task to end and
+    finishes; a test enters it the same way and, in between, kills and restarts a participant
+    (`kill`, `start`) as a crash would. Leaving the block stops every process it started, the
+    gateway and anvil, in that order.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        *,
+        block_time_s: int = 1,
+        train_s: float = 60.0,
+        tx_s: float = 3.0,
+        registration_s: float = 180.0,
+        attacks: dict[int, str] | None = None,
+    ) -> None:
+        self.files = check_data_dir(Path(cfg.data.dir))
+        # every participant serves its blobs on loopback: peers may fetch from private addresses
+        self.cfg = replace(cfg, flock=replace(cfg.flock, allow_private_endpoints=True))
+        self.out = out
+        self.block_time_s = block_time_s
+        self.train_s, self.tx_s, self.registration_s = train_s, tx_s, registration_s
+        self.attacks = attacks or {}
+        self.folders = [out / f"participant_{i}" for i in range(len(self.files))]
+        self.processes: list[subprocess.Popen[bytes] | None] = [None] * len(self.files)
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Devnet:
+        try:
+            self._start_network()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _start_network(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.url = self._stack.enter_context(run_anvil(block_time_s=self.block_time_s))
+        self.node = Chain.connect(self.url)
+        creator_dir = self.out / "creator"
+        creator = new_key_file(creator_dir / "key")
+        self.addresses = [new_key_file(f / "key") for f in self.folders]
+        fund_eth(self.node, [creator, *self.addresses])
+        self.chain = Chain.connect(self.url, key=load_private_key(creator_dir / "key"))
+        self.store = LocalStore(creator_dir / "store")
+        stake = self.cfg.flock.stake
+        self.created = create_task(
+            self.cfg, self.chain, self.store, participants=len(self.files),
+            block_time_s=self.block_time_s, train_s=self.train_s, tx_s=self.tx_s,
+            registration_s=self.registration_s, fund=dict.fromkeys(self.addresses, 2 * stake),
+        )  # fmt: skip
+        write_json(creator_dir / "task.json", self.created.as_json())
+        log.info(
+            "devnet: task %s on %s; %d participants", self.created.task, self.url, len(self.files)
+        )
+        self.task = attach_task(self.node, self.created.task)
+        self.gateway = self._stack.enter_context(Gateway(self.store))
+        self._stack.callback(self._stop_participants)
+        self.archive = task_archive(self.task, self.store, self.created, self.cfg.fed)
+        for i in range(len(self.files)):
+            self.start(i)
+
+    def command(self, i: int) -> list[str]:
+        """Participant i's `covey flock join` command line."""
+        return join_command(
+            self.created.task, self.url, self.folders[i], self.files[i], self.gateway.url,
+            self.cfg, self.attacks.get(i, "none"),
+        )  # fmt: skip
+
+    def log_path(self, i: int) -> Path:
+        return self.folders[i] / "join.log"
+
+    def start(self, i: int) -> None:
+        """Start participant i's process (again, after `kill`: it resumes from its folder)."""
+        with self.log_path(i).open("ab") as logfile:
+            self.processes[i] = subprocess.Popen(
+                self.command(i),
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env=participant_env(len(self.files)),
+            )
+
+    def kill(self, i: int) -> None:
+        """SIGKILL participant i's process, as a crash or a power cut would stop it."""
+        process = self.processes[i]
+        if process is not None:
+            process.kill()
+            process.wait()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Until every participant's process has exited, archiving each round as it ends (as
+        `create --serve` does); a participant that failed or a task that outlived its windows
+        is an error."""
+        params = self.created.params
+        per_round = sum(
+            getattr(params, w)
+            for w in (
+                "seed_commit_blocks", "seed_reveal_blocks", "propose_commit_blocks",
+                "propose_reveal_blocks", "vote_commit_blocks", "vote_reveal_blocks",
+            )
+        )  # fmt: skip
+        budget_s = timeout_s or self.block_time_s * (
+            params.registration_blocks + params.rounds * (per_round + 3 * params.timeout_blocks)
+        )
+        deadline = time.monotonic() + budget_s
+        while any(p is not None and p.poll() is None for p in self.processes):
+            if time.monotonic() > deadline:
+                raise CoveyError(f"devnet: the task did not end within {budget_s:.0f} s")
+            archive_rounds(self.archive)
+            time.sleep(1)
+        archive_rounds(self.archive)
+        failed = [
+            self.log_path(i) for i, p in enumerate(self.processes) if p is None or p.returncode
+        ]
+        if failed:
+            raise CoveyError(f"devnet: participant(s) failed; see {', '.join(map(str, failed))}")
+
+    def finish(self) -> dict[str, Any]:
+        """The task's status (written to OUT/status.json, with each round's timeline) and its
+        global adapter, rebuilt in OUT/final by an outsider's fetch from chain and gateway."""
+        status = task_status(self.task)
+        status["timeline"] = round_timeline(self.node, self.task)
+        write_json(self.out / "status.json", status)
+        blobs = Blobs(LocalStore(self.out / "fetched"), self.task, [self.gateway.url])
+        _, self.final_cid = fetch_adapter(
+            self.task, blobs, self.out / "final", None, self.cfg.model.base
+        )
+        return status
+
+    def _stop_participants(self) -> None:
+        running = [p for p in self.processes if p is not None and p.poll() is None]
+        for p in running:
+            p.terminate()
+        for p in running:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def run_devnet(
     cfg: RunConfig,
     out: Path,
@@ -107,73 +255,14 @@ def run_devnet(
     attack: str = "none",
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    """Run a task to its end with one join process per client; the task's status at the end."""
-    files = check_data_dir(Path(cfg.data.dir))
-    out.mkdir(parents=True, exist_ok=True)
-    # every participant serves its blobs on loopback: peers may fetch from private addresses
-    cfg = replace(cfg, flock=replace(cfg.flock, allow_private_endpoints=True))
-    with run_anvil(block_time_s=block_time_s) as url:
-        node = Chain.connect(url)
-        creator_dir = out / "creator"
-        creator = new_key_file(creator_dir / "key")
-        folders = [out / f"participant_{i}" for i in range(len(files))]
-        addresses = [new_key_file(f / "key") for f in folders]
-        fund_eth(node, [creator, *addresses])
-        chain = Chain.connect(url, key=load_private_key(creator_dir / "key"))
-        store = LocalStore(creator_dir / "store")
-        stake = cfg.flock.stake
-        created = create_task(
-            cfg, chain, store, participants=len(files), block_time_s=block_time_s,
-            train_s=train_s, tx_s=tx_s, registration_s=registration_s,
-            fund=dict.fromkeys(addresses, 2 * stake),
-        )  # fmt: skip
-        write_json(creator_dir / "task.json", created.as_json())
-        log.info("devnet: task %s on %s; %d participants", created.task, url, len(files))
-        task = attach_task(node, created.task)
-        with Gateway(store) as gateway:
-            processes = []
-            for i, (folder, data) in enumerate(zip(folders, files, strict=True)):
-                command = join_command(
-                    created.task, url, folder, data, gateway.url, cfg, attack if i == 0 else "none"
-                )
-                with (folder / "join.log").open("ab") as logfile:
-                    processes.append(
-                        subprocess.Popen(
-                            command,
-                            stdout=logfile,
-                            stderr=subprocess.STDOUT,
-                            env=participant_env(len(files)),
-                        )
-                    )
-            params = created.params
-            per_round = sum(
-                getattr(params, w)
-                for w in (
-                    "seed_commit_blocks", "seed_reveal_blocks", "propose_commit_blocks",
-                    "propose_reveal_blocks", "vote_commit_blocks", "vote_reveal_blocks",
-                )
-            )  # fmt: skip
-            budget = timeout_s or block_time_s * (
-                params.registration_blocks + params.rounds * (per_round + 3 * params.timeout_blocks)
-            )
-            archive = task_archive(task, store, created, cfg.fed)
-            try:
-                _wait_all(processes, budget, folders, lambda: archive_rounds(archive))
-            finally:
-                for p in processes:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in processes:
-                    try:
-                        p.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
-            blobs = Blobs(LocalStore(out / "fetched"), task, [gateway.url])
-            status = task_status(task)
-            status["timeline"] = round_timeline(node, task)
-            write_json(out / "status.json", status)
-            fetch_adapter(task, blobs, out / "final", None, cfg.model.base)
+    """Run a task to its end with one join process per client (participant 0 runs `attack`);
+    the task's status at the end."""
+    with Devnet(
+        cfg, out, block_time_s=block_time_s, train_s=train_s, tx_s=tx_s,
+        registration_s=registration_s, attacks={0: attack},
+    ) as net:  # fmt: skip
+        net.wait(timeout_s)
+        status = net.finish()
     log.info(
         "devnet: %s; balances: %s",
         status["phase"].lower(),
@@ -196,21 +285,3 @@ def round_timeline(chain: Chain, task: FlockTask) -> list[dict[str, Any]]:
     return [s | {"time": at(s["block"])} for s in starts] + [
         {"round": None, "block": last, "time": at(last)}
     ]
-
-
-def _wait_all(
-    processes: list[subprocess.Popen[bytes]],
-    budget_s: float,
-    folders: list[Path],
-    meanwhile: Callable[[], None],
-) -> None:
-    deadline = time.monotonic() + budget_s
-    while any(p.poll() is None for p in processes):
-        if time.monotonic() > deadline:
-            raise CoveyError(f"devnet: the task did not end within {budget_s:.0f} s")
-        meanwhile()
-        time.sleep(1)
-    meanwhile()
-    failed = [f / "join.log" for p, f in zip(processes, folders, strict=True) if p.returncode]
-    if failed:
-        raise CoveyError(f"devnet: participant(s) failed; see {', '.join(map(str, failed))}")
