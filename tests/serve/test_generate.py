@@ -129,7 +129,9 @@ def test_beams_answer_once_and_seeds_repeat(session: ServeSession) -> None:
     beams = GenerationSettings(num_beams=2, max_new_tokens=5)
     assert len(list(session.stream("Hi", "", beams, (BASE, TUNED)))) == 1
     sampled = replace(SAMPLED, seed=9)
-    assert session.generate("Hi", "", sampled) == session.generate("Hi", "", sampled)
+    answer = session.generate("Hi", "", sampled)
+    assert answer and session.generate("Hi", "", sampled) == answer
+    assert session.generate("Hi", "", replace(sampled, seed=10)) != answer  # it does sample
 
 
 def test_an_abandoned_stream_stops_generating_and_frees_the_model(
