@@ -104,15 +104,37 @@ def test_run_folder_holds_rounds_metrics_plot_and_final(fedavg_run: RunHistory) 
     assert final.read_bytes() == (out / "round_003" / "adapter_model.safetensors").read_bytes()
 
 
-def test_saved_adapter_loads_with_peft(fedavg_run: RunHistory, tiny_model_dir: Path) -> None:
-    """A plain transformers + PEFT user gets the same model the engine evaluated."""
+def test_saved_adapter_loads_with_peft(
+    fedavg_run: RunHistory, tiny_model_dir: Path, client_data_dir: Path
+) -> None:
+    """A plain transformers + PEFT user gets the same model the engine evaluated: the final
+    folder, loaded without Covey, scores the engine's recorded held-out loss of the last round
+    (computed here by plain cross-entropy, one example at a time, no packing)."""
+    from transformers import AutoTokenizer
+
+    from covey.data.prompts import IGNORE_INDEX, tokenize_records
+    from covey.data.records import load_records
+
+    cfg = tiny_config(tiny_model_dir, client_data_dir, fedavg_run.out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    test = load_records(client_data_dir / "test.jsonl").records
+    examples = tokenize_records(test, tokenizer, cfg.prompt, mask_prompt=True)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, fedavg_run.out / "final")
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model = PeftModel.from_pretrained(base, fedavg_run.out / "final").eval()
+    total, tokens = 0.0, 0
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        assert not torch.allclose(logits, plain(input_ids=ids).logits)  # the adapter does act
+        for example in examples:
+            logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+            labels = torch.tensor(example.labels[1:])
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            tokens += int((labels != IGNORE_INDEX).sum())
+        recorded = fedavg_run.records[-1]["eval"]
+        assert recorded["examples"] == len(examples) and recorded["tokens"] == tokens
+        assert total / tokens == pytest.approx(recorded["loss"], rel=1e-5, abs=0)
+        ids = torch.tensor([examples[0].input_ids])
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        assert not torch.allclose(plain, model(input_ids=ids).logits)  # the adapter does act
     state = load_file(fedavg_run.out / "final" / "adapter_model.safetensors")
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -128,15 +129,39 @@ def test_beams_answer_once_and_seeds_repeat(session: ServeSession) -> None:
     beams = GenerationSettings(num_beams=2, max_new_tokens=5)
     assert len(list(session.stream("Hi", "", beams, (BASE, TUNED)))) == 1
     sampled = replace(SAMPLED, seed=9)
-    assert session.generate("Hi", "", sampled) == session.generate("Hi", "", sampled)
+    answer = session.generate("Hi", "", sampled)
+    assert answer and session.generate("Hi", "", sampled) == answer
+    assert session.generate("Hi", "", replace(sampled, seed=10)) != answer  # it does sample
 
 
-def test_an_abandoned_stream_stops_generating_and_frees_the_model(session: ServeSession) -> None:
+def test_an_abandoned_stream_stops_generating_and_frees_the_model(
+    session: ServeSession, tiny_run: Path, tiny_model_dir: Path
+) -> None:
+    """Closing a stream early stops `generate` within a token or two (not after all 400), and
+    the next answer is the model's own: the lock is free, the adapter on, no stop left set."""
+    steps = 0
+
+    def count(*_: Any) -> None:
+        nonlocal steps
+        steps += 1
+
     settings = replace(SAMPLED, max_new_tokens=400, seed=2)
-    stream = session.stream("Write a long story.", "", settings, (BASE, TUNED))
-    next(stream)
-    stream.close()  # the reader went away: the worker stops, the lock is released
-    assert session.generate("Hi", "", GREEDY) is not None
+    hook = session.model.get_base_model().register_forward_hook(count)
+    try:
+        stream = session.stream("Write a long story.", "", settings, (BASE, TUNED))
+        next(stream)
+        stream.close()  # the reader went away: the worker stops, the lock is released
+    finally:
+        hook.remove()
+    assert not [t for t in threading.enumerate() if t.name == "covey-generate"]
+    assert steps <= 4, f"generate ran {steps} forward passes after the reader left"
+    question = "Question 2 about open_qa?"  # the adapter changes its greedy answer
+    prompt = session.prompt(question)
+    expected_base, expected_tuned = _reference(tiny_model_dir, tiny_run, prompt, GREEDY)
+    assert expected_base != expected_tuned
+    assert session.answer_ids(prompt, GREEDY) == [expected_tuned]
+    text = session.tokenizer.decode(expected_tuned, skip_special_tokens=True)
+    assert session.generate(question, "", GREEDY) == text.strip()
 
 
 @pytest.mark.parametrize(
