@@ -33,7 +33,8 @@ demo: $(STAMP)
 	$(BIN)/covey train examples/cpu-demo.toml --overwrite
 	$(BIN)/covey eval --run runs/demo/train --overwrite
 
-# Lint, type-check, then every test tier this machine can run (GPU tests need CUDA).
+# Lint, type-check, check the import layers, then every test tier this machine can run (GPU
+# tests need CUDA).
 test: $(STAMP) lint browser-deps anvil
 	$(BIN)/pytest -m "not gpu"
 
@@ -63,6 +64,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/ruff format --check src tests scripts benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests scripts benchmarks
