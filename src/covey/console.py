@@ -8,6 +8,7 @@ logging, warning filter or environment variable of the program that imports it.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from rich.console import Console
@@ -20,12 +21,12 @@ console = Console(width=None if sys.stdout.isatty() else PLAIN_WIDTH)
 """The commands' standard output (tables, progress, summaries)."""
 
 QUIET_WARNINGS = (
-    # raised by transformers 5.x inside PEFT's get_peft_model (a deprecated attribute PEFT
-    # reads); addressed to PEFT's developers, not to a user who fine-tunes
-    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # raised by transformers 5.x when PEFT's get_peft_model reads a deprecated attribute;
+    # addressed to PEFT's developers, not to a user who fine-tunes
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning, "transformers.modeling_utils"),
 )
-"""(message prefix, category) of each library warning a command hides; every other warning shows.
-Flower's processes get the same list as PYTHONWARNINGS (`covey.flower.processes.QUIET_ENV`)."""
+"""(message prefix, category, module that warns) of each library warning a command hides; every
+other warning shows. Flower's processes get the same list (`python_warnings`)."""
 
 NOISY_LOGGERS = ("httpx", "huggingface_hub", "filelock")
 """Libraries whose INFO lines (each request, each lock) would drown Covey's own."""
@@ -49,8 +50,10 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     disable_progress_bars()
-    for message, category in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings(
+            "ignore", message=re.escape(message), category=category, module=re.escape(module)
+        )
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(
             console=Console(stderr=True), show_time=False, show_path=False
@@ -61,6 +64,14 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def python_warnings() -> str:
+    """`QUIET_WARNINGS` as a PYTHONWARNINGS value, for child processes (Flower's)."""
+    return ",".join(
+        f"ignore:{message}:{category.__name__}:{module}"
+        for message, category, module in QUIET_WARNINGS
+    )
 
 
 def share_the_cpu() -> None:

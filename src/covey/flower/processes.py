@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from covey.console import python_warnings
 from covey.envvars import SECRET_ENV_NAMES
 from covey.errors import CoveyError
 
 QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars (tqdm)
-    # raised inside PEFT's get_peft_model by transformers 5.x; harmless
-    "PYTHONWARNINGS": "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+    "PYTHONWARNINGS": python_warnings(),  # the library warnings a command hides
 }
 """What keeps library noise out of the logs of Flower's processes (none writes to a terminal)."""
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
