@@ -1,11 +1,12 @@
-"""No hidden side effects: importing Covey configures nothing; a command hides only the library
-warnings it names."""
+"""No hidden side effects: importing Covey configures nothing, a command hides only the library
+warnings it names, and plotting leaves matplotlib as the program set it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 IMPORTS_EVERY_COMMAND = """
 import json, logging, os, warnings
@@ -82,3 +83,57 @@ def test_a_command_hides_only_the_library_warnings_it_names() -> None:
             ("this argument changes meaning in v6", "modeling_utils.py"),
         ]
     )
+
+
+PLOT_EVERY_FIGURE = """
+import sys
+from pathlib import Path
+from pathlib import Path
+
+import matplotlib
+
+out = Path(sys.argv[1])
+before = repr(dict.__getitem__(matplotlib.rcParams, "backend"))  # unresolved: not read yet
+
+from covey.data.plot import plot_distribution
+from covey.eval.report import plot_comparison
+from covey.fed.report import plot_losses
+from covey.flock.report import plot_rewards
+
+plot_losses(
+    [{"round": 0, "eval": {"loss": 2.0}},
+     {"round": 1, "eval": {"loss": 1.5}, "train": {"loss": 1.7}}],
+    out / "loss.png",
+)
+plot_distribution(
+    {"categories": ["qa", "summary"], "scheme": "iid", "seed": 1,
+     "clients": [{"by_category": {"qa": 3}}, {"by_category": {"qa": 1, "summary": 2}}]},
+    out / "split.png",
+)
+plot_rewards(
+    {"rounds": [{"balances": [{"participant": 0, "net": 1.0}]}],
+     "participants": [{"participant": 0, "attacker": False}]},
+    out / "rewards.png",
+)
+plot_comparison(
+    {"test": {"records": 3}, "models": [
+        {"name": "base", "by_category": {"qa": {"rouge_l": 0.2}}, "rouge_l": 0.2,
+         "heavy_repetition": 0.1}]},
+    out / "comparison.png",
+)
+after = repr(dict.__getitem__(matplotlib.rcParams, "backend"))
+print(before == after, "matplotlib.pyplot" in sys.modules)
+"""
+
+
+def test_plots_leave_matplotlib_as_the_program_set_it(tmp_path: Path) -> None:
+    """Covey draws on Figures of its own: no backend switch (`matplotlib.use`), no pyplot, whose
+    global figure list is not safe in the UI's threads."""
+    done = subprocess.run(
+        [sys.executable, "-c", PLOT_EVERY_FIGURE, str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
+    for name in ("loss.png", "split.png", "rewards.png", "comparison.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
