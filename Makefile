@@ -71,4 +71,4 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests scripts benchmarks
 
 clean:
-	rm -rf $(VENV) runs .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs .tools .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache
