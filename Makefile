@@ -33,10 +33,10 @@ demo: $(STAMP)
 	$(BIN)/covey train examples/cpu-demo.toml --overwrite
 	$(BIN)/covey eval --run runs/demo/train --overwrite
 
-# Lint, type-check, then every test tier this machine can run (GPU tests need CUDA), spread over
-# PYTEST_WORKERS pytest-xdist workers. Most slow tests wait (on blocks, servers, child processes)
-# rather than compute, so there are more workers than cores; the longest start first
-# (tests/conftest.py). The 20 slowest tests are listed at the end.
+# Lint, type-check, check the import layers, then every test tier this machine can run (GPU
+# tests need CUDA), spread over PYTEST_WORKERS pytest-xdist workers. Most slow tests wait (on
+# blocks, servers, child processes) rather than compute, so there are more workers than cores;
+# the longest start first (tests/conftest.py). The 20 slowest tests are listed at the end.
 PYTEST_WORKERS ?= 4
 test: $(STAMP) lint browser-deps anvil
 	$(BIN)/pytest -m "not gpu" -n $(PYTEST_WORKERS) --durations=20
@@ -67,10 +67,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/ruff format --check src tests scripts benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests scripts benchmarks
 	$(BIN)/ruff format src tests scripts benchmarks
 
 clean:
-	rm -rf $(VENV) runs .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs .tools .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache

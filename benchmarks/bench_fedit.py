@@ -33,11 +33,11 @@ import torch
 
 from covey.config import load_recipe
 from covey.data.records import Record, load_records
-from covey.eval.metrics import answer_scores, paired_difference, summarize
 from covey.eval.run import EVAL_DECODING
 from covey.fed import engine
 from covey.model.loading import base_model_id, load_base_model
 from covey.train.evaluate import generate_answers
+from covey.train.metrics import answer_scores, paired_difference, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly"

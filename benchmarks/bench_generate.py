@@ -239,11 +239,11 @@ def main() -> None:
     import torch
     import transformers
 
-    from covey.cli import _quiet_libraries
+    from covey.console import quiet_libraries
     from covey.serve.adapters import resolve_source
     from covey.serve.generate import load_session
 
-    _quiet_libraries()
+    quiet_libraries()
     load_at_start = round(os.getloadavg()[0], 2)  # the machine is shared: say how busy it was
     session = load_session(resolve_source(run=args.run))
     tokenizer = session.tokenizer

@@ -18,7 +18,12 @@ from covey.errors import ConfigError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (the parent folder must exist)."""
+    """Write `data` to `path` atomically (the parent folder must exist).
+
+    The temporary file comes from `tempfile.mkstemp`: created with O_EXCL (and O_NOFOLLOW where
+    the system has it), so no file or link planted under its name is written through, and with
+    mode 0600, which the rename keeps: the result is readable by its owner alone.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -41,6 +46,16 @@ def check_output_dir(target: Path, overwrite: bool, flag: str = "--out") -> None
             f"{flag} {target}: folder exists and is not empty; pass --overwrite to replace it "
             "or choose another folder"
         )
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write secret `data` (a private key) to `path`, readable and writable by the owner alone.
+
+    `atomic_write_bytes` gives that from the first byte: the bytes go into a new file created with
+    mode 0600 (never chmod'ed afterwards, so at no moment can group or others open it), which then
+    atomically replaces `path`. The separate name marks the callers that depend on it.
+    """
+    atomic_write_bytes(path, data)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from covey.console import PLAIN_WIDTH, console, quiet_libraries
 from covey.data.partition import Scheme
 from covey.data.records import parse_field_map
 from covey.data.split import BUNDLED_SAMPLE, SplitConfig, run_split
@@ -24,12 +25,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare instruction data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-# Outside a terminal (CI logs, pipes) rich writes plain text, but at 80 columns: too narrow for
-# the tables and for --help, whose option names it would cut.
-PLAIN_WIDTH = 160
-console = Console(width=None if sys.stdout.isatty() else PLAIN_WIDTH)
-if not sys.stdout.isatty():
-    typer.rich_utils.MAX_WIDTH = PLAIN_WIDTH
 
 _defaults = SplitConfig()
 
@@ -147,7 +142,7 @@ def train(
     from covey.fed.rounds import RunFolder
     from covey.model.loading import base_model_id, load_base_model
 
-    _quiet_libraries()
+    quiet_libraries()
     if resume and overwrite:
         raise CoveyError("--resume and --overwrite exclude each other; choose one")
     if attack is not None:
@@ -220,32 +215,6 @@ from covey.flock.cli import flock_app  # noqa: E402
 app.add_typer(flock_app, name="flock")
 
 
-def _quiet_libraries() -> None:
-    """Covey prints what matters; the libraries' progress bars, notices and FutureWarnings
-    (addressed to developers, not users) would drown it. Logs are plain lines off a terminal."""
-    import logging
-    import warnings
-
-    from huggingface_hub.utils.tqdm import disable_progress_bars
-    from rich.logging import RichHandler
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    disable_progress_bars()
-    warnings.simplefilter("ignore", FutureWarning)
-    if sys.stderr.isatty():
-        handler: logging.Handler = RichHandler(
-            console=Console(stderr=True), show_time=False, show_path=False
-        )
-    else:
-        handler = logging.StreamHandler()  # stderr
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
-    for noisy in ("httpx", "huggingface_hub", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _progress(quiet: bool) -> Any:
     from contextlib import nullcontext
 
@@ -311,6 +280,10 @@ def _round_line(record: dict[str, Any]) -> str:
 
 def main() -> None:
     """Entry point: user errors print one clear message and exit with code 2, no traceback."""
+    if not sys.stdout.isatty():
+        # --help off a terminal at the width of `covey.console` (Typer's default would cut the
+        # option names); set here, not at import, so importing covey.cli changes no library
+        typer.rich_utils.MAX_WIDTH = PLAIN_WIDTH
     try:
         app()
     except CoveyError as e:

@@ -10,7 +10,7 @@ import pytest
 
 from covey.config import load_recipe
 from covey.errors import ConfigError
-from covey.eval import tracking
+from covey.fed import tracking
 from tests.conftest import tiny_recipe
 
 

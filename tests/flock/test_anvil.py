@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from covey.atomic import write_private_file
 from covey.flock.chain import Chain
 from covey.flock.commitments import (
     new_secret,
@@ -28,7 +29,7 @@ from covey.flock.commitments import (
     vote_commitment,
 )
 from covey.flock.devnode import find_anvil, run_anvil
-from covey.flock.keys import load_private_key, write_private_file
+from covey.flock.keys import load_private_key
 from covey.flock.task import (
     TOKEN_UNIT,
     FlockTask,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from covey.atomic import write_private_file
 from covey.errors import ConfigError
-from covey.flock.keys import load_private_key, write_private_file
+from covey.flock.keys import load_private_key
 
 KEY_HEX = "0x" + "00" * 31 + "01"
 KEY_ADDRESS = "0x7E5F4552091A69125d5DfCb7b8C2659029395Bdf"

@@ -215,5 +215,11 @@ def test_the_server_binds_loopback_and_requires_the_login(session: ServeSession)
         right = urllib.parse.urlencode({"username": "ada", "password": "pw-123"}).encode()
         assert opener.open(local_url + "login", data=right, timeout=30).status == 200
         assert opener.open(local_url + "config", timeout=30).status == 200
+        # nothing phones home: analytics off by the app's own flag, and gradio's monitoring
+        # dashboard (another app, whose analytics follow only the environment) is not served
+        assert demo.analytics_enabled is False
+        with pytest.raises(urllib.error.HTTPError) as monitoring:
+            opener.open(local_url + "monitoring", timeout=30)
+        assert monitoring.value.code == 403
     finally:
         demo.close()

@@ -6,17 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def plot_distribution(manifest: dict[str, Any], path: Path) -> None:
     """Stacked bars: one per client, one colour per category, height = record count."""
     categories = manifest["categories"]
     clients = manifest["clients"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(clients) + 3), 4.5), dpi=120)
-    colours = plt.get_cmap("tab10" if len(categories) <= 10 else "tab20")
+    # a Figure of its own, not pyplot's: no backend to switch (savefig renders with Agg)
+    fig = Figure(figsize=(max(6.0, 0.25 * len(clients) + 3), 4.5), dpi=120)
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10" if len(categories) <= 10 else "tab20"]
     bottoms = [0] * len(clients)
     x = list(range(len(clients)))
     for k, category in enumerate(categories):
@@ -31,4 +31,3 @@ def plot_distribution(manifest: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -1,1 +1,2 @@
-"""Answer quality a user can see: metrics against references, and `covey eval`."""
+"""`covey eval`: adapters beside their base model on held-out records (the metrics themselves
+are `covey.train.metrics`, shared with every round's evaluation)."""

@@ -59,12 +59,11 @@ def evaluate(
 ) -> None:
     """Score adapters and their base model side by side on held-out records: loss, ROUGE-L,
     repetition, length; writes eval.json, answers.jsonl and comparison.png."""
-    from covey.cli import _quiet_libraries, console
+    from covey.console import console, quiet_libraries, share_the_cpu
     from covey.eval.report import categories_table, models_table, samples_table
     from covey.eval.run import EvalOptions, choose_sources, decoding_settings, run_eval
-    from covey.serve.commands import _share_the_cpu
 
-    _share_the_cpu()
+    share_the_cpu()
     if out is None:
         if run is None:
             raise ConfigError("--out: name the folder for eval.json (no --run to write into)")
@@ -80,7 +79,7 @@ def evaluate(
     )
     options.check()
     sources = choose_sources(run, rounds, adapters, base, template, device)
-    _quiet_libraries()
+    quiet_libraries()
     with console.status(f"evaluating {len(sources)} adapter(s) and the base model"):
         result = run_eval(sources, options)
     console.print(models_table(result.summary))

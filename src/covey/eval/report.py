@@ -70,16 +70,12 @@ def samples_table(summary: dict[str, Any]) -> Table | None:
 
 def plot_comparison(summary: dict[str, Any], path: Path) -> None:
     """Left: ROUGE-L F1 per category and overall, a bar per model. Right: heavy repetition."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot's: no backend to switch
 
     models = summary["models"]
     categories = [*models[0]["by_category"], "all"]
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(11, 4.2), dpi=110, gridspec_kw={"width_ratios": [4, 1]}
-    )
+    fig = Figure(figsize=(11, 4.2), dpi=110)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [4, 1]})
     width = 0.8 / len(models)
     for k, m in enumerate(models):
         values = [m["by_category"][c]["rouge_l"] for c in categories[:-1]] + [m["rouge_l"]]
@@ -98,4 +94,3 @@ def plot_comparison(summary: dict[str, Any], path: Path) -> None:
     right.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

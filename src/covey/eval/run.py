@@ -33,7 +33,9 @@ from typing import Any
 from covey.atomic import atomic_directory, check_output_dir
 from covey.data.records import Record, load_records, read_raw_records, spread
 from covey.errors import ConfigError, DataError
-from covey.eval.metrics import (
+from covey.serve.adapters import AdapterSource, check_base_matches, resolve_source
+from covey.serve.generate import DEFAULT_PRESET, GenerationSettings, preset_settings
+from covey.train.metrics import (
     REPEAT_NGRAM,
     REPEAT_TIMES,
     ROUGE_SETTINGS,
@@ -41,8 +43,6 @@ from covey.eval.metrics import (
     paired_difference,
     summarize,
 )
-from covey.serve.adapters import AdapterSource, check_base_matches, resolve_source
-from covey.serve.generate import DEFAULT_PRESET, GenerationSettings, preset_settings
 
 log = logging.getLogger("covey.eval")
 

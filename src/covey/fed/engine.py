@@ -118,9 +118,24 @@ def preflight(cfg: RunConfig) -> None:
     resolve_base(cfg.model.base)
     resolve_device(cfg.model.device)
     if cfg.fed.consensus == "flock":
-        from covey.flock.protocol import check_flock
-
         check_flock(cfg, len(files))
+
+
+def check_flock(cfg: RunConfig, participants: int) -> None:
+    """What the FLock simulation (`covey.flock.protocol`) needs beyond the recipe's own rules,
+    for `participants` client files: run by `preflight`, before anything loads, and by the
+    simulation itself."""
+    if cfg.flock.chain_url:
+        raise ConfigError(
+            "flock.chain_url: the simulation drives every participant's account, which needs "
+            "the embedded chain's test accounts; leave it empty here and run a network with "
+            "`covey flock create` and `covey flock join`"
+        )
+    if cfg.flock.proposers_per_round + cfg.flock.voters_per_round > participants:
+        raise ConfigError(
+            "flock.proposers_per_round + flock.voters_per_round must be <= the "
+            f"{participants} participants (client files in data.dir)"
+        )
 
 
 def load_client_data(data_dir: Path) -> tuple[list[list[Record]], list[Record]]:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from rich.table import Table
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     """Held-out loss per round (round 0 = before training) and clients' mean training loss;
     ROUGE-L F1 on its own axis when the rounds score answers (`eval.rouge_examples`)."""
-    fig, ax = plt.subplots(figsize=(6.6 if _scored(records) else 6, 4), dpi=110)
+    # a Figure of its own, not pyplot's: no backend to switch, no global figure list, safe in
+    # the UI's threads; savefig renders with Agg
+    fig = Figure(figsize=(6.6 if _scored(records) else 6, 4), dpi=110)
+    ax = fig.subplots()
     rounds = [r["round"] for r in records]
     ax.plot(rounds, [r["eval"]["loss"] for r in records], "o-", label="held-out loss (global)")
     trained = [r for r in records if r.get("train")]
@@ -48,7 +48,6 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _scored(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

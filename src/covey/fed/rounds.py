@@ -31,9 +31,9 @@ from covey.config import RunConfig, config_differences, load_recipe, to_toml
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, spread
 from covey.errors import ConfigError
-from covey.eval.tracking import Trackers, check_available
 from covey.fed import checkpoint
 from covey.fed.strategies import Accumulator, get_strategy
+from covey.fed.tracking import Trackers, check_available
 from covey.model.lora import adapter_files, adapter_state, load_adapter_state
 from covey.state import ServerState, State
 from covey.train.evaluate import evaluate_loss, generate_answers
@@ -254,7 +254,7 @@ class RunModel:
         scored = self.held_out.scored
         if not scored:
             return {}
-        from covey.eval.metrics import answer_scores, summarize
+        from covey.train.metrics import answer_scores, summarize
 
         answers = generate_answers(
             self.model,

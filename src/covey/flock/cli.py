@@ -15,21 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from covey.console import console, quiet_libraries
 from covey.errors import ConfigError, CoveyError
 
 flock_app = typer.Typer(
     help="FLock as a network: stake, propose, vote and earn on a real chain, one process each.",
     no_args_is_help=True,
 )
-console = Console(width=None if sys.stdout.isatty() else 160)
 log = logging.getLogger("covey.flock")
 
 _CHAIN_URL = typer.Option(
@@ -44,12 +42,6 @@ _KEY_FILE = typer.Option(
 _GATEWAY = typer.Option(
     [], "--gateway", help="HTTP gateway serving /ipfs/{cid} to fetch blobs from (repeatable)."
 )
-
-
-def _setup_logging() -> None:
-    from covey.cli import _quiet_libraries
-
-    _quiet_libraries()
 
 
 def _stop_on_sigterm() -> None:
@@ -84,7 +76,7 @@ def create(
     from covey.flock.network import connect, create_task, serve_until_done
     from covey.store.local import LocalStore
 
-    _setup_logging()
+    quiet_libraries()
     cfg = load_recipe(recipe, overrides)
     funding = {}
     for item in fund:
@@ -140,7 +132,7 @@ def join(
     from covey.flock.agent import Behaviour
     from covey.flock.network import JoinSettings, join_task
 
-    _setup_logging()
+    quiet_libraries()
     _stop_on_sigterm()
     settings = JoinSettings(
         task=task, chain_url=chain_url, key_file=key_file, data=data, state=state, listen=listen,
@@ -216,7 +208,7 @@ def fetch(
     from covey.store.endpoints import check_gateway_url
     from covey.store.local import LocalStore
 
-    _setup_logging()
+    quiet_libraries()
     chain = connect(chain_url, signer=False)
     flock_task = attach_task(chain, task)
     gateways = [check_gateway_url(g, "--gateway") for g in gateway]
@@ -240,7 +232,7 @@ def devnet(
     from covey.config import load_recipe
     from covey.flock.devnet import run_devnet
 
-    _setup_logging()
+    quiet_libraries()
     _stop_on_sigterm()
     cfg = load_recipe(recipe, overrides)
     if out.exists() and any(out.iterdir()):

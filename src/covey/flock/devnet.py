@@ -29,12 +29,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from covey.atomic import write_private_file
 from covey.config import RunConfig
 from covey.errors import CoveyError
 from covey.fed.engine import check_data_dir
 from covey.flock.chain import Chain
 from covey.flock.devnode import run_anvil
-from covey.flock.keys import load_private_key, write_private_file
+from covey.flock.keys import load_private_key
 from covey.flock.ledger import Blobs
 from covey.flock.network import (
     archive_rounds,

@@ -6,26 +6,24 @@ a key, with the chmod that fixes it) or from an environment variable, and
 lives only inside a `PrivateKey`, whose repr and str show the address alone. Error messages
 say what is wrong with a key without quoting any of it.
 
-Every private key Covey writes (TLS and SuperNode keys for Flower) goes through
-`write_private_file`, which creates the file readable by its owner alone from its first byte.
-The Ethereum libraries load when a key is used, so writing or naming keys stays cheap.
+Every private key Covey writes (TLS and SuperNode keys for Flower, devnet accounts) goes through
+`covey.atomic.write_private_file`, which creates the file readable by its owner alone from its
+first byte. The Ethereum libraries load when a key is used, so naming keys stays cheap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from covey.envvars import PRIVATE_KEY_ENV
 from covey.errors import ConfigError
 
 if TYPE_CHECKING:
     from eth_typing import ChecksumAddress
 
-DEFAULT_ENV = "COVEY_PRIVATE_KEY"
 _SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
@@ -92,7 +90,7 @@ class PrivateKey:
 
 
 def load_private_key(
-    path: str | os.PathLike[str] | None = None, env: str = DEFAULT_ENV
+    path: str | os.PathLike[str] | None = None, env: str = PRIVATE_KEY_ENV
 ) -> PrivateKey:
     """Load the key from `path` if given, else from the environment variable `env`.
 
@@ -126,25 +124,3 @@ def load_private_key(
             " (keys are never taken from the command line)"
         )
     return PrivateKey.from_hex(value, source=f"environment variable {env}")
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write secret `data` (a private key) to `path`, readable and writable by the owner alone.
-
-    The bytes go into a new file created with mode 0600 (`os.open`, never chmod'ed afterwards,
-    so at no moment can group or others open it; O_EXCL and O_NOFOLLOW refuse a file or link
-    planted under the temporary name), which then atomically replaces `path`.
-    """
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(temporary, flags, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise

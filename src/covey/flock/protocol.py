@@ -31,7 +31,7 @@ from covey.config import RunConfig
 from covey.errors import ConfigError
 from covey.fed import checkpoint
 from covey.fed.attacks import malicious_participants
-from covey.fed.engine import Federation
+from covey.fed.engine import Federation, check_flock
 from covey.fed.rounds import (
     Hooks,
     Played,
@@ -65,21 +65,6 @@ log = logging.getLogger("covey.flock")
 
 CHAIN_STATE = "chain_state.bin"
 """The embedded chain as it was when the round was saved (`covey.flock.snapshot`)."""
-
-
-def check_flock(cfg: RunConfig, participants: int) -> None:
-    """What the simulation needs beyond the recipe's own rules (run before anything loads)."""
-    if cfg.flock.chain_url:
-        raise ConfigError(
-            "flock.chain_url: the simulation drives every participant's account, which needs "
-            "the embedded chain's test accounts; leave it empty here and run a network with "
-            "`covey flock create` and `covey flock join`"
-        )
-    if cfg.flock.proposers_per_round + cfg.flock.voters_per_round > participants:
-        raise ConfigError(
-            "flock.proposers_per_round + flock.voters_per_round must be <= the "
-            f"{participants} participants (client files in data.dir)"
-        )
 
 
 @dataclass

@@ -35,12 +35,10 @@ def honest_votes(rounds: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def plot_rewards(summary: dict[str, Any], path: Path) -> None:
     """Each participant's net token change after every round (malicious ones dashed, red)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot's: no backend to switch
 
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     rounds = summary["rounds"]
     for p in summary["participants"]:
         i = p["participant"]
@@ -54,7 +52,6 @@ def plot_rewards(summary: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 ROUND_COLUMNS = ("participant", "role", "attacker", "ballot / verdict", "reward", "slash", "net")

@@ -1,6 +1,6 @@
 """Certificates and keys for Flower: a private CA with a SuperLink certificate, SuperNode keys.
 
-Private keys are written owner-only from their first byte (`covey.flock.keys.write_private_file`);
+Private keys are written owner-only from their first byte (`covey.atomic.write_private_file`);
 the CA's own key is never written, so certificates for new hosts mean a new CA.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from covey.flock.keys import write_private_file
+from covey.atomic import write_private_file
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ In Flower's simulation there is no node config but `partition-id`: partition `i`
 `<data.dir>/client_<i>.jsonl` and is client `i`.
 
 Flower may start a fresh process per message (deployment) or keep one per worker (simulation);
-the model and the tokenized data are cached per process, so a kept process loads them once.
+the model and the tokenized data are cached per process (`CACHE`, a `NodeCache`), so a kept
+process loads them once.
 
 The update goes back as the recipe's `fed.transport` encodes it. Under `int8+topk` the client's
 error-feedback residual lives in the run's `Context.state`, which the SuperNode keeps between
@@ -46,7 +47,6 @@ log = logging.getLogger("covey.flower")
 app = ClientApp()
 
 _CLIENT_FILE = re.compile(r"client_(\d+)\.jsonl$")
-_cache: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -109,49 +109,76 @@ def _local_config(cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def _model(cfg: RunConfig) -> tuple[Any, Any]:
-    """The base model wrapped with the run's LoRA settings, cached per process."""
-    key = json.dumps(["model", dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora)])
-    if key not in _cache:
-        from covey.model.loading import load_base_model
-        from covey.model.lora import wrap_with_lora
+class NodeCache:
+    """What this process keeps between messages: the model and the tokenized examples.
 
-        _cache.clear()  # one model per process: a new recipe replaces the old one
-        model, tokenizer = load_base_model(cfg.model)
-        _cache[key] = (wrap_with_lora(model, cfg.lora), tokenizer)
-    model_and_tokenizer: tuple[Any, Any] = _cache[key]
-    return model_and_tokenizer
+    Flower may keep one process for many messages (simulation workers), so loading the base
+    model and tokenizing the client's data once per process saves most of a round. A handler
+    gets only (message, context), and `Context.state` holds records (arrays, configs), not a
+    live torch model, so the cache lives beside `app`, with the process's lifetime: `CACHE`.
+    One model at a time: a new recipe's model replaces the old one, and with it the examples
+    its tokenizer made.
+    """
+
+    def __init__(self) -> None:
+        self._model_key: str | None = None
+        self._model: tuple[Any, Any] | None = None
+        self._examples: dict[str, list[Any]] = {}
+
+    def model(self, cfg: RunConfig) -> tuple[Any, Any]:
+        """The base model wrapped with the run's LoRA settings, and its tokenizer."""
+        key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.lora)])
+        if self._model is None or key != self._model_key:
+            from covey.model.loading import load_base_model
+            from covey.model.lora import wrap_with_lora
+
+            self._model_key, self._model = None, None
+            self._examples.clear()  # tokenized by the tokenizer being replaced
+            model, tokenizer = load_base_model(cfg.model)
+            self._model = (wrap_with_lora(model, cfg.lora), tokenizer)
+            self._model_key = key
+        return self._model
+
+    def examples(
+        self, cfg: RunConfig, spec: ClientSpec, tokenizer: Any, poisoned: bool
+    ) -> list[Any]:
+        """The client's tokenized examples (`poisoned`: a backdoor attacker's, see
+        `covey.fed.attacks.poison_records`), kept per file version and settings."""
+        stat = spec.data_file.stat()
+        key = json.dumps(
+            [str(spec.data_file.resolve()), stat.st_mtime_ns, stat.st_size,
+             dataclasses.asdict(cfg.prompt), dataclasses.asdict(cfg.model),
+             dataclasses.asdict(cfg.attack) if poisoned else None]
+        )  # fmt: skip
+        if key not in self._examples:
+            self._examples[key] = _tokenized_examples(cfg, spec, tokenizer, poisoned)
+        return self._examples[key]
 
 
-def _examples(cfg: RunConfig, spec: ClientSpec, tokenizer: Any, poisoned: bool) -> list[Any]:
-    """The client's tokenized examples (`poisoned`: a backdoor attacker's, see
-    `covey.fed.attacks.poison_records`), cached per process and file version."""
-    stat = spec.data_file.stat()
-    key = json.dumps(
-        ["examples", str(spec.data_file.resolve()), stat.st_mtime_ns, stat.st_size,
-         dataclasses.asdict(cfg.prompt), dataclasses.asdict(cfg.model),
-         dataclasses.asdict(cfg.attack) if poisoned else None]
-    )  # fmt: skip
-    if key not in _cache:
-        from covey.data.prompts import tokenize_records
-        from covey.data.records import load_records
+def _tokenized_examples(
+    cfg: RunConfig, spec: ClientSpec, tokenizer: Any, poisoned: bool
+) -> list[Any]:
+    from covey.data.prompts import tokenize_records
+    from covey.data.records import load_records
 
-        records = load_records(spec.data_file).records
-        if not records:
-            raise ConfigError(f"data-file {spec.data_file}: no records")
-        if poisoned:
-            from covey.fed.attacks import poison_records
+    records = load_records(spec.data_file).records
+    if not records:
+        raise ConfigError(f"data-file {spec.data_file}: no records")
+    if poisoned:
+        from covey.fed.attacks import poison_records
 
-            records = poison_records(records, cfg.attack, spec.index)
-        tokenized = tokenize_records(records, tokenizer, cfg.prompt)
-        if all(e.num_target_tokens == 0 for e in tokenized):
-            raise ConfigError(
-                f"{spec.data_file.name}: prompt.cutoff_len = {cfg.prompt.cutoff_len} cuts off "
-                "every response; raise prompt.cutoff_len"
-            )
-        _cache[key] = tokenized
-    examples: list[Any] = _cache[key]
-    return examples
+        records = poison_records(records, cfg.attack, spec.index)
+    tokenized = tokenize_records(records, tokenizer, cfg.prompt)
+    if all(e.num_target_tokens == 0 for e in tokenized):
+        raise ConfigError(
+            f"{spec.data_file.name}: prompt.cutoff_len = {cfg.prompt.cutoff_len} cuts off "
+            "every response; raise prompt.cutoff_len"
+        )
+    return tokenized
+
+
+CACHE = NodeCache()
+"""This process's model and examples (see `NodeCache`); the handlers below use it."""
 
 
 @app.query()
@@ -189,10 +216,10 @@ def train(message: Message, context: Context) -> Message:
         )
     round_index = wire.meta_int(meta, wire.ROUND)
     dtype = wire_dtype(str(meta.get(wire.WIRE_DTYPE, "float32")))
-    model, tokenizer = _model(_local_config(cfg, dict(context.node_config)))
+    model, tokenizer = CACHE.model(_local_config(cfg, dict(context.node_config)))
     attack = meta.get(wire.ATTACK, "")  # a robustness experiment: this client is malicious
     attack = attack if isinstance(attack, str) else ""
-    examples = _examples(cfg, spec, tokenizer, poisoned=attack == "backdoor")
+    examples = CACHE.examples(cfg, spec, tokenizer, poisoned=attack == "backdoor")
     reference = adapter_state(model)
     received = decode(message.content.array_records[wire.GLOBAL])
     if received.keys() != reference.keys():

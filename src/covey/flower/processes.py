@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
+from covey.console import python_warnings
+from covey.envvars import SECRET_ENV_NAMES
 from covey.errors import CoveyError
 
 QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars (tqdm)
-    # raised inside PEFT's get_peft_model by transformers 5.x; harmless
-    "PYTHONWARNINGS": "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+    "PYTHONWARNINGS": python_warnings(),  # the library warnings a command hides
 }
 """What keeps library noise out of the logs of Flower's processes (none writes to a terminal)."""
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -57,18 +58,9 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def secret_env_names() -> tuple[str, ...]:
-    """Environment variables that hold Covey's secrets (a wallet key, the UI's login)."""
-    from covey.flock.keys import DEFAULT_ENV
-    from covey.serve.app import AUTH_ENV
-
-    return (DEFAULT_ENV, AUTH_ENV)
-
-
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of every Flower process Covey starts (see the module docstring)."""
-    secrets = secret_env_names()
-    env = {k: v for k, v in os.environ.items() if k not in secrets}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_NAMES}
     warnings = [w for w in (env.get("PYTHONWARNINGS", ""), QUIET_ENV["PYTHONWARNINGS"]) if w]
     env.update(
         {

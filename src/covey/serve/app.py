@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from covey.config import RunConfig
+from covey.envvars import SERVE_AUTH_ENV
 from covey.errors import ConfigError, CoveyError
 from covey.flock.report import ROUND_COLUMNS, round_rows
 from covey.serve.generate import BASE, PRESETS, TUNED, GenerationSettings, ServeSession
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("covey.serve")
 
-AUTH_ENV = "COVEY_SERVE_AUTH"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 EMPTY_ANSWER = "*(empty answer: the model produced only whitespace or special tokens)*"
 Message = dict[str, str]
@@ -190,7 +189,8 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     user, sep, password = value.partition(":")
     if not sep or not user.strip() or not password:
         raise ConfigError(
-            f"{AUTH_ENV} must be user:password (both non-empty); unset it to serve without auth"
+            f"{SERVE_AUTH_ENV} must be user:password (both non-empty); "
+            "unset it to serve without auth"
         )
     return user.strip(), password
 
@@ -214,8 +214,13 @@ def require_gradio() -> None:
 
 
 def _import_gradio() -> Any:
-    """Gradio, with its usage analytics off (they would phone home; this stays local)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    """Gradio, or a ConfigError that says how to install it.
+
+    Its usage analytics (they would phone home; this stays local) are turned off where they
+    start, by `gr.Blocks(analytics_enabled=False)` in `build_app`, not through the process-wide
+    GRADIO_ANALYTICS_ENABLED: the launch's own reports and its version check follow that flag,
+    and gradio's monitoring dashboard (the one other Blocks) stays off (`launch`).
+    """
     try:
         import gradio
     except ImportError as e:
@@ -500,8 +505,11 @@ def launch_app(
         server_port=port,
         share=share,
         auth=auth,
-        auth_message=f"Covey: log in with the credentials set in {AUTH_ENV}",
+        auth_message=f"Covey: log in with the credentials set in {SERVE_AUTH_ENV}",
         ssr_mode=False,
+        # gradio's /monitoring endpoint (on by default) would build gradio's own dashboard
+        # app, whose analytics follow GRADIO_ANALYTICS_ENABLED, not `build_app`'s flag
+        enable_monitoring=False,
         show_error=True,
         prevent_thread_lock=True,
         quiet=True,

@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from covey.console import quiet_libraries, share_the_cpu
+from covey.envvars import SERVE_AUTH_ENV
 from covey.errors import ConfigError
 from covey.serve.adapters import AdapterSource, resolve_source
 from covey.serve.generate import (
@@ -83,14 +85,6 @@ def _settings(
     )
 
 
-def _share_the_cpu() -> None:
-    """Idle OpenMP threads sleep instead of spinning. Answering is a long chain of small steps,
-    on a CPU shared with the UI's threads or other jobs; spinning threads take the cores from
-    whoever holds the work (3x slower `covey generate` on a busy 2-core machine,
-    benchmarks/README.md). Read once when torch loads, so it must run before that."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def serve(
     run: Path | None = typer.Option(None, "--run", help=_RUN_HELP),
     round_index: int | None = typer.Option(None, "--round", help=_ROUND_HELP),
@@ -124,21 +118,20 @@ def serve(
     The generation flags set the controls' initial values. Basic auth: set
     COVEY_SERVE_AUTH=user:password in the environment (never a flag).
     """
-    from covey.cli import _quiet_libraries
-    from covey.serve.app import AUTH_ENV, is_loopback, parse_auth, require_gradio, serve_app
+    from covey.serve.app import is_loopback, parse_auth, require_gradio, serve_app
     from covey.serve.decode import decoding_threads
     from covey.serve.generate import load_session
 
-    _share_the_cpu()
+    share_the_cpu()
     require_gradio()
-    auth = parse_auth(os.environ.get(AUTH_ENV))
+    auth = parse_auth(os.environ.get(SERVE_AUTH_ENV))
     settings = _settings(
         preset, sample, temperature, top_p, top_k, beams, repetition_penalty, max_new_tokens, seed
     )
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected 1..65535")
     source = resolve_source(run, round_index, base, adapter, template, device)
-    _quiet_libraries()  # the CLI's logging setup, in one place
+    quiet_libraries()
     err.print(f"loading {source.cfg.model.base} with {source.label}", highlight=False)
     session = load_session(source)
     with decoding_threads(threads, session.device) as count:
@@ -150,10 +143,11 @@ def serve(
         if auth is None and (share or not is_loopback(host)):
             err.print(
                 f"[yellow]warning: no login required and reachable beyond this machine "
-                f"({'--share' if share else host}); set {AUTH_ENV}=user:password to require one[/]"
+                f"({'--share' if share else host}); "
+                f"set {SERVE_AUTH_ENV}=user:password to require one[/]"
             )
         if auth is not None:
-            err.print(f"login required (user {auth[0]!r}, from {AUTH_ENV})", highlight=False)
+            err.print(f"login required (user {auth[0]!r}, from {SERVE_AUTH_ENV})", highlight=False)
         serve_app(session, host, port, share, settings, auth, examples)
 
 
@@ -186,11 +180,10 @@ def generate(
     threads: int = _THREADS_OPTION,
 ) -> None:
     """Print the fine-tuned adapter's answer (or the base model's, or both), as it comes."""
-    from covey.cli import _quiet_libraries
     from covey.serve.decode import decoding_threads
     from covey.serve.generate import load_session
 
-    _share_the_cpu()
+    share_the_cpu()
     if base_only and both:
         raise ConfigError("--base-only and --both exclude each other; choose one")
     if not instruction.strip():
@@ -199,7 +192,7 @@ def generate(
         preset, sample, temperature, top_p, top_k, beams, repetition_penalty, max_new_tokens, seed
     )
     source = resolve_source(run, round_index, base, adapter, template, device)
-    _quiet_libraries()  # the CLI's logging setup, in one place
+    quiet_libraries()
     session = load_session(source)
     with decoding_threads(threads, session.device) as count:
         err.print(
@@ -244,11 +237,10 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace a non-empty output folder."),
 ) -> None:
     """Merge the adapter into the base weights: a plain transformers model folder."""
-    from covey.cli import _quiet_libraries
     from covey.serve.export import export_merged
 
     source: AdapterSource = resolve_source(run, round_index, base, adapter, None, device)
-    _quiet_libraries()  # the CLI's logging setup, in one place
+    quiet_libraries()
     err.print(f"merging {source.label} into {source.cfg.model.base}", highlight=False)
     result = export_merged(source, out, overwrite)
     print(

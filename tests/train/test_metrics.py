@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from covey.eval.metrics import (
+from covey.train.metrics import (
     answer_scores,
     distinct_2,
     paired_difference,

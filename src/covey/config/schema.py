@@ -1,32 +1,28 @@
-"""The one config schema: typed dataclasses, read from TOML recipes with dotted overrides.
+"""The recipe schema: one typed dataclass per section, each checking its own settings.
 
-A recipe is a TOML file whose tables match the sections of `RunConfig` (`[model]`, `[lora]`,
-`[prompt]`, `[train]`, `[fed]`, `[eval]`, `[data]`, `[run]`); `--set train.lr=1e-4` overrides one
-field. Unknown keys and wrong types are errors that name the key. Attribute docstrings are the
-reference for every setting. Every checkpoint carries the resolved config (`config.toml`).
+`RunConfig` is a whole recipe (`[model]`, `[lora]`, `[prompt]`, `[train]`, `[fed]`, `[eval]`,
+`[data]`, `[run]`, `[attack]`, `[flock]`) and checks the rules that span sections. Attribute
+docstrings are the reference for every setting. Reading recipes is `covey.config.load`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import re
-import sys
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from covey.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+from covey.config.checks import (
+    check_choices,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    require,
+)
 
 DEFAULT_DATA_DIR = "runs/demo/data"
 """Where `covey data split` writes and `covey train` reads by default, so the two chain."""
@@ -52,58 +48,6 @@ AttackKind = Literal[
 ]  # fmt: skip
 
 
-class SettingError(ConfigError):
-    """A setting out of range, raised by a dataclass's `__post_init__` with the field's name.
-
-    `load_recipe` turns it into a ConfigError that names the recipe (or `--set`) and the full
-    key; code that builds configs directly (or `dataclasses.replace`s them) sees the field and
-    the rule.
-    """
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name} {message}")
-        self.name = name
-        self.message = message
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise SettingError(name, message)
-
-
-def _choices(obj: Any) -> None:
-    """Every `Literal` field holds one of its choices (also when set by code, not a recipe)."""
-    for name, hint in typing.get_type_hints(type(obj)).items():
-        if typing.get_origin(hint) is Literal:
-            value, allowed = getattr(obj, name), typing.get_args(hint)
-            _require(
-                value in allowed and not isinstance(value, bool),
-                name,
-                f"= {value!r} is not one of: {', '.join(map(str, allowed))}"
-                f"{_did_you_mean(str(value), map(str, allowed))}",
-            )
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _require(math.isfinite(value) and value > 0, name, f"must be > 0, got {value!r}")
-
-
-def _non_negative(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value!r}")
-
-
-def _fraction(obj: Any, name: str, low_open: bool = False, high_open: bool = False) -> None:
-    value = getattr(obj, name)
-    low = value > 0 if low_open else value >= 0
-    high = value < 1 if high_open else value <= 1
-    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-    _require(math.isfinite(value) and low and high, name, f"must be in {interval}, got {value!r}")
-
-
 @dataclass
 class ModelConfig:
     """The base model."""
@@ -123,9 +67,9 @@ class ModelConfig:
     """Where dequantized GGUF weights are cached as safetensors (default ~/.cache/covey/gguf)."""
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _require(bool(self.base.strip()), "base", "is empty: name a model folder, .gguf or hub id")
-        _require(
+        check_choices(self)
+        require(bool(self.base.strip()), "base", "is empty: name a model folder, .gguf or hub id")
+        require(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device.strip().lower()) is not None,
             "device",
             f"= {self.device!r} is not one of: auto, cpu, cuda, cuda:N",
@@ -146,9 +90,9 @@ class LoraSettings:
     """Module names to adapt; empty means PEFT's default for the architecture."""
 
     def __post_init__(self) -> None:
-        _require(self.r >= 1, "r", f"must be >= 1, got {self.r}")
-        _require(self.alpha >= 1, "alpha", f"must be >= 1, got {self.alpha}")
-        _fraction(self, "dropout", high_open=True)
+        require(self.r >= 1, "r", f"must be >= 1, got {self.r}")
+        require(self.alpha >= 1, "alpha", f"must be >= 1, got {self.alpha}")
+        check_fraction(self, "dropout", high_open=True)
 
 
 @dataclass
@@ -165,8 +109,8 @@ class PromptConfig:
     """End every training sequence with the EOS token so the model learns to stop."""
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _require(self.cutoff_len >= 2, "cutoff_len", f"must be >= 2, got {self.cutoff_len}")
+        check_choices(self)
+        require(self.cutoff_len >= 2, "cutoff_len", f"must be >= 2, got {self.cutoff_len}")
 
 
 @dataclass
@@ -200,18 +144,18 @@ class TrainConfig:
     """FedProx proximal term mu/2 * ||w - w_global||^2 in the local loss (0 disables)."""
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _positive(self, "epochs", "lr")
-        _non_negative(self, "weight_decay", "max_grad_norm", "prox_mu")
+        check_choices(self)
+        check_positive(self, "epochs", "lr")
+        check_non_negative(self, "weight_decay", "max_grad_norm", "prox_mu")
         for name in ("max_steps", "warmup_steps"):
             value = getattr(self, name)
-            _require(value >= 0, name, f"must be >= 0, got {value}")
-        _require(
+            require(value >= 0, name, f"must be >= 0, got {value}")
+        require(
             self.micro_batch_size >= 1,
             "micro_batch_size",
             f"must be >= 1, got {self.micro_batch_size}",
         )
-        _require(
+        require(
             self.batch_size >= self.micro_batch_size,
             "batch_size",
             f"({self.batch_size}) must be >= train.micro_batch_size ({self.micro_batch_size})",
@@ -265,26 +209,26 @@ class FedConfig:
     """Share of each tensor's delta entries `int8+topk` sends (0 < f <= 1)."""
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
-        _fraction(self, "client_fraction", low_open=True)
-        _require(
+        check_choices(self)
+        require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check_fraction(self, "client_fraction", low_open=True)
+        require(
             self.selection_seed >= 0, "selection_seed", f"must be >= 0, got {self.selection_seed}"
         )
-        _positive(self, "server_lr", "tau")
-        _fraction(self, "server_momentum", high_open=True)
-        _fraction(self, "beta1", high_open=True)
-        _fraction(self, "beta2", high_open=True)
-        _non_negative(self, "max_update_norm", "clip_norm")
-        _require(
+        check_positive(self, "server_lr", "tau")
+        check_fraction(self, "server_momentum", high_open=True)
+        check_fraction(self, "beta1", high_open=True)
+        check_fraction(self, "beta2", high_open=True)
+        check_non_negative(self, "max_update_norm", "clip_norm")
+        require(
             math.isfinite(self.trim_fraction) and 0 <= self.trim_fraction < 0.5,
             "trim_fraction",
             f"must be in [0, 0.5) (a share dropped at each end), got {self.trim_fraction!r}",
         )
         for name in ("krum_byzantine", "krum_keep"):
             value = getattr(self, name)
-            _require(value >= 0, name, f"must be >= 0, got {value}")
-        _fraction(self, "topk_fraction", low_open=True)
+            require(value >= 0, name, f"must be >= 0, got {value}")
+        check_fraction(self, "topk_fraction", low_open=True)
 
 
 @dataclass
@@ -360,20 +304,22 @@ class FlockConfig:
     def __post_init__(self) -> None:
         for name in ("proposers_per_round", "voters_per_round", "validation_examples"):
             value = getattr(self, name)
-            _require(value >= 1, name, f"must be >= 1, got {value}")
-        _positive(self, "stake")
-        _non_negative(self, "reward_pool", "harm_z", "round_max_relative_z", "round_trust_gain_z")
-        _require(
+            require(value >= 1, name, f"must be >= 1, got {value}")
+        check_positive(self, "stake")
+        check_non_negative(
+            self, "reward_pool", "harm_z", "round_max_relative_z", "round_trust_gain_z"
+        )
+        require(
             self.round_max_norm_ratio > 1,
             "round_max_norm_ratio",
             f"must be > 1 (it bounds both sides of the median), got {self.round_max_norm_ratio}",
         )
-        _require(
+        require(
             0 < self.copy_cosine <= 1,
             "copy_cosine",
             f"must be in (0, 1] (a cosine of a near-copy), got {self.copy_cosine}",
         )
-        _require(
+        require(
             -1 <= self.round_min_cosine <= 1,
             "round_min_cosine",
             f"must be in -1..1, got {self.round_min_cosine}",
@@ -383,19 +329,19 @@ class FlockConfig:
             ("voter_reward_pct", 0, 100),
         ):  # fmt: skip
             value = getattr(self, name)
-            _require(low <= value <= high, name, f"must be in {low}..{high}, got {value}")
-        _require(
+            require(low <= value <= high, name, f"must be in {low}..{high}, got {value}")
+        require(
             self.no_show_pct > self.slash_pct,
             "no_show_pct",
             f"({self.no_show_pct}) must exceed flock.slash_pct ({self.slash_pct}): not acting "
             "must cost more than acting",
         )
-        _require(
+        require(
             self.max_missed_rounds >= 1,
             "max_missed_rounds",
             f"must be >= 1, got {self.max_missed_rounds}",
         )
-        _non_negative(self, "keeper_fee")
+        check_non_negative(self, "keeper_fee")
 
 
 @dataclass
@@ -427,14 +373,14 @@ class AttackConfig:
     honestly on this many disjoint shards of its own data (see `covey.fed.attacks`)."""
 
     def __post_init__(self) -> None:
-        _choices(self)
-        _fraction(self, "malicious_fraction", high_open=True)
-        _fraction(self, "poison_fraction", low_open=True)
-        _non_negative(self, "strength")
-        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check_choices(self)
+        check_fraction(self, "malicious_fraction", high_open=True)
+        check_fraction(self, "poison_fraction", low_open=True)
+        check_non_negative(self, "strength")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         for name in ("trigger", "target"):
-            _require(bool(getattr(self, name).strip()), name, "is empty: give a phrase")
-        _require(
+            require(bool(getattr(self, name).strip()), name, "is empty: give a phrase")
+        require(
             self.estimate_shards >= 2,
             "estimate_shards",
             f"must be >= 2 (a spread needs two estimates), got {self.estimate_shards}",
@@ -470,7 +416,7 @@ class EvalConfig:
             ("rouge_max_new_tokens", 1),
         ):
             value = getattr(self, name)
-            _require(value >= low, name, f"must be >= {low}, got {value}")
+            require(value >= low, name, f"must be >= {low}, got {value}")
 
 
 @dataclass
@@ -481,9 +427,7 @@ class DataConfig:
     """Folder holding client_<i>.jsonl and test.jsonl (`covey data split` writes it)."""
 
     def __post_init__(self) -> None:
-        _require(
-            bool(self.dir.strip()), "dir", "is empty: name the folder `covey data split` wrote"
-        )
+        require(bool(self.dir.strip()), "dir", "is empty: name the folder `covey data split` wrote")
 
 
 @dataclass
@@ -499,16 +443,16 @@ class RunSettings:
     in run.out/tensorboard/), `wandb`, `mlflow` (each needs its package installed)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.out.strip()), "out", "is empty: name the run's output folder")
-        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(bool(self.out.strip()), "out", "is empty: name the run's output folder")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         allowed = typing.get_args(Tracker)
         for name in self.report_to:
-            _require(
+            require(
                 name in allowed,
                 "report_to",
                 f"= {self.report_to!r}: {name!r} is not one of: {', '.join(allowed)}",
             )
-        _require(
+        require(
             len(set(self.report_to)) == len(self.report_to),
             "report_to",
             f"= {self.report_to!r} names a tracker twice",
@@ -535,14 +479,14 @@ class RunConfig:
         if self.fed.consensus == "flock":
             # every participant derives the global adapter from the chain alone, and the
             # contract draws who trains: server state or a client fraction cannot apply
-            _require(
+            require(
                 self.fed.strategy in FLOCK_STRATEGIES,
                 "fed.strategy",
                 f"= {self.fed.strategy!r} cannot combine with fed.consensus = 'flock' (it keeps "
                 "server state, which FLock's participants do not share); use one of "
                 f"{', '.join(FLOCK_STRATEGIES)}",
             )
-            _require(
+            require(
                 self.fed.client_fraction == 1.0,
                 "fed.client_fraction",
                 f"= {self.fed.client_fraction} cannot combine with fed.consensus = 'flock' (the "
@@ -550,7 +494,7 @@ class RunConfig:
             )
             # voters refuse an update larger than the task's training can make, which needs
             # a cap on its steps (covey.fed.validation.training_norm_bound)
-            _require(
+            require(
                 self.train.max_steps >= 1 or self.fed.max_update_norm > 0,
                 "train.max_steps",
                 "= 0 cannot combine with fed.consensus = 'flock': voters refuse an update larger "
@@ -562,7 +506,7 @@ class RunConfig:
             # that a creator keeping the transitions to itself cannot take its pool back
             transitions = 1 + 2 * self.fed.rounds
             most = self.flock.reward_pool * 0.05 / transitions
-            _require(
+            require(
                 self.flock.keeper_fee <= most,
                 "flock.keeper_fee",
                 f"= {self.flock.keeper_fee:g} x {transitions} transitions (start, and a draw and "
@@ -570,20 +514,20 @@ class RunConfig:
                 f"); at most {most:.4g} tokens",
             )
         if self.fed.strategy == "fedprox":
-            _require(
+            require(
                 self.train.prox_mu > 0,
                 "train.prox_mu",
                 "must be > 0 with fed.strategy = 'fedprox' (the proximal term is what FedProx "
                 "adds; with 0 it is fedavg)",
             )
         if self.attack.kind in ("random_vote", "always_accept"):
-            _require(
+            require(
                 self.fed.consensus == "flock",
                 "attack.kind",
                 f"= {self.attack.kind!r} is a FLock voters' attack; it needs "
                 "fed.consensus = 'flock'",
             )
-        _require(
+        require(
             self.attack.malicious_fraction == 0 or self.attack.kind != "none",
             "attack.malicious_fraction",
             f"= {self.attack.malicious_fraction} needs an attack.kind (e.g. --attack sign_flip)",
@@ -606,157 +550,3 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML recipe (or the defaults when `path` is None) and apply `key=value` overrides.
-
-    The whole recipe is checked here, before anything runs: unknown keys, types, choices, ranges
-    and cross-section rules. Errors name the source (the recipe file or the `--set` flag), the
-    key, the value and what is allowed.
-    """
-    tree: dict[str, Any] = {}
-    where = "defaults"
-    if path is not None:
-        where = str(path)
-        try:
-            tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: recipe not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML ({e})") from None
-    sources: dict[str, str] = {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(
-                f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4"
-            )
-        *sections, name = key.strip().split(".")
-        node = tree
-        for s in sections:
-            child = node.setdefault(s, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item}: {s} is a setting, not a section")
-            node = child
-        node[name] = _parse_value(raw.strip())
-        sources[key.strip()] = f"--set {item.strip()}"
-    cfg: RunConfig = _build(RunConfig, tree, _Sources(where, sources), "")
-    return cfg
-
-
-@dataclass
-class _Sources:
-    """Where each setting came from, for error messages: a `--set` flag or the recipe."""
-
-    recipe: str
-    overrides: dict[str, str]
-
-    def of(self, key: str) -> str:
-        """The `--set` flag that set `key` (or a key below it), else the recipe."""
-        for set_key, flag in self.overrides.items():
-            if set_key == key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}."):
-                return flag
-        return self.recipe
-
-
-def load_recipe_text(text: str, where: str) -> RunConfig:
-    """A recipe held as TOML text (a task bundle's), checked as `load_recipe` checks files."""
-    try:
-        tree = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{where}: invalid TOML ({e})") from None
-    cfg: RunConfig = _build(RunConfig, tree, _Sources(where, {}), "")
-    return cfg
-
-
-def to_toml(cfg: RunConfig) -> str:
-    """Render a config as a TOML recipe that `load_recipe` reads back to the same config."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                continue  # TOML has no null; absent means the default (None)
-            lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _parse_value(raw: str) -> Any:
-    """`--set` values are TOML values; a bare word is taken as a string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _build(cls: type, tree: dict[str, Any], sources: _Sources, prefix: str) -> Any:
-    section = prefix.rstrip(".")
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{sources.of(section)}: [{section}] must be a table")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(tree) - known)
-    if unknown:
-        key = f"{prefix}{unknown[0]}"
-        where = f"[{section}]" if prefix else "a recipe"
-        raise ConfigError(
-            f"{sources.of(key)}: unknown setting {key}{_did_you_mean(unknown[0], known)}; "
-            f"known in {where}: {', '.join(sorted(known))}"
-        )
-    kwargs = {}
-    for name, value in tree.items():
-        hint = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(typing.cast(type, hint), value, sources, f"{key}.")
-        else:
-            kwargs[name] = _coerce(hint, value, sources.of(key), key)
-    try:
-        return cls(**kwargs)
-    except SettingError as e:
-        key = e.name if "." in e.name else f"{prefix}{e.name}"
-        raise ConfigError(f"{sources.of(key)}: {key} {e.message}") from None
-
-
-def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Literal:
-        if value not in args or isinstance(value, bool):
-            raise ConfigError(
-                f"{where}: {key} = {value!r} is not one of: {', '.join(map(str, args))}"
-                f"{_did_you_mean(str(value), map(str, args))}"
-            )
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-        return [_coerce(args[0], v, where, key) for v in value]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not (
-        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    ):
-        raise ConfigError(
-            f"{where}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
-def config_differences(old: RunConfig, new: RunConfig, exclude: tuple[str, ...] = ()) -> list[str]:
-    """`key: old -> new` for every setting that differs (for resume errors)."""
-    a, b = flatten(old.to_dict()), flatten(new.to_dict())
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a | b) if k not in exclude
-            and a.get(k) != b.get(k)]  # fmt: skip
