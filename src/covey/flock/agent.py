@@ -57,8 +57,9 @@ from covey.flock.commitments import (
 from covey.flock.copies import RoundSketches, SketchBook, Sketcher, find_copy
 from covey.flock.history import finished_rounds
 from covey.flock.ledger import Blobs, Ledger, read_update, update_bytes
+from covey.flock.params import TOKEN_UNIT
 from covey.flock.scoring import RoundRule, judge_proposals
-from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, Role
+from covey.flock.task import FlockTask, Phase, PhaseError, Role
 from covey.state import State
 from covey.store.cid import cid_for, cid_from_digest, digest_of
 from covey.train.local import train_local

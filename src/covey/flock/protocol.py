@@ -47,15 +47,9 @@ from covey.flock.bundle import TaskBundle, bundle_recipe, task_params, weights_s
 from covey.flock.chain import Chain
 from covey.flock.history import TaskHistory, balances, round_facts
 from covey.flock.ledger import Blobs, Ledger, global_bytes
+from covey.flock.params import EMBEDDED_TIMING, TOKEN_UNIT, phase_windows
 from covey.flock.snapshot import dump_embedded, restore_embedded
-from covey.flock.task import (
-    EMBEDDED_TIMING,
-    TOKEN_UNIT,
-    FlockTask,
-    Phase,
-    Token,
-    phase_windows,
-)
+from covey.flock.task import FlockTask, Phase, Token
 from covey.model.lora import adapter_state
 from covey.state import State
 from covey.store.cid import digest_of
