@@ -659,13 +659,19 @@ def _tokens(wei: int) -> str:
 
 
 def data_split(examples: Sequence[Example], keep: int) -> tuple[list[Example], list[Example]]:
-    """(train, validation): every k-th example is private validation data, never trained on
-    (at most a quarter of the examples, at least one)."""
-    keep = min(keep, len(examples) // 4)
-    step = max(1, len(examples) // max(keep, 1))
-    chosen = set(range(0, len(examples), step)[:keep]) if keep else set()
+    """(train, validation): every k-th example is private validation data, never trained on:
+    `keep` of them, but at most a quarter of the examples and at least one. DataError with
+    fewer than 2 examples (nothing would be left to train on)."""
+    if len(examples) < 2:
+        raise DataError(
+            f"a FLock participant needs at least 2 examples (one to train on, one held out to"
+            f" judge proposals with); its data has {len(examples)}: give it more records"
+        )
+    keep = max(1, min(keep, len(examples) // 4))
+    step = len(examples) // keep
+    chosen = set(range(0, len(examples), step)[:keep])
     train = [e for i, e in enumerate(examples) if i not in chosen]
-    validation = [e for i, e in enumerate(examples) if i in chosen] or list(examples[:1])
+    validation = [e for i, e in enumerate(examples) if i in chosen]
     return train, validation
 
 

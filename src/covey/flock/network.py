@@ -270,7 +270,10 @@ def join_task(settings: JoinSettings) -> Path:
             log.info("%s: now serving blobs at %s", me[:10], endpoint)
         run_model = task_model(cfg, bundle)
         examples = tokenize_records(records, run_model.tokenizer, cfg.prompt)
-        train, validation = data_split(examples, cfg.flock.validation_examples)
+        try:
+            train, validation = data_split(examples, cfg.flock.validation_examples)
+        except DataError as e:
+            raise DataError(f"{settings.data}: {e}") from None
         ledger = Ledger(
             task,
             blobs,

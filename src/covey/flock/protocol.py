@@ -28,7 +28,7 @@ from typing import Any
 
 from covey.atomic import atomic_write_bytes
 from covey.config import RunConfig
-from covey.errors import ConfigError
+from covey.errors import ConfigError, DataError
 from covey.fed import checkpoint
 from covey.fed.attacks import malicious_participants
 from covey.fed.engine import Federation
@@ -145,7 +145,10 @@ def setup(
     ledger = Ledger(task, blobs, initial_cid, cfg.fed, base_id, train=cfg.train)
     agents = []
     for i, client in enumerate(fed.clients):
-        train, validation = data_split(client.examples, cfg.flock.validation_examples)
+        try:
+            train, validation = data_split(client.examples, cfg.flock.validation_examples)
+        except DataError as e:
+            raise DataError(f"{Path(cfg.data.dir) / client.name}.jsonl: {e}") from None
         agents.append(
             Participant(
                 task=task,
