@@ -90,10 +90,10 @@ def test_a_changed_adapter_or_a_broken_record_is_refused(tmp_path: Path) -> None
     assert runfolder.read_record(run, 1).round == 1  # the record alone is still readable
     record = runfolder.round_dir(run, 2) / runfolder.ROUND_RECORD
     record.write_text("{not json")
-    with pytest.raises(DataError, match="round_002/round.json: unreadable round record"):
+    with pytest.raises(DataError, match=r"round_002/round\.json: unreadable round record"):
         runfolder.read_record(run, 2)
     record.write_text('{"selected": []}')
-    with pytest.raises(DataError, match="round_002/round.json: not a round record"):
+    with pytest.raises(DataError, match=r"round_002/round\.json: not a round record"):
         runfolder.read_record(run, 2)
 
 
@@ -107,3 +107,23 @@ def test_the_rounds_table_reads_typed_records() -> None:
     table = rounds_table(records)
     assert table.row_count == 3
     assert [str(c) for c in table.columns[0]._cells] == ["0", "1", "2"]
+
+
+def test_an_old_run_folder_resumes_after_its_last_round(tmp_path: Path) -> None:
+    """Resuming checks the settings against the old round 0's config.toml, then continues
+    from round 2's adapter with every old record (no model is needed for that part)."""
+    from safetensors.torch import load_file
+
+    from covey.config import load_recipe
+    from covey.fed.rounds import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    cfg = load_recipe(run / runfolder.CONFIG, [f"run.out='{run}'", "fed.rounds=3"])
+    folder = RunFolder.check(cfg, resume=True)
+    state, server = folder.begin(None)  # type: ignore[arg-type]  # a resume loads no model
+    assert folder.done == [0, 1, 2] and folder.next_round == 3 and server == {}
+    assert folder.records == [runfolder.read_record(OLD_RUN, k) for k in (0, 1, 2)]
+    weights = load_file(str(runfolder.round_dir(OLD_RUN, 2) / runfolder.ADAPTER_WEIGHTS))
+    assert state.keys() == weights.keys()
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
