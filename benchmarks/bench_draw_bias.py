@@ -38,7 +38,8 @@ from eth_utils.crypto import keccak
 from covey.flock.chain import BoundContract, Chain, contract_address
 from covey.flock.commitments import seed_commitment
 from covey.flock.devnode import run_anvil
-from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, TaskParams, Token
+from covey.flock.params import TOKEN_UNIT, TaskParams
+from covey.flock.task import FlockTask, Phase, Token
 
 ROOT = Path(__file__).resolve().parents[1]
 V1_ARTIFACT = ROOT / "tests" / "flock" / "fixtures" / "flocktask_v1.json"

@@ -36,17 +36,14 @@ from covey.flock.commitments import (
     seed_commitment,
     vote_commitment,
 )
-from covey.flock.task import (
+from covey.flock.params import (
     EMBEDDED_TIMING,
     MAX_PARTICIPANTS,
     TOKEN_UNIT,
-    FlockTask,
-    Outcome,
-    Phase,
     TaskParams,
-    Token,
     phase_windows,
 )
+from covey.flock.task import FlockTask, Outcome, Phase, Token
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_GAS_LIMIT = 30_000_000

@@ -23,6 +23,7 @@ import torch
 from covey.config import load_recipe
 from covey.fed import engine
 from covey.fed.rounds import Hooks
+from covey.fed.runfolder import RoundRecord
 from covey.model.loading import base_model_id, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +48,13 @@ def main() -> None:
     def round_start(index: int, total: int, selected: list[int]) -> None:
         starts[index] = time.perf_counter()
 
-    def round_end(record: dict) -> None:
-        wall = time.perf_counter() - starts[record["round"]]
-        train, evaluation = record["seconds"]["train"], record["seconds"]["eval"]
+    def round_end(record: RoundRecord) -> None:
+        wall = time.perf_counter() - starts[record.round]
+        train, evaluation = record.seconds["train"], record.seconds["eval"]
         overhead = wall - train - evaluation
         rounds.append(
             {
-                "round": record["round"],
+                "round": record.round,
                 "wall_s": wall,
                 "train_s": train,
                 "eval_s": evaluation,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 import typer.rich_utils
@@ -17,6 +17,9 @@ from covey.data.partition import Scheme
 from covey.data.records import parse_field_map
 from covey.data.split import BUNDLED_SAMPLE, SplitConfig, run_split
 from covey.errors import CoveyError
+
+if TYPE_CHECKING:  # torch loads only when a command needs it
+    from covey.fed.runfolder import RoundRecord
 
 app = typer.Typer(
     help="Covey: federated fine-tuning of LoRA adapters for causal language models.",
@@ -183,12 +186,12 @@ def train(
     if flock:
         from covey.flock.report import balances_table, flock_round_table
 
-        for record in result.records[1:]:
+        for record in result.rounds[1:]:
             console.print(flock_round_table(record))
         console.print(balances_table(out / "flock.json"))
-    console.print(rounds_table(result.records))
-    if result.records[-1].get("answers"):
-        console.print(answers_table(result.records[0], result.records[-1], cfg.eval.max_new_tokens))
+    console.print(rounds_table(result.rounds))
+    if result.rounds[-1].answers:
+        console.print(answers_table(result.rounds[0], result.rounds[-1], cfg.eval.max_new_tokens))
     console.print(f"final adapter: {out / 'final'}/  (metrics.jsonl, loss.png in {out}/)")
 
 
@@ -261,20 +264,20 @@ def _hooks(progress: Any) -> Any:
         if done == total:
             progress.advance(clients)
 
-    def round_end(record: dict[str, Any]) -> None:
-        progress.update(rounds, completed=record["round"])
+    def round_end(record: RoundRecord) -> None:
+        progress.update(rounds, completed=record.round)
         progress.console.print(_round_line(record))
 
     return Hooks(round_start=round_start, client_start=client_start, step=step, round_end=round_end)
 
 
-def _round_line(record: dict[str, Any]) -> str:
-    rejected = f", {len(record['rejected'])} rejected" if record.get("rejected") else ""
-    evaluated = record["eval"]
+def _round_line(record: RoundRecord) -> str:
+    rejected = f", {len(record.rejected)} rejected" if record.rejected else ""
+    evaluated = record.eval
     rouge = f", ROUGE-L {evaluated['rouge_l']:.3f}" if "rouge_l" in evaluated else ""
     return (
-        f"round {record['round']}: held-out loss {evaluated['loss']:.4f} "
-        f"(ppl {evaluated['perplexity']:.2f}){rouge}, {len(record['clients'])} clients{rejected}"
+        f"round {record.round}: held-out loss {evaluated['loss']:.4f} "
+        f"(ppl {evaluated['perplexity']:.2f}){rouge}, {len(record.clients)} clients{rejected}"
     )
 
 

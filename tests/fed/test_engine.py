@@ -21,8 +21,8 @@ from covey.config import RunConfig, load_recipe
 from covey.data.records import Record, spread
 from covey.errors import ConfigError
 from covey.fed import engine
-from covey.fed.checkpoint import content_hash
-from covey.fed.rounds import Played, RunFolder, RunHistory, client_line, run_rounds
+from covey.fed.rounds import Played, RunFolder, RunHistory, run_rounds
+from covey.fed.runfolder import client_line, content_hash
 from covey.fed.strategies import Accumulator
 from covey.model.loading import base_model_id, load_base_model
 from covey.state import State

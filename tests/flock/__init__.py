@@ -15,7 +15,8 @@ from eth_utils.crypto import keccak
 
 from covey.flock.chain import Chain, TxResult
 from covey.flock.commitments import proposal_commitment, seed_commitment, vote_commitment
-from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, TaskParams, Token
+from covey.flock.params import TOKEN_UNIT, TaskParams
+from covey.flock.task import FlockTask, Phase, Token
 
 FUNDS = 10_000 * TOKEN_UNIT  # what each participant account gets at the start
 BUNDLE = hashlib.sha256(b"covey test task bundle").digest()  # stands in for a CID's digest

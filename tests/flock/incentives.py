@@ -26,7 +26,8 @@ from eth_utils.crypto import keccak
 
 from covey.flock.chain import TxResult, contract_address
 from covey.flock.commitments import seed_commitment
-from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, TaskParams
+from covey.flock.params import TOKEN_UNIT, TaskParams
+from covey.flock.task import FlockTask, Phase
 from tests.flock import BUNDLE, SMALL, RoundPlan, World, draw_in_python, propose_and_vote
 
 T = TOKEN_UNIT

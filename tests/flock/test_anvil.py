@@ -30,17 +30,8 @@ from covey.flock.commitments import (
 )
 from covey.flock.devnode import find_anvil, run_anvil
 from covey.flock.keys import load_private_key
-from covey.flock.task import (
-    TOKEN_UNIT,
-    FlockTask,
-    Outcome,
-    Phase,
-    PhaseError,
-    TaskParams,
-    Timing,
-    Token,
-    phase_windows,
-)
+from covey.flock.params import TOKEN_UNIT, TaskParams, Timing, phase_windows
+from covey.flock.task import FlockTask, Outcome, Phase, PhaseError, Token
 
 pytestmark = pytest.mark.chain
 

@@ -25,7 +25,8 @@ from covey.errors import ConfigError
 from covey.flock.chain import Chain, ChainError, ContractRevert
 from covey.flock.commitments import seed_commitment
 from covey.flock.keys import PrivateKey, load_private_key
-from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, TaskParams, Token
+from covey.flock.params import TOKEN_UNIT, TaskParams
+from covey.flock.task import FlockTask, Phase, PhaseError, Token
 from tests.flock import BUNDLE, SMALL, fixed_seed
 
 # eth-tester's first genesis account: funded on every embedded chain

@@ -16,18 +16,8 @@ from eth_utils.crypto import keccak
 from covey.errors import ConfigError
 from covey.flock.chain import ContractRevert, TxResult
 from covey.flock.commitments import proposal_commitment, seed_commitment, vote_commitment
-from covey.flock.task import (
-    MAX_STAKE,
-    TOKEN_UNIT,
-    FlockTask,
-    Outcome,
-    Phase,
-    Role,
-    RoundResult,
-    SlashReason,
-    TaskParams,
-    Token,
-)
+from covey.flock.params import MAX_STAKE, TOKEN_UNIT, TaskParams
+from covey.flock.task import FlockTask, Outcome, Phase, Role, RoundResult, SlashReason, Token
 from tests.flock import (
     BUNDLE,
     FUNDS,
@@ -607,7 +597,7 @@ def test_missed_rounds_evict_and_free_the_slot_for_a_latecomer(w: World) -> None
 
 
 def test_windows_are_sized_from_block_time_and_training() -> None:
-    from covey.flock.task import EMBEDDED_TIMING, Timing, phase_windows
+    from covey.flock.params import EMBEDDED_TIMING, Timing, phase_windows
 
     mainnet = Timing(block_time_s=12, train_s=600, judge_s=120, tx_s=30, txs_per_block=50)
     windows = phase_windows(mainnet, participants=64)

@@ -41,15 +41,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from covey.flock.chain import contract_address, load_artifacts
 from covey.flock.commitments import proposal_commitment, seed_commitment, vote_commitment
-from covey.flock.task import (
-    MAX_POOL,
-    MAX_STAKE,
-    TOKEN_UNIT,
-    Outcome,
-    Phase,
-    SlashReason,
-    TaskParams,
-)
+from covey.flock.params import MAX_POOL, MAX_STAKE, TOKEN_UNIT, TaskParams
+from covey.flock.task import Outcome, Phase, SlashReason
 from tests.flock import BUNDLE
 
 pyrevm = pytest.importorskip("pyrevm", reason="pip install pyrevm (the dev extra has it)")

@@ -21,7 +21,7 @@ from covey.fed.rounds import RunHistory
 from covey.fed.transport import Codec
 from covey.flock.ledger import read_update
 from covey.flock.protocol import run_flock, setup
-from covey.flock.report import honest_votes
+from covey.flock.report import flock_round_table, honest_votes
 from covey.flock.task import Phase
 from covey.model.loading import base_model_id, load_base_model
 from covey.store.cid import cid_for, cid_from_digest
@@ -80,6 +80,9 @@ def test_honest_flock_run_accepts_learns_and_pays(
     assert all(r["proposals"] and r["proposals"][0]["cid"].startswith("bafkrei") for r in rounds)
     for r in rounds:  # every proposal is in the content-addressed store under its CID
         assert all((tmp_path / "honest" / "store" / p["cid"]).is_file() for p in r["proposals"])
+    # `covey train --consensus flock` prints each round's table from the typed record
+    table = flock_round_table(result.rounds[1])
+    assert table.row_count == len(rounds[0]["balances"]) == 5
     assert (tmp_path / "honest" / "rewards.png").is_file()
     assert (tmp_path / "honest" / "final" / "adapter_model.safetensors").is_file()
     # `covey serve`'s run tab reads the same record: one row per participant and round

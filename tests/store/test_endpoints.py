@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from covey.errors import ConfigError, DataError
-from covey.flock.task import validate_endpoint
+from covey.flock.params import validate_endpoint
 from covey.store.cid import cid_for
 from covey.store.endpoints import address_refusal, check_endpoint
 from covey.store.fetch import FetchLimits, Source, fetch

@@ -29,7 +29,7 @@ from covey.config import RunConfig
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, load_records
 from covey.errors import ConfigError
-from covey.fed import checkpoint
+from covey.fed import runfolder
 from covey.fed.attacks import (
     UPDATE_ATTACKS,
     attack_update,
@@ -44,11 +44,10 @@ from covey.fed.rounds import (
     RunHistory,
     RunModel,
     check_targets,
-    client_line,
     held_out,
-    rejection,
     run_rounds,
 )
+from covey.fed.runfolder import client_line, rejection
 from covey.fed.selection import select_clients
 from covey.fed.strategies import Accumulator
 from covey.fed.transport import Codec, ErrorFeedback, decode_update, encode_update
@@ -264,7 +263,7 @@ def load_feedback(folder: RunFolder) -> dict[int, ErrorFeedback]:
     """Each client's residual as of the folder's last complete round (empty for a new run)."""
     feedback: dict[int, ErrorFeedback] = {}
     for round_index in folder.done:
-        path = checkpoint.round_dir(folder.out, round_index) / FEEDBACK_FILE
+        path = runfolder.round_dir(folder.out, round_index) / FEEDBACK_FILE
         if not path.is_file():
             continue
         saved = ErrorFeedback.from_bytes(path.read_bytes(), str(path)).residual

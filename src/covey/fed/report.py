@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from matplotlib.figure import Figure
 from rich.table import Table
 
+from covey.fed.runfolder import RoundRecord
 
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+
+def plot_losses(records: list[RoundRecord], path: Path) -> None:
     """Held-out loss per round (round 0 = before training) and clients' mean training loss;
     ROUGE-L F1 on its own axis when the rounds score answers (`eval.rouge_examples`)."""
     # a Figure of its own, not pyplot's: no backend to switch, no global figure list, safe in
     # the UI's threads; savefig renders with Agg
     fig = Figure(figsize=(6.6 if _scored(records) else 6, 4), dpi=110)
     ax = fig.subplots()
-    rounds = [r["round"] for r in records]
-    ax.plot(rounds, [r["eval"]["loss"] for r in records], "o-", label="held-out loss (global)")
-    trained = [r for r in records if r.get("train")]
+    rounds = [r.round for r in records]
+    ax.plot(rounds, [r.eval["loss"] for r in records], "o-", label="held-out loss (global)")
+    trained = [r for r in records if r.train]
     if trained:
         ax.plot(
-            [r["round"] for r in trained],
-            [r["train"]["loss"] for r in trained],
+            [r.round for r in trained],
+            [r.train["loss"] for r in trained],
             "s--",
             label="clients' training loss (mean)",
         )
@@ -34,10 +35,10 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     scored = _scored(records)
     if scored:
         rouge = ax.twinx()
-        count = scored[-1]["eval"]["rouge_examples"]
+        count = scored[-1].eval["rouge_examples"]
         rouge.plot(
-            [r["round"] for r in scored],
-            [r["eval"]["rouge_l"] for r in scored],
+            [r.round for r in scored],
+            [r.eval["rouge_l"] for r in scored],
             "^:",
             color="C2",
             label=f"ROUGE-L F1 ({count} held-out answers)",
@@ -50,21 +51,21 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
-def _scored(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _scored(records: list[RoundRecord]) -> list[RoundRecord]:
     """The rounds whose answers were scored with ROUGE-L."""
-    return [r for r in records if "rouge_l" in r.get("eval", {})]
+    return [r for r in records if "rouge_l" in r.eval]
 
 
-def rounds_table(records: list[dict[str, Any]]) -> Table:
+def rounds_table(records: list[RoundRecord]) -> Table:
     table = Table(title="federated rounds")
     scored = bool(_scored(records))
     columns = ["round", "clients", "rejected", "train loss", "held-out loss", "perplexity"]
     for name in [*columns, *(["ROUGE-L", "repetition"] if scored else []), "s"]:
         table.add_column(name, justify="right")
     for r in records:
-        train = r.get("train") or {}
-        evaluated = r["eval"]
-        seconds = r.get("seconds", {}).get("round")
+        train = r.train
+        evaluated = r.eval
+        seconds = r.seconds.get("round")
         quality = []
         if scored:
             quality = (
@@ -73,9 +74,9 @@ def rounds_table(records: list[dict[str, Any]]) -> Table:
                 else ["-", "-"]
             )
         table.add_row(
-            str(r["round"]),
-            str(len(r.get("clients", []))),
-            str(len(r.get("rejected", []))),
+            str(r.round),
+            str(len(r.clients)),
+            str(len(r.rejected)),
             f"{train['loss']:.4f}" if "loss" in train else "-",
             f"{evaluated['loss']:.4f}",
             f"{evaluated['perplexity']:.2f}",
@@ -85,15 +86,15 @@ def rounds_table(records: list[dict[str, Any]]) -> Table:
     return table
 
 
-def answers_table(before: dict[str, Any], after: dict[str, Any], max_new_tokens: int) -> Table:
+def answers_table(before: RoundRecord, after: RoundRecord, max_new_tokens: int) -> Table:
     table = Table(
-        title=f"held-out instructions: round {before['round']} vs round {after['round']} "
+        title=f"held-out instructions: round {before.round} vs round {after.round} "
         f"(plain greedy decoding, no repetition penalty, up to {max_new_tokens} new tokens; "
         "`covey eval` scores all held-out records)"
     )
     table.add_column("instruction", ratio=2)
-    table.add_column(f"round {before['round']}", ratio=3)
-    table.add_column(f"round {after['round']}", ratio=3)
-    for b, a in zip(before.get("answers", []), after.get("answers", []), strict=True):
+    table.add_column(f"round {before.round}", ratio=3)
+    table.add_column(f"round {after.round}", ratio=3)
+    for b, a in zip(before.answers, after.answers, strict=True):
         table.add_row(b["instruction"], b["answer"], a["answer"])
     return table

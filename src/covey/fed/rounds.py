@@ -11,15 +11,14 @@ so each passes a `PlayRound` function to `run_rounds`, and everything else is he
         # for each remaining round: play it (accepted updates go into fed.strategy's
         # accumulator as they arrive), aggregate, evaluate, save the round folder atomically
 
-A round's `round.json` has the layout of `RoundRecord`; engine-specific parts (FLock's roles
-and payouts, Flower's bytes and nodes) sit in `RoundRecord.engine` and are written beside the
-common keys.
+A round's `round.json` has the layout of `covey.fed.runfolder.RoundRecord`, which owns the run
+folder's format; engine-specific parts (FLock's roles and payouts, Flower's bytes and nodes)
+sit in `RoundRecord.engine` and are written beside the common keys. The loop saves each round
+(the checkpoint), then tells the trackers; loss.png is drawn once, when the run ends.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +30,8 @@ from covey.config import RunConfig, config_differences, load_recipe, to_toml
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, spread
 from covey.errors import ConfigError
-from covey.fed import checkpoint
+from covey.fed import runfolder
+from covey.fed.runfolder import RoundRecord, train_summary
 from covey.fed.strategies import Accumulator, get_strategy
 from covey.fed.tracking import Trackers, check_available
 from covey.model.lora import adapter_files, adapter_state, load_adapter_state
@@ -43,86 +43,6 @@ log = logging.getLogger("covey.fed")
 
 RESUMABLE_CHANGES = ("fed.rounds", "run.out")
 """Settings a resumed run may change: more rounds, or the folder moved."""
-
-
-# ---------------------------------------------------------------- the round record
-
-
-@dataclass
-class RoundRecord:
-    """One round as `round.json` holds it (round 0 is the starting adapter's baseline)."""
-
-    round: int
-    selected: list[int] = field(default_factory=list)
-    """Clients (participants) drawn to train this round."""
-    clients: list[dict[str, Any]] = field(default_factory=list)
-    """`client_line` of every update merged into the global adapter."""
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    """`rejection` of every update that was trained but not merged, with the reason."""
-    aggregation: dict[str, Any] = field(default_factory=dict)
-    """What a robust `fed.strategy` did with the merged updates (`Accumulator.report`): its
-    lists run parallel to `clients` (each update's `delta_norm`; Krum's `krum_score` and
-    `kept`; norm clipping's `clip_scale`, with `clip_bound`; the trimmed mean's
-    `trimmed_each_end`). Empty for the FedAvg family and for FLock, whose merge is the
-    chain's."""
-    train: dict[str, float] = field(default_factory=dict)
-    """`train_summary` over every update trained this round, merged or not."""
-    eval: dict[str, Any] = field(default_factory=dict)
-    """Held-out loss, perplexity and example count of the new global adapter; with
-    `eval.rouge_examples`, also `rouge_l`, `heavy_repetition` and `rouge_examples`."""
-    answers: list[dict[str, Any]] = field(default_factory=list)
-    """Greedy answers of the new global adapter to the fixed sample instructions."""
-    seconds: dict[str, float] = field(default_factory=dict)
-    """`round` (wall time), `train` (the clients' step loops), `eval`, and engine extras."""
-    traffic: dict[str, Any] = field(default_factory=dict)
-    """Adapter bytes moved: `transport` (fed.transport), `up` (every update sent to be
-    merged, as encoded), `down` (the global adapter sent to the clients, where it is sent)."""
-    base_model: str = ""
-    config_fingerprint: str = ""
-    adapter_sha256: str = ""
-    """Content hash of the round's adapter_model.safetensors (set when saved)."""
-    engine: dict[str, Any] = field(default_factory=dict)
-    """Engine-specific parts, written at the top level of round.json: `flock` (roles,
-    proposals, ballots, payouts, balances), `flower` (runtime provenance), `nodes` (client ->
-    SuperNode id), `failed` (clients that did not answer)."""
-
-    def to_json(self) -> dict[str, Any]:
-        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        parts: dict[str, Any] = common.pop("engine")
-        clash = sorted(set(parts) & set(common))
-        if clash:
-            raise ValueError(f"engine parts {clash} would overwrite the record's own keys")
-        return common | parts
-
-
-def client_line(
-    client: int, num_samples: int, attacker: bool, metrics: dict[str, float], **extra: float
-) -> dict[str, Any]:
-    """One trained update's line in a round record: who, its sample count, whether it attacked
-    (experiment ground truth, never read by the defences) and its training metrics."""
-    line: dict[str, Any] = {"client": client, "num_samples": num_samples, **extra}
-    line["attacker"] = attacker
-    return line | {k: round(v, 6) for k, v in metrics.items()}
-
-
-def rejection(client: int, reason: str, attacker: bool) -> dict[str, Any]:
-    """A trained update that was not merged: who, why, and whether it attacked."""
-    return {"client": client, "reason": reason, "attacker": attacker}
-
-
-def train_summary(lines: list[dict[str, Any]]) -> dict[str, float]:
-    """The round's training figures over `client_line`s: sample-weighted train loss, tokens,
-    tokens/s (lines without training metrics, such as a free rider's, are left out)."""
-    trained = [c for c in lines if "train_loss" in c]
-    if not trained:
-        return {}
-    samples = sum(c["num_samples"] for c in trained)
-    return {
-        "loss": sum(c["train_loss"] * c["num_samples"] for c in trained) / max(samples, 1),
-        "tokens": float(sum(c["tokens"] for c in trained)),
-        "tokens_per_s": sum(c["tokens"] for c in trained)
-        / max(sum(c["seconds"] for c in trained), 1e-9),
-    }
 
 
 # ---------------------------------------------------------------- what a round function returns
@@ -175,7 +95,7 @@ class Hooks:
     round_start: Callable[[int, int, list[int]], None] = lambda r, total, selected: None
     client_start: Callable[[int, int], None] = lambda client, n_examples: None
     step: StepCallback | None = None
-    round_end: Callable[[dict[str, Any]], None] = lambda record: None
+    round_end: Callable[[RoundRecord], None] = lambda record: None
 
 
 # ---------------------------------------------------------------- held-out data and the model
@@ -294,14 +214,22 @@ class RunHistory:
     """A finished (or resumed and finished) run: its folder and every round's record."""
 
     out: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every round's record as round.json holds it (for readers of the JSON form)."""
+        return [record.to_dict() for record in self.rounds]
 
 
 class RunFolder:
-    """`run.out`: new, or resumed from its last complete round (see `covey.fed.checkpoint`).
+    """`run.out`: new, or resumed from its last complete round (its format:
+    `covey.fed.runfolder`).
 
     `check` runs before anything is loaded, so a refused resume costs nothing and says which
-    settings differ; `begin` writes the baseline (round 0) or loads the last round.
+    settings differ; `begin` writes the baseline (round 0) or loads the last round; `save`
+    checkpoints a round and `finish` copies the last one to final/. Plots and trackers are the
+    loop's (`run_rounds`), not the checkpoint's.
     """
 
     def __init__(self, cfg: RunConfig, done: list[int]) -> None:
@@ -309,9 +237,7 @@ class RunFolder:
         self.out = Path(cfg.run.out)
         self.config_toml = to_toml(cfg)
         self.done = done
-        self.records: list[dict[str, Any]] = []
-        self.trackers: Trackers | None = None
-        """`run.report_to`, opened by `begin` (nothing is sent before the model loads)."""
+        self.records: list[RoundRecord] = []
 
     @classmethod
     def check(
@@ -328,7 +254,7 @@ class RunFolder:
         out = Path(cfg.run.out)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"run.out {out} is a file; choose a folder")
-        done = checkpoint.complete_rounds(out)
+        done = runfolder.complete_rounds(out)
         if done and not resume:
             raise ConfigError(
                 f"run.out {out} already holds rounds {done[0]}..{done[-1]}; {how_to_resume}, "
@@ -342,7 +268,7 @@ class RunFolder:
 
     @property
     def next_round(self) -> int:
-        return self.records[-1]["round"] + 1 if self.records else 0
+        return self.records[-1].round + 1 if self.records else 0
 
     def begin(
         self,
@@ -353,16 +279,16 @@ class RunFolder:
         """The global adapter and server state to continue from: the last complete round's,
         or, for a new run, the model's initial adapter after evaluating and saving it as
         round 0 (`baseline`, `baseline_files`: its engine-specific parts and files)."""
-        self.trackers = Trackers(self.cfg, self.out)
         if self.done:
-            for name in checkpoint.remove_stale_staging(self.out):
+            for name in runfolder.remove_stale_staging(self.out):
                 log.info("removed %s, left by an interrupted write", name)
-            state, server_state, _ = checkpoint.load_round(self.out, self.done[-1])
-            self.records = [checkpoint.load_round(self.out, k)[2] for k in self.done]
-            log.info("resuming %s after round %d", self.out, self.done[-1])
+            *earlier, last = self.done
+            state, server_state, last_record = runfolder.load_round(self.out, last)
+            self.records = [runfolder.read_record(self.out, k, check_hash=True) for k in earlier]
+            self.records.append(last_record)
+            log.info("resuming %s after round %d", self.out, last)
             return state, server_state
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(self.config_toml)
+        runfolder.write_config(self.out, self.config_toml)
         state = adapter_state(run_model.model)
         record = RoundRecord(round=0, engine=baseline or {})
         evaluation = run_model.evaluate(self.cfg, state)
@@ -377,9 +303,9 @@ class RunFolder:
         state: State,
         server_state: ServerState,
         engine_files: dict[str, bytes],
-    ) -> dict[str, Any]:
-        """Write the round folder atomically, then metrics.jsonl and loss.png; return the
-        record as saved (with its content hash)."""
+    ) -> RoundRecord:
+        """Write the round folder atomically, then metrics.jsonl; return the record as saved
+        (with its content hash)."""
         record.base_model = run_model.base_model_id
         record.config_fingerprint = self.cfg.fingerprint()
         files = adapter_files(run_model.model, state, run_model.base_model_id)
@@ -387,24 +313,18 @@ class RunFolder:
         if clash:
             raise ValueError(f"engine files {clash} would overwrite the adapter's files")
         files |= engine_files
-        checkpoint.save_round(
-            self.out, record.round, files, server_state, record.to_json(), self.config_toml
-        )
-        saved = checkpoint.load_round(self.out, record.round)[2]
+        saved = runfolder.write_round(self.out, record, files, server_state, self.config_toml)
         self.records.append(saved)
-        checkpoint.write_metrics(self.out, self.records)
-        from covey.fed.report import plot_losses  # matplotlib loads only when needed
-
-        plot_losses(self.records, self.out / "loss.png")
-        if self.trackers is not None:
-            self.trackers.log_round(saved)
+        runfolder.write_metrics(self.out, self.records)
         return saved
 
     def finish(self) -> RunHistory:
-        checkpoint.write_final(self.out, self.records[-1]["round"])
-        if self.trackers is not None:
-            self.trackers.close()
-        return RunHistory(out=self.out, records=self.records)
+        """Copy the last round to final/ and draw loss.png."""
+        runfolder.write_final(self.out, self.records[-1].round)
+        from covey.fed.report import plot_losses  # matplotlib loads only when needed
+
+        plot_losses(self.records, self.out / runfolder.LOSS_PLOT)
+        return RunHistory(out=self.out, rounds=self.records)
 
 
 def _check_same_settings(
@@ -412,13 +332,12 @@ def _check_same_settings(
 ) -> None:
     """A resumed run must use the settings it started with, but for `may_change`; the error
     names every setting that differs, with both values."""
-    folder = checkpoint.round_dir(out, first_round)
-    saved_toml = folder / "config.toml"
+    saved_toml = runfolder.round_dir(out, first_round) / runfolder.CONFIG
     try:
         saved = load_recipe(saved_toml)
     except ConfigError:  # made by another Covey version: compare what can be compared
-        record = json.loads((folder / checkpoint.ROUND_RECORD).read_text())
-        if record.get("config_fingerprint") == cfg.fingerprint(RESUMABLE_CHANGES):
+        record = runfolder.read_record(out, first_round)
+        if record.config_fingerprint == cfg.fingerprint(RESUMABLE_CHANGES):
             return
         raise ConfigError(
             f"run.out {out} was made with other settings (see {saved_toml}); resume with the "
@@ -453,7 +372,10 @@ def run_rounds(
     """
     hooks = hooks or Hooks()
     strategy = get_strategy(cfg.fed.strategy)
+    trackers = Trackers(cfg, folder.out)  # `run.report_to`: nothing is sent before this
     global_state, server_state = folder.begin(run_model, baseline, baseline_files)
+    for written in folder.records[len(folder.done) :]:  # a new run's baseline
+        trackers.log_round(written.to_dict())
     for round_index in range(folder.next_round, cfg.fed.rounds + 1):
         started = time.perf_counter()
         played = play(round_index, global_state, strategy.start(global_state))
@@ -488,5 +410,7 @@ def run_rounds(
             engine=played.engine,
         )
         saved = folder.save(run_model, record, global_state, server_state, played.files)
+        trackers.log_round(saved.to_dict())
         hooks.round_end(saved)
+    trackers.close()
     return folder.finish()

@@ -22,8 +22,9 @@ participant killed at any moment and started again continues where it was:
                      at (`covey.flock.copies`), to refuse copies of earlier rounds' updates
       globals/       the CIDs of the global adapters it derived (`covey.flock.ledger`)
 
-`covey flock join` runs one `Participant` in a loop against a real node; the simulation
-(`covey.flock.protocol`) steps N of them on an embedded chain.
+How a voter judges a round's proposals is `covey.flock.voter`. `covey flock join` runs one
+`Participant` in a loop against a real node; the simulation (`covey.flock.protocol`) steps N
+of them on an embedded chain.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import hashlib
 import json
 import logging
 import secrets
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,14 @@ from covey.flock.commitments import (
     seed_commitment,
     vote_commitment,
 )
-from covey.flock.copies import RoundSketches, SketchBook, Sketcher, find_copy
+from covey.flock.copies import SketchBook, Sketcher
 from covey.flock.history import finished_rounds
-from covey.flock.ledger import Blobs, Ledger, read_update, update_bytes
-from covey.flock.scoring import RoundRule, judge_proposals
-from covey.flock.task import TOKEN_UNIT, FlockTask, Phase, PhaseError, Role
+from covey.flock.ledger import Blobs, Ledger, update_bytes
+from covey.flock.params import TOKEN_UNIT
+from covey.flock.task import FlockTask, Phase, PhaseError, Role
+from covey.flock.voter import Voter
 from covey.state import State
-from covey.store.cid import cid_for, cid_from_digest, digest_of
+from covey.store.cid import cid_for, digest_of
 from covey.train.local import train_local
 
 log = logging.getLogger("covey.flock.agent")
@@ -172,6 +173,10 @@ class Participant:
         self.sketches = SketchBook(
             self.folder / "sketches", Sketcher(bytes.fromhex(self.state.data["sketch_key"]))
         )
+        self.voter = Voter(
+            self.task, self.cfg, self.model, self.validation, self.blobs, self.ledger,
+            self.sketches, self.name,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- the state machine
 
@@ -436,142 +441,17 @@ class Participant:
         return True
 
     def _judge(self, round_: int) -> dict[str, Any]:
-        """Fetch every valid proposal by CID, check it, and score it on the private validation
-        split: the ballot, a verdict per proposer in draw order. A proposal is refused before
-        scoring (`refused` says why; a proposer without a valid proposal is rejected too) when
-        it cannot be fetched or read as this round's proposal of this task, fails validation
-        (`Ledger.update_problem`: structure, finite values, the task's norm bound), or copies
-        the delta another proposer published in an earlier round (`covey.flock.copies`)."""
-        started = time.perf_counter()
-        deadline = self._fetch_deadline()
-        global_state, global_cid = self.ledger.global_state(round_)
-        digests = dict(self.task.proposals(round_))
-        proposers = self.task.proposers_of(round_)
-        earlier = SketchBook.earlier(self._earlier_sketches(round_, deadline))
-        this_round = RoundSketches()
-        candidates: list[State | None] = []
-        cids: list[str | None] = []
-        refused: list[str | None] = []
-        for proposer in proposers:
-            state: State | None = None
-            problem = ""
-            cid = cid_from_digest(digests[proposer]) if proposer in digests else None
-            if cid is not None:
-                state, problem = self._read_proposal(
-                    round_, proposer, cid, global_state, global_cid, deadline
-                )
-                sketch = None
-                if state is not None:
-                    sketch = self.sketches.sketcher.sketch(state, global_state)
-                    copy = find_copy(sketch, proposer, earlier, self.cfg.flock.copy_cosine)
-                    if copy is not None:
-                        state, problem = None, copy.reason()
-                this_round.add(proposer, sketch)
-                if problem:
-                    log.warning(
-                        "%s: round %d: proposal %s refused: %s", self.name, round_, cid, problem
-                    )
-            candidates.append(state)
-            cids.append(cid)
-            refused.append(problem or None)
-        self.sketches.save(round_, this_round)  # later rounds compare with these
-        flock = self.cfg.flock
-        rule = None
-        if flock.round_relative:
-            rule = RoundRule(
-                max_norm_ratio=flock.round_max_norm_ratio,
-                min_cosine=flock.round_min_cosine,
-                max_relative_z=flock.round_max_relative_z,
-                trust_gain_z=flock.round_trust_gain_z,
-            )
-        judged = judge_proposals(
-            self.model.model, self.validation, global_state, candidates, flock.harm_z,
-            self.cfg.eval.batch_size, self.model.pad_id, rule,
-        )  # fmt: skip
-        accepts = [j is not None and j.accept for j in judged]
+        """The round's ballot (`Voter.judge`), its verdicts replaced by a dishonest voter's
+        (`Behaviour.vote`) in robustness experiments."""
+        ballot = self.voter.judge(round_)
+        n = len(ballot["accepts"])
         if self.behaviour.vote == "always_accept":
-            accepts = [True] * len(proposers)
+            ballot["accepts"] = [True] * n
         elif self.behaviour.vote == "random_vote":
             digest = self.state.secret(round_, "random_vote", self.secret)
-            coins = np.random.default_rng(list(digest)).integers(2, size=len(proposers))
-            accepts = [bool(c) for c in coins]
-        return {
-            "accepts": accepts,
-            "cids": cids,
-            "gains": [None if j is None else round(j.gain, 6) for j in judged],
-            "harm_z": [None if j is None else round(j.harm_z, 3) for j in judged],
-            "reasons": [None if j is None else j.reason for j in judged],
-            "refused": refused,
-            "round_views": [
-                None if j is None or j.round_view is None else _rounded(asdict(j.round_view))
-                for j in judged
-            ],
-            "seconds": time.perf_counter() - started,
-        }
-
-    def _fetch_deadline(self) -> float | None:
-        """When a ballot's fetching must stop (`time.monotonic()`), so that scoring and the
-        commit still fit in the window however slow the peers are: half of what is left of the
-        current window, at the chain's recent pace. None where no time passes between blocks
-        (the embedded chain): each fetch is then bounded by its own limits alone."""
-        pace = self.task.chain.seconds_per_block()
-        if pace <= 0:
-            return None
-        blocks_left = self.task.phase_end() - self.task.chain.next_block
-        blocks_left -= self.task.chain.margin_blocks
-        return time.monotonic() + max(0.0, blocks_left * pace / 2)
-
-    def _read_proposal(
-        self,
-        round_: int,
-        proposer: str,
-        cid: str,
-        global_state: State,
-        global_cid: str,
-        deadline: float | None = None,
-    ) -> tuple[State | None, str]:
-        """(`proposer`'s update of round `round_`, "") or (None, why it is unusable): fetched
-        by CID (the bytes are re-hashed against it) by `deadline`, decoded as a proposal of
-        this task and round against its global adapter, and valid by the task's rules."""
-        try:
-            data = self.blobs.get(cid, proposer, deadline=deadline)
-            state = read_update(
-                data, global_state, global_cid, self.ledger.codec, task=self.task.address,
-                round_=round_,
-            )  # fmt: skip
-        except DataError as e:
-            return None, str(e)
-        problem = self.ledger.update_problem(state, global_state)
-        return (None, problem) if problem else (state, "")
-
-    def _earlier_sketches(
-        self, round_: int, deadline: float | None = None
-    ) -> list[tuple[int, RoundSketches]]:
-        """The sketches of every valid proposal of the rounds before `round_`; a round this
-        participant has not looked at yet (it proposed, or was not drawn) is sketched now from
-        the blobs, which it holds or fetches (each at most once: one nobody serves when asked
-        is unusable for good, so a withheld blob cannot cost every later vote a fetch)."""
-        rounds = []
-        for r in range(round_):
-            known = self.sketches.load(r)
-            if known is None:
-                known = RoundSketches()
-                global_state, global_cid = self.ledger.global_state(r)
-                for proposer, digest in self.task.proposals(r):
-                    cid = cid_from_digest(digest)
-                    state, problem = self._read_proposal(
-                        r, proposer, cid, global_state, global_cid, deadline
-                    )
-                    if problem:
-                        log.info("%s: round %d: proposal %s not compared: %s",
-                                 self.name, r, cid, problem)  # fmt: skip
-                    sketch = None
-                    if state is not None:
-                        sketch = self.sketches.sketcher.sketch(state, global_state)
-                    known.add(proposer, sketch)
-                self.sketches.save(r, known)
-            rounds.append((r, known))
-        return rounds
+            coins = np.random.default_rng(list(digest)).integers(2, size=n)
+            ballot["accepts"] = [bool(c) for c in coins]
+        return ballot
 
     def _reveal_ballot(self, round_: int) -> bool:
         vote = self.task.vote_of(round_, self.address)
@@ -649,22 +529,24 @@ def _of(event: dict[str, Any], round_: int, who: str) -> bool:
     return bool(event["round"] == round_ and str(event["participant"]).lower() == who)
 
 
-def _rounded(view: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in view.items()}
-
-
 def _tokens(wei: int) -> str:
     return f"{wei / TOKEN_UNIT:.2f}"
 
 
 def data_split(examples: Sequence[Example], keep: int) -> tuple[list[Example], list[Example]]:
-    """(train, validation): every k-th example is private validation data, never trained on
-    (at most a quarter of the examples, at least one)."""
-    keep = min(keep, len(examples) // 4)
-    step = max(1, len(examples) // max(keep, 1))
-    chosen = set(range(0, len(examples), step)[:keep]) if keep else set()
+    """(train, validation): every k-th example is private validation data, never trained on:
+    `keep` of them, but at most a quarter of the examples and at least one. DataError with
+    fewer than 2 examples (nothing would be left to train on)."""
+    if len(examples) < 2:
+        raise DataError(
+            f"a FLock participant needs at least 2 examples (one to train on, one held out to"
+            f" judge proposals with); its data has {len(examples)}: give it more records"
+        )
+    keep = max(1, min(keep, len(examples) // 4))
+    step = len(examples) // keep
+    chosen = set(range(0, len(examples), step)[:keep])
     train = [e for i, e in enumerate(examples) if i not in chosen]
-    validation = [e for i, e in enumerate(examples) if i in chosen] or list(examples[:1])
+    validation = [e for i, e in enumerate(examples) if i in chosen]
     return train, validation
 
 

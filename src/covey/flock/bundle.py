@@ -48,7 +48,7 @@ from covey.config import (
     to_toml,
 )
 from covey.errors import ConfigError, DataError
-from covey.flock.task import TOKEN_UNIT, TaskParams
+from covey.flock.params import TOKEN_UNIT, TaskParams
 from covey.store.bounded import loads_json, loads_toml
 
 log = logging.getLogger("covey.flock")
@@ -230,7 +230,7 @@ def task_params(
     cfg: RunConfig, min_participants: int, max_participants: int, windows: dict[str, int]
 ) -> TaskParams:
     """The contract's parameters from the recipe's [fed] and [flock] sections (tokens to wei)
-    and phase windows in blocks (`covey.flock.task.phase_windows`)."""
+    and phase windows in blocks (`covey.flock.params.phase_windows`)."""
     flock = cfg.flock
     return TaskParams(
         rounds=cfg.fed.rounds,

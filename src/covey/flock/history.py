@@ -12,7 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from covey.flock.task import TOKEN_UNIT, FlockTask, Outcome, Phase, SlashReason
+from covey.flock.params import TOKEN_UNIT
+from covey.flock.task import FlockTask, Outcome, Phase, SlashReason
 from covey.store.cid import cid_from_digest
 
 ROUND_EVENTS = (

@@ -56,15 +56,8 @@ from covey.flock.chain import Chain, ChainError, ContractRevert
 from covey.flock.history import TaskHistory, balances, finished_rounds, round_facts
 from covey.flock.keys import load_private_key
 from covey.flock.ledger import Blobs, Ledger, global_bytes
-from covey.flock.task import (
-    TOKEN_UNIT,
-    FlockTask,
-    Phase,
-    TaskParams,
-    Timing,
-    Token,
-    phase_windows,
-)
+from covey.flock.params import TOKEN_UNIT, TaskParams, Timing, phase_windows
+from covey.flock.task import FlockTask, Phase, Token
 from covey.model.loading import base_model_id, load_base_model
 from covey.model.lora import adapter_files, adapter_state, wrap_with_lora
 from covey.store.cid import cid_from_digest, digest_of
@@ -277,7 +270,10 @@ def join_task(settings: JoinSettings) -> Path:
             log.info("%s: now serving blobs at %s", me[:10], endpoint)
         run_model = task_model(cfg, bundle)
         examples = tokenize_records(records, run_model.tokenizer, cfg.prompt)
-        train, validation = data_split(examples, cfg.flock.validation_examples)
+        try:
+            train, validation = data_split(examples, cfg.flock.validation_examples)
+        except DataError as e:
+            raise DataError(f"{settings.data}: {e}") from None
         ledger = Ledger(
             task,
             blobs,

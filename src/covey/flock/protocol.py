@@ -28,8 +28,8 @@ from typing import Any
 
 from covey.atomic import atomic_write_bytes
 from covey.config import RunConfig
-from covey.errors import ConfigError
-from covey.fed import checkpoint
+from covey.errors import ConfigError, DataError
+from covey.fed import runfolder
 from covey.fed.attacks import malicious_participants
 from covey.fed.engine import Federation, check_flock
 from covey.fed.rounds import (
@@ -37,25 +37,18 @@ from covey.fed.rounds import (
     Played,
     RunFolder,
     RunHistory,
-    client_line,
-    rejection,
     run_rounds,
 )
+from covey.fed.runfolder import client_line, rejection
 from covey.fed.strategies import Accumulator
 from covey.flock.agent import FINISHED, Behaviour, Participant, data_split, seeded_secret
 from covey.flock.bundle import TaskBundle, bundle_recipe, task_params, weights_sha256
 from covey.flock.chain import Chain
 from covey.flock.history import TaskHistory, balances, round_facts
 from covey.flock.ledger import Blobs, Ledger, global_bytes
+from covey.flock.params import EMBEDDED_TIMING, TOKEN_UNIT, phase_windows
 from covey.flock.snapshot import dump_embedded, restore_embedded
-from covey.flock.task import (
-    EMBEDDED_TIMING,
-    TOKEN_UNIT,
-    FlockTask,
-    Phase,
-    Token,
-    phase_windows,
-)
+from covey.flock.task import FlockTask, Phase, Token
 from covey.model.lora import adapter_state
 from covey.state import State
 from covey.store.cid import digest_of
@@ -136,7 +129,10 @@ def setup(
     ledger = Ledger(task, blobs, initial_cid, cfg.fed, base_id, train=cfg.train)
     agents = []
     for i, client in enumerate(fed.clients):
-        train, validation = data_split(client.examples, cfg.flock.validation_examples)
+        try:
+            train, validation = data_split(client.examples, cfg.flock.validation_examples)
+        except DataError as e:
+            raise DataError(f"{Path(cfg.data.dir) / client.name}.jsonl: {e}") from None
         agents.append(
             Participant(
                 task=task,
@@ -171,11 +167,11 @@ def run_flock(
     folder = folder or RunFolder.check(cfg, resume)
     saved = None
     if folder.done:
-        last = checkpoint.round_dir(folder.out, folder.done[-1])
-        first = checkpoint.round_dir(folder.out, folder.done[0]) / checkpoint.ROUND_RECORD
+        last = runfolder.round_dir(folder.out, folder.done[-1])
         if not (last / CHAIN_STATE).is_file():
             raise ConfigError(f"{last / CHAIN_STATE}: missing; this FLock run cannot be resumed")
-        saved = ((last / CHAIN_STATE).read_bytes(), json.loads(first.read_text())["flock"]["task"])
+        first = runfolder.read_record(folder.out, folder.done[0])
+        saved = ((last / CHAIN_STATE).read_bytes(), first.engine["flock"]["task"])
     sim = setup(cfg, fed, folder.out, saved)
 
     def play(round_index: int, global_state: State, merge: Accumulator) -> Played:
@@ -195,7 +191,7 @@ def run_flock(
             {"participant": i, "address": a.address, "attacker": i in sim.attackers}
             for i, a in enumerate(sim.agents)
         ],
-        "rounds": [r["flock"] for r in history.records],
+        "rounds": [r.engine["flock"] for r in history.rounds],
         "settled": _balances(sim)["balances"],
         "gas": {name: sum(g) / len(g) for name, g in sim.chain.gas.items() if g},
     }

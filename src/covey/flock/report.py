@@ -7,6 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
+from covey.fed.runfolder import RoundRecord
+
 
 def honest_votes(rounds: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """What honest voters' ballots said about honest and about malicious proposals: how many
@@ -60,9 +62,9 @@ sign per proposal in draw order) or its proposal's verdict (proposers), tokens c
 slashed in the round, and its net change since it staked."""
 
 
-def round_rows(record: dict[str, Any]) -> list[list[Any]]:
-    """The ROUND_COLUMNS rows of one FLock round record (none for round 0, before any vote)."""
-    f = record.get("flock") or {}
+def round_rows(f: dict[str, Any]) -> list[list[Any]]:
+    """The ROUND_COLUMNS rows of one FLock round record's `flock` part (none for round 0,
+    before any vote)."""
     if "proposers" not in f:
         return []
     roles = {i: "proposer" for i in f["proposers"]} | {i: "voter" for i in f["voters"]}
@@ -87,12 +89,13 @@ def round_rows(record: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def flock_round_table(record: dict[str, Any]) -> Table:
+def flock_round_table(record: RoundRecord) -> Table:
     """Roles, ballots, verdicts, rewards and slashes of one FLock round."""
-    table = Table(title=f"FLock round {record['round']}: {record['flock']['outcome']}")
+    flock = record.engine["flock"]
+    table = Table(title=f"FLock round {record.round}: {flock['outcome']}")
     for name in ROUND_COLUMNS:
         table.add_column(name, justify="right")
-    for row in round_rows(record):
+    for row in round_rows(flock):
         *head, reward, slash, net = row
         table.add_row(
             *map(str, head),

@@ -366,7 +366,8 @@ def _collect(
 ) -> tuple[Played, int, list[dict[str, Any]]]:
     """Decode and validate each selected client's reply, in client order (as the engine):
     (the round so far, bytes received, clients that failed)."""
-    from covey.fed.rounds import Played, client_line, rejection
+    from covey.fed.rounds import Played
+    from covey.fed.runfolder import client_line, rejection
     from covey.fed.transport import TransportError, decode_update
     from covey.fed.validation import validate_update
     from covey.flower.codec import CodecError, decode, record_bytes

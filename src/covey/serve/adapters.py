@@ -83,7 +83,7 @@ def _from_run(run: Path, round_index: int | None) -> AdapterSource:
             f"--run {run}: not a Covey run folder (no config.toml); "
             "pass the run.out folder of `covey train`"
         )
-    from covey.fed.checkpoint import complete_rounds, round_dir  # imports torch: after the above
+    from covey.fed.runfolder import complete_rounds, round_dir  # imports torch: after the above
 
     cfg = _rebase_paths(load_recipe(run / "config.toml"), run)
     rounds = complete_rounds(run)

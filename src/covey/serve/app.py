@@ -76,13 +76,13 @@ class RunView:
 def read_run_view(run: Path, scratch: Path) -> RunView:
     """Rounds, losses and contributions of a run folder; `scratch` receives a fresh loss plot
     when the run has metrics but no loss.png (e.g. copied without it)."""
-    from covey.fed.checkpoint import complete_rounds, round_dir
+    from covey.fed.runfolder import ROUND_RECORD, RoundRecord, complete_rounds, round_dir
 
     notes: list[str] = []
     records = []
     for index in complete_rounds(run):
         try:
-            record = json.loads((round_dir(run, index) / "round.json").read_text(encoding="utf-8"))
+            record = json.loads((round_dir(run, index) / ROUND_RECORD).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             notes.append(f"round {index}: round.json unreadable ({e})")
             continue
@@ -109,7 +109,12 @@ def read_run_view(run: Path, scratch: Path) -> RunView:
     image: Path | None = run / "loss.png"
     if image is not None and not image.is_file():
         image = None
-        plottable = [m for m in metrics if isinstance((m.get("eval") or {}).get("loss"), float)]
+        plottable = [
+            RoundRecord.from_dict(m)
+            for m in metrics
+            if isinstance(m.get("round"), int)
+            and isinstance((m.get("eval") or {}).get("loss"), float)
+        ]
         if plottable:
             from covey.fed.report import plot_losses
 
@@ -138,7 +143,7 @@ def read_run_view(run: Path, scratch: Path) -> RunView:
             contributions.rows.append(
                 [r, c.get("client"), None, None, None, "rejected", c.get("reason", "")]
             )
-        flock.rows += [[r, *row] for row in round_rows(record)]
+        flock.rows += [[r, *row] for row in round_rows(record.get("flock") or {})]
     return RunView(image, losses, contributions, flock if flock.rows else None, notes)
 
 
