@@ -20,14 +20,19 @@ from dataclasses import dataclass
 import torch
 
 from covey.config import TrainConfig, Transport
+from covey.fed.transport import FLOAT_DTYPES
 from covey.state import State, delta, norm
 
 ADAM_BETAS = (0.9, 0.999)
 """torch.optim.AdamW's default betas, which `covey.train.local.train_local` trains with."""
 ROUNDING_SLACK = 1.01
 """`training_norm_bound`'s only margin: float rounding of the training arithmetic itself."""
-UNIT_ROUNDOFF = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8}
-"""Relative rounding error of the float transports (a weight is sent rounded to this)."""
+UNIT_ROUNDOFF = {
+    name: 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    for name, dtype in FLOAT_DTYPES.items()
+}
+"""Relative rounding error of the float transports (a weight is sent rounded to this): none
+for fp32, which is what training holds; 2^-11 for fp16, 2^-8 for bf16."""
 
 
 @dataclass(frozen=True)
