@@ -140,8 +140,8 @@ def time_ui(run: Path, preset: str, tokenizer: Any) -> dict[str, Any]:
     timed from the question, with the server already up."""
     from gradio_client import Client
 
+    from covey.model.generate import PRESETS
     from covey.serve.app import control_values
-    from covey.serve.generate import PRESETS
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,7 +199,8 @@ def _last_message(history: list[dict[str, Any]]) -> str:
 def loop_share(session: Any, preset: str, limit: int) -> dict[str, Any]:
     """Share of held-out answers that loop (distinct bigrams below half), base and tuned."""
     from covey.data.records import load_records
-    from covey.serve.generate import BASE, PRESETS, TUNED
+    from covey.model.generate import PRESETS
+    from covey.serve.generate import BASE, TUNED
 
     records = load_records(Path(session.source.cfg.data.dir) / "test.jsonl").records
     step = max(1, len(records) // limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,17 @@ from covey.config import FedConfig, load_recipe
 from covey.errors import ConfigError, DataError
 from covey.fed.engine import FEEDBACK_FILE
 from covey.fed.transport import (
+    FLOAT_DTYPES,
     INDEX,
     SCALE,
+    WIRE_DTYPES,
     Codec,
     ErrorFeedback,
     TransportError,
     decode_update,
+    dtype_name,
     encode_update,
+    float_dtype,
 )
 from covey.state import State
 from covey.store.updates import serialize_update
@@ -70,6 +75,29 @@ def test_float_transports_carry_the_weights_cast(transport: str, dtype: torch.dt
     decoded = decode_update(wire, reference, codec)
     assert decoded["w"].dtype == torch.float32
     torch.testing.assert_close(decoded["w"], update["w"].to(dtype).float(), rtol=0, atol=0)
+
+
+def test_one_dtype_table_under_both_spellings() -> None:
+    """`fed.transport`'s names and torch's name the same dtypes (Flower's `wire-dtype` takes
+    either); nothing else is a float transport, and every dtype an encoding makes may travel."""
+    for short, long in (("fp32", "float32"), ("fp16", "float16"), ("bf16", "bfloat16")):
+        assert float_dtype(short, "x") is float_dtype(long.upper(), "x") is FLOAT_DTYPES[short]
+        assert dtype_name(FLOAT_DTYPES[short]) == long
+    assert float_dtype(" Bf16 ", "x") is torch.bfloat16
+    for bad in ("int8", "int8+topk", "fp8", "float64", ""):
+        expected = re.escape(f"wire-dtype {bad!r}: expected one of fp32, fp16, bf16")
+        with pytest.raises(ConfigError, match=expected):
+            float_dtype(bad, "wire-dtype")
+    made = {
+        t.dtype
+        for transport in ("fp32", "fp16", "bf16", "int8", "int8+topk")
+        for t in encode_update({"w": torch.ones(2, 3)}, {"w": torch.zeros(2, 3)},
+                               Codec(transport)).values()  # type: ignore[arg-type]
+    } | {Codec.index_dtype(2**15 + 1)}  # fmt: skip
+    assert made == set(WIRE_DTYPES)
+    assert [dtype_name(d) for d in WIRE_DTYPES[3:]] == ["int8", "int16", "int32"]
+    with pytest.raises(ValueError, match="cannot travel"):
+        dtype_name(torch.float64)
 
 
 def test_topk_keeps_exactly_k_of_the_largest_with_ties_to_the_lower_index() -> None:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from covey.cli import app as commands_app
 from covey.errors import ConfigError
+from covey.model.generate import PRESETS, GenerationSettings
 from covey.serve.app import (
     EMPTY_ANSWER,
     build_app,
@@ -26,7 +27,7 @@ from covey.serve.app import (
     parse_auth,
     read_run_view,
 )
-from covey.serve.generate import BASE, PRESETS, TUNED, GenerationSettings, ServeSession
+from covey.serve.generate import BASE, TUNED, ServeSession
 
 
 def free_port() -> int:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from covey.serve.generate import BASE, TUNED, GenerationSettings, ServeSession
+from covey.model.generate import GenerationSettings
+from covey.serve.generate import BASE, TUNED, ServeSession
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

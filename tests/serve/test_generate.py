@@ -18,15 +18,9 @@ from typer.testing import CliRunner
 
 from covey.cli import app
 from covey.errors import ConfigError
+from covey.model.generate import PRESETS, GenerationSettings, preset_settings
 from covey.serve.adapters import resolve_source
-from covey.serve.generate import (
-    BASE,
-    PRESETS,
-    TUNED,
-    GenerationSettings,
-    ServeSession,
-    preset_settings,
-)
+from covey.serve.generate import BASE, TUNED, ServeSession
 
 GREEDY = GenerationSettings(max_new_tokens=6)
 SAMPLED = GenerationSettings(sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12)

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from covey.errors import ConfigError
-from covey.serve.generate import PRESETS
+from covey.model.generate import PRESETS
 
 
 def evaluate(

@@ -33,8 +33,13 @@ from typing import Any
 from covey.atomic import atomic_directory, check_output_dir
 from covey.data.records import Record, load_records, read_raw_records, spread
 from covey.errors import ConfigError, DataError
+from covey.model.generate import (
+    DEFAULT_PRESET,
+    GenerationSettings,
+    answer_records,
+    preset_settings,
+)
 from covey.serve.adapters import AdapterSource, check_base_matches, resolve_source
-from covey.serve.generate import DEFAULT_PRESET, GenerationSettings, preset_settings
 from covey.train.metrics import (
     REPEAT_NGRAM,
     REPEAT_TIMES,
@@ -205,18 +210,29 @@ def run_eval(sources: list[AdapterSource], options: EvalOptions) -> EvalResult:
     examples = tokenize_records(records, tokenizer, cfg.prompt, mask_prompt=True)
     check_targets(examples, str(test), cfg)
 
+    everyone = [(BASE_NAME, None), *zip(names, adapter_names, strict=True)]
     models: list[dict[str, Any]] = []
-    texts: dict[str, list[str]] = {}
-    scores: dict[str, list[dict[str, Any]]] = {}
-    for name, adapter in [(BASE_NAME, None), *zip(names, adapter_names, strict=True)]:
-        log.info("evaluating %s on %d records", name, len(records))
+    for name, adapter in everyone:
+        log.info("held-out loss of %s on %d records", name, len(records))
         with _active(model, adapter):
-            measured = _measure(model, tokenizer, records, examples, cfg.prompt.template, options)
-        texts[name] = measured.pop("texts")
-        scores[name] = [
-            answer_scores(text, r.response) for text, r in zip(texts[name], records, strict=True)
-        ]
-        models.append({"name": name} | measured)
+            models.append({"name": name} | _loss(model, tokenizer, examples, options))
+    log.info("answering %d records with %d models at once", len(records), len(everyone))
+    generating = time.perf_counter()
+    answered = _answers(
+        model,
+        tokenizer,
+        records,
+        cfg.prompt.template,
+        options.settings,
+        options.batch_size,
+        [adapter for _, adapter in everyone],
+    )
+    generate_seconds = time.perf_counter() - generating
+    texts = {name: answers for (name, _), answers in zip(everyone, answered, strict=True)}
+    scores = {
+        name: [answer_scores(text, r.response) for text, r in zip(mine, records, strict=True)]
+        for name, mine in texts.items()
+    }
     source_of = dict(zip(names, sources, strict=True))
     for entry in models:
         entry |= _quality(entry["name"], scores, records)
@@ -248,7 +264,11 @@ def run_eval(sources: list[AdapterSource], options: EvalOptions) -> EvalResult:
         },
         "models": models,
         "samples": samples,
-        "seconds": {"load": load_seconds, "total": time.perf_counter() - started},
+        "seconds": {
+            "load": load_seconds,
+            "generate": generate_seconds,  # every model's answers, in mixed-adapter batches
+            "total": time.perf_counter() - started,
+        },
     }
     answers = [
         {
@@ -295,27 +315,16 @@ def _active(model: Any, adapter: str | None) -> Iterator[None]:
         yield
 
 
-def _measure(
-    model: Any,
-    tokenizer: Any,
-    records: list[Record],
-    examples: list[Any],
-    template: str,
-    options: EvalOptions,
-) -> dict[str, Any]:
-    """Held-out loss and perplexity, and the answers (`texts`), with their timings."""
+def _loss(model: Any, tokenizer: Any, examples: list[Any], options: EvalOptions) -> dict[str, Any]:
+    """Held-out loss and perplexity of the model as it answers now, with the time it took."""
     from covey.train.evaluate import evaluate_loss
 
     started = time.perf_counter()
     loss = evaluate_loss(model, examples, options.batch_size, int(tokenizer.pad_token_id))
-    loss_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    answers = _answers(model, tokenizer, records, template, options.settings, options.batch_size)
     return {
         "loss": loss["loss"],
         "perplexity": loss["perplexity"],
-        "texts": answers,
-        "seconds": {"loss": loss_seconds, "generate": time.perf_counter() - started},
+        "seconds": {"loss": time.perf_counter() - started},
     }
 
 
@@ -326,19 +335,14 @@ def _answers(
     template: str,
     settings: GenerationSettings,
     batch_size: int,
-) -> list[str]:
-    import torch
-
-    from covey.train.evaluate import generate_answers
-
-    decoding = settings.generate_kwargs()
-    max_new_tokens = decoding.pop("max_new_tokens")
-    if settings.sample and settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    answers = generate_answers(
-        model, tokenizer, records, template, max_new_tokens, batch_size, decoding
+    adapters: list[str | None],
+) -> list[list[str]]:
+    """Each adapter's answers (None: the base model's) to `records`, `batch_size` records per
+    `generate` call with one row per adapter (`covey.model.generate.generate_ids`)."""
+    settings.seed_sampler()
+    return answer_records(
+        model, tokenizer, records, template, settings.generate_kwargs(), batch_size, adapters
     )
-    return [a["answer"] for a in answers]
 
 
 def _quality(
@@ -376,13 +380,15 @@ def _samples(
         {"id": r.id, "category": r.category, "instruction": r.instruction, "answers": {}}
         for r in chosen
     ]
-    for name, adapter in [(BASE_NAME, None), *zip(names, adapter_names, strict=True)]:
-        if not chosen:
-            break
-        with _active(model, adapter):
-            texts = _answers(model, tokenizer, chosen, template, settings, options.batch_size)
-        for row, text in zip(rows, texts, strict=True):
-            row["answers"][name] = text
+    if chosen:
+        everyone = [(BASE_NAME, None), *zip(names, adapter_names, strict=True)]
+        adapters = [adapter for _, adapter in everyone]
+        answered = _answers(
+            model, tokenizer, chosen, template, settings, options.batch_size, adapters
+        )
+        for (name, _), texts in zip(everyone, answered, strict=True):
+            for row, text in zip(rows, texts, strict=True):
+                row["answers"][name] = text
     return {"described": settings.describe(), "answers": rows}
 
 

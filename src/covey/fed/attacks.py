@@ -48,7 +48,7 @@ import torch
 from covey.config import AttackConfig
 from covey.data.records import Record
 from covey.errors import ConfigError
-from covey.state import State
+from covey.state import State, delta
 
 UPDATE_ATTACKS = (
     "sign_flip", "noise", "scale", "free_rider", "backdoor", "little_is_enough"
@@ -80,16 +80,17 @@ def attack_update(
     if kind == "little_is_enough":
         return little_is_enough(global_state, estimates, strength)
     generator = torch.Generator().manual_seed(seed)
+    deltas = delta(trained, global_state)
     out = {}
     for key, g in global_state.items():
-        delta = trained[key].float() - g.float()
+        change = deltas[key]
         if kind == "sign_flip":
-            sent = g.float() - strength * delta
+            sent = g.float() - strength * change
         elif kind in ("scale", "backdoor"):
-            sent = g.float() + strength * delta
+            sent = g.float() + strength * change
         elif kind == "noise":
-            std = float(delta.std()) if delta.numel() > 1 else float(delta.abs().mean())
-            noise = torch.randn(delta.shape, generator=generator) * (strength * max(std, 1e-8))
+            std = float(change.std()) if change.numel() > 1 else float(change.abs().mean())
+            noise = torch.randn(change.shape, generator=generator) * (strength * max(std, 1e-8))
             sent = g.float() + noise
         elif kind == "free_rider":
             sent = g.float()
@@ -104,9 +105,10 @@ def little_is_enough(global_state: State, estimates: Sequence[State], z: float) 
     (unbiased) standard deviation of the estimated honest deltas `estimates - g`."""
     if len(estimates) < 2:
         raise ValueError(f"little_is_enough needs >= 2 estimated updates, got {len(estimates)}")
+    estimated = [delta(e, global_state) for e in estimates]
     out = {}
     for key, g in global_state.items():
-        deltas = torch.stack([e[key].float() - g.float() for e in estimates])
+        deltas = torch.stack([d[key] for d in estimated])
         mean, std = deltas.mean(dim=0), deltas.std(dim=0)
         out[key] = (g.float() + mean - z * std * torch.sign(mean)).to(g.dtype)
     return out

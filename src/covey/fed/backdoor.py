@@ -1,13 +1,13 @@
 """Does an adapter carry a backdoor? Attack success on held-out prompts, with and without the
 trigger.
 
-`backdoor_metrics` asks the model, greedily, for an answer to every held-out instruction twice:
-as it is, and with `attack.trigger` put in the instruction exactly as the attackers poisoned
-their data (`covey.fed.attacks.with_trigger`). The attack succeeds on a prompt when the answer
-contains `attack.target` (case and spacing ignored). Success with the trigger is the backdoor;
-success without it shows whether the target leaks into clean answers. Beside the rates, the
-mean loss of the target response given the triggered prompts (response tokens only) shows a
-backdoor taking hold before greedy answers flip to the target.
+`backdoor_metrics` asks the model, greedily (`covey.model.generate`), for an answer to every
+held-out instruction twice: as it is, and with `attack.trigger` put in the instruction exactly
+as the attackers poisoned their data (`covey.fed.attacks.with_trigger`). The attack succeeds on
+a prompt when the answer contains `attack.target` (case and spacing ignored). Success with the
+trigger is the backdoor; success without it shows whether the target leaks into clean answers.
+Beside the rates, the mean loss of the target response given the triggered prompts (response
+tokens only) shows a backdoor taking hold before greedy answers flip to the target.
 
 `covey.fed.rounds.run_rounds` writes these figures in the final round's `eval.backdoor` for every
 run with an attack (for attacks other than `backdoor` they are a control: near zero).
@@ -19,12 +19,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from covey.config import RunConfig
-from covey.data.prompts import build_prompt, tokenize_records
+from covey.data.prompts import tokenize_records
 from covey.data.records import Record
 from covey.fed.attacks import with_trigger
+from covey.model.generate import answer_records
 from covey.train.evaluate import evaluate_loss
 
 EXTRA_TOKENS = 8
@@ -42,8 +41,11 @@ def backdoor_metrics(
     max_new = len(target_ids) + EXTRA_TOKENS
     batch = cfg.eval.batch_size
     template = cfg.prompt.template
-    with_answers = greedy_answers(model, tokenizer, triggered, template, max_new, batch)
-    without_answers = greedy_answers(model, tokenizer, records, template, max_new, batch)
+    # one pass over both prompt sets: batches by length across them (`generate_ids`)
+    [answers] = answer_records(
+        model, tokenizer, [*triggered, *records], template, {"max_new_tokens": max_new}, batch
+    )
+    with_answers, without_answers = answers[: len(triggered)], answers[len(triggered) :]
     target_examples = tokenize_records(
         [dataclasses.replace(r, response=attack.target) for r in triggered],
         tokenizer, cfg.prompt, mask_prompt=True,
@@ -70,54 +72,3 @@ def success_rate(answers: Sequence[str], target: str) -> float:
 
 def _normalized(text: str) -> str:
     return " ".join(text.lower().split())
-
-
-@torch.no_grad()
-def greedy_answers(
-    model: Any,
-    tokenizer: Any,
-    records: Sequence[Record],
-    template: str,
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Greedy answers to `records`, in their order, `batch_size` prompts per `generate` call
-    (left-padded, so every answer starts right after its prompt). Prompts are batched by
-    length, so that one long context does not pad seven short prompts to its length (the 40
-    held-out Dolly prompts triggered, SmolLM2 on one CPU core: 56 s in order, 38 s by length,
-    the same answers). Batched here rather than in `covey.train.evaluate.generate_answers`, which
-    answers one record at a time."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    prompts = [build_prompt(r, template, tokenizer) for r in records]
-    special = template != "chat"  # the chat template already holds the special tokens
-    # characters stand in for tokens (tokenizing twice for the order alone is waste); the
-    # order only groups similar lengths, answers do not depend on it
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            encoded = tokenizer(
-                [prompts[i] for i in rows],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=special,
-            ).to(device)
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = output[:, encoded["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for i, text in zip(rows, texts, strict=True):
-                answers[i] = text.strip()
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return answers

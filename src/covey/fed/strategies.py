@@ -44,7 +44,7 @@ import torch
 
 from covey.config import FedConfig
 from covey.errors import ConfigError
-from covey.state import ServerState, State
+from covey.state import ServerState, State, delta, flatten, norm
 
 log = logging.getLogger("covey.fed")
 
@@ -226,9 +226,8 @@ def fedavgm(
     new_server: ServerState = {}
     for key, param in global_state.items():
         g = param.to(torch.float32)
-        delta = mean_delta[key]
         v = _buffer(server_state, f"momentum.{key}", param, 0.0)
-        v = cfg.server_momentum * v + delta
+        v = cfg.server_momentum * v + mean_delta[key]
         new_server[f"momentum.{key}"] = v
         new_state[key] = (g + cfg.server_lr * v).to(param.dtype)
     return new_state, new_server
@@ -260,10 +259,10 @@ def _adaptive(
     new_server: ServerState = {}
     for key, param in global_state.items():
         g = param.to(torch.float32)
-        delta = mean_delta[key]  # the pseudo-gradient avg - global, pointing downhill
-        m = b1 * _buffer(server_state, f"m.{key}", param, 0.0) + (1 - b1) * delta
+        step = mean_delta[key]  # the pseudo-gradient avg - global, pointing downhill
+        m = b1 * _buffer(server_state, f"m.{key}", param, 0.0) + (1 - b1) * step
         v = _buffer(server_state, f"v.{key}", param, tau * tau)  # paper: v_{-1} >= tau^2
-        d2 = delta * delta
+        d2 = step * step
         if kind == "adam":
             v = b2 * v + (1 - b2) * d2
         elif kind == "yogi":
@@ -335,8 +334,8 @@ class KeptUpdates:
         if math.fsum(self.weights) <= 0:
             raise ValueError(f"weights must sum to > 0, got {self.weights}")
         positions = [i for i, w in enumerate(self.weights) if w > 0]
-        deltas = [_delta(self.global_state, self.states[i]) for i in positions]
-        report: dict[str, Any] = {"delta_norm": [_norm(d) for d in deltas]}
+        deltas = [delta(self.states[i], self.global_state) for i in positions]
+        report: dict[str, Any] = {"delta_norm": [norm(d) for d in deltas]}
         new_delta = self._step(deltas, [self.weights[i] for i in positions], cfg, report)
         for key, value in report.items():  # per-update lists back to the order of `add`
             if isinstance(value, list):
@@ -366,13 +365,6 @@ class KeepAllStrategy:
 
     def start(self, global_state: State) -> KeptUpdates:
         return KeptUpdates(global_state, self.step)
-
-
-def _delta(global_state: State, state: State) -> State:
-    return {
-        k: state[k].to(device=g.device, dtype=torch.float32) - g.to(torch.float32)
-        for k, g in global_state.items()
-    }
 
 
 def median(
@@ -460,7 +452,7 @@ def _multi_krum(deltas: list[State], byzantine: int, keep: int, report: dict[str
             "2f + 2 = %d updates per round; the selection still runs, without it",
             n, byzantine, 2 * byzantine + 2,
         )  # fmt: skip
-    flat = torch.stack([torch.cat([d[k].flatten() for k in sorted(d)]) for d in deltas])
+    flat = torch.stack([flatten(d) for d in deltas])
     distances = torch.cdist(flat.double(), flat.double()).pow(2)
     neighbours = max(1, n - byzantine - 2)
     scores = []
@@ -488,18 +480,13 @@ def norm_clip(
     norms = report["delta_norm"]
     bound = cfg.clip_norm or float(torch.tensor(norms, dtype=torch.float64).quantile(0.5))
     total = math.fsum(weights)
-    scales = [min(1.0, bound / norm) if norm > 0 else 1.0 for norm in norms]
+    scales = [min(1.0, bound / size) if size > 0 else 1.0 for size in norms]
     report |= {"clip_bound": bound, "clip_scale": scales}
     out = {k: torch.zeros_like(t) for k, t in deltas[0].items()}
-    for delta, scale, weight in zip(deltas, scales, weights, strict=True):
+    for update, scale, weight in zip(deltas, scales, weights, strict=True):
         for key, acc in out.items():
-            acc.add_(delta[key], alpha=scale * weight / total)
+            acc.add_(update[key], alpha=scale * weight / total)
     return out
-
-
-def _norm(delta: State) -> float:
-    """The L2 norm of a delta over the whole adapter."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
 
 
 def _stacked(deltas: list[State], key: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from covey.config import FedConfig, Transport
-from covey.errors import DataError
+from covey.errors import ConfigError, DataError
 from covey.state import State
 
 SCALE = ":scale"
@@ -50,6 +50,39 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
+"""The float dtypes an adapter travels in, by `fed.transport`'s names: updates on the way up,
+and on Flower the global adapter on the way down (its `wire-dtype` setting, `float_dtype`)."""
+TORCH_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+"""torch's names of the float dtypes, accepted for the same dtypes where a setting names one."""
+WIRE_DTYPES: tuple[torch.dtype, ...] = (
+    *FLOAT_DTYPES.values(),
+    torch.int8,
+    torch.int16,
+    torch.int32,
+)
+"""Every dtype a tensor may have on the wire: the float dtypes (float32 also for int8 scales),
+int8 values, int16/int32 top-k indices (`Codec.index_dtype`)."""
+
+
+def float_dtype(name: str, setting: str) -> torch.dtype:
+    """The float dtype called `name` (fp32, fp16, bf16, or torch's float32, float16, bfloat16;
+    any case, spaces around ignored); a ConfigError naming `setting` for anything else."""
+    key = name.strip().lower()
+    key = TORCH_NAMES.get(key, key)
+    if key not in FLOAT_DTYPES:
+        raise ConfigError(
+            f"{setting} {name!r}: expected one of {', '.join(FLOAT_DTYPES)} "
+            f"(or {', '.join(TORCH_NAMES)})"
+        )
+    return FLOAT_DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a wire dtype (`float32`, `bfloat16`, `int8`...): how a tensor's dtype is
+    labelled in transit (Flower's `Array.dtype`) and in round records."""
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"{dtype} cannot travel")
+    return str(dtype).removeprefix("torch.")
 
 
 class TransportError(DataError):

@@ -20,14 +20,19 @@ from dataclasses import dataclass
 import torch
 
 from covey.config import TrainConfig, Transport
-from covey.state import State
+from covey.fed.transport import FLOAT_DTYPES
+from covey.state import State, delta, norm
 
 ADAM_BETAS = (0.9, 0.999)
 """torch.optim.AdamW's default betas, which `covey.train.local.train_local` trains with."""
 ROUNDING_SLACK = 1.01
 """`training_norm_bound`'s only margin: float rounding of the training arithmetic itself."""
-UNIT_ROUNDOFF = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8}
-"""Relative rounding error of the float transports (a weight is sent rounded to this)."""
+UNIT_ROUNDOFF = {
+    name: 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    for name, dtype in FLOAT_DTYPES.items()
+}
+"""Relative rounding error of the float transports (a weight is sent rounded to this): none
+for fp32, which is what training holds; 2^-11 for fp16, 2^-8 for bf16."""
 
 
 @dataclass(frozen=True)
@@ -111,11 +116,7 @@ def validate_update(
         for key, value in update.items():
             if not bool(torch.isfinite(value).all()):
                 return _reject(f"non-finite values in {key}")
-        squares = 0.0
-        for key, ref in reference.items():
-            diff = update[key].to(device=ref.device, dtype=torch.float64) - ref.to(torch.float64)
-            squares += float(torch.linalg.vector_norm(diff)) ** 2
-        norm = math.sqrt(squares)
+        distance = norm(delta(update, reference, torch.float64))
     except Exception as e:  # a peer's tensor torch cannot read must not stop the round
         return _reject(f"unreadable tensor data ({type(e).__name__}: {e})")
 
@@ -124,18 +125,20 @@ def validate_update(
         or not isinstance(claimed_samples, numbers.Integral)
         or int(claimed_samples) < 1
     ):
-        return _reject(f"sample count must be an int >= 1, got {claimed_samples!r}", norm)
+        return _reject(f"sample count must be an int >= 1, got {claimed_samples!r}", distance)
     claimed = int(claimed_samples)
     if held_samples == 0:
-        return _reject("client holds no samples", norm)
-    if max_update_norm > 0 and not norm <= max_update_norm:
-        reason = f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g} ({bound_name})"
-        return _reject(reason, norm)
+        return _reject("client holds no samples", distance)
+    if max_update_norm > 0 and not distance <= max_update_norm:
+        reason = (
+            f"update norm {distance:.4g} exceeds the bound {max_update_norm:.4g} ({bound_name})"
+        )
+        return _reject(reason, distance)
     return Verdict(
         accepted=True,
         reason="",
         num_samples=min(claimed, held_samples),
-        update_norm=norm,
+        update_norm=distance,
         clamped=claimed > held_samples,
     )
 
@@ -205,7 +208,7 @@ def training_norm_bound(
     numel = sum(t.numel() for t in reference.values())
     steps = train.max_steps
     adam = math.sqrt(numel) * train.lr * sum(adam_step_bound(t) for t in range(1, steps + 1))
-    weights = math.sqrt(sum(float(t.double().pow(2).sum()) for t in reference.values()))
+    weights = norm(reference)
     trained = adam + steps * train.lr * train.weight_decay * (weights + adam)
     if transport in UNIT_ROUNDOFF:
         arrived = trained + UNIT_ROUNDOFF[transport] * (weights + trained)

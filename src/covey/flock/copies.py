@@ -56,7 +56,7 @@ from safetensors.torch import load, save
 
 from covey.atomic import atomic_write_bytes
 from covey.errors import DataError
-from covey.state import State
+from covey.state import State, delta, flatten
 from covey.store.updates import update_metadata
 
 log = logging.getLogger("covey.flock.copies")
@@ -93,8 +93,13 @@ def function_space(update: State, reference: State) -> torch.Tensor:
         (_f64(update[b]) @ _f64(update[a]) - _f64(reference[b]) @ _f64(reference[a])).flatten()
         for a, b in pairs
     ]
-    parts += [(_f64(update[k]) - _f64(reference[k])).flatten() for k in others]
+    parts.append(_parameter_delta(update, reference, others))
     return torch.cat(parts)
+
+
+def _parameter_delta(update: State, reference: State, keys: list[str]) -> torch.Tensor:
+    """The flat float64 delta of `keys` (the ones outside LoRA pairs), on the CPU."""
+    return flatten(delta(update, {k: reference[k] for k in keys}, torch.float64, device="cpu"))
 
 
 def _f64(tensor: torch.Tensor) -> torch.Tensor:
@@ -133,9 +138,7 @@ class Sketcher:
         """The sketch of `update`'s delta from `reference`, (2, size) float64: row 0 in
         parameter space (the flattened LoRA matrices, keys in order), row 1 in function space
         (`function_space`, projected)."""
-        parameters = torch.cat(
-            [(_f64(update[k]) - _f64(reference[k])).flatten() for k in sorted(reference)]
-        )
+        parameters = flatten(delta(update, reference, torch.float64, device="cpu"))
         return torch.stack(
             [self.count_sketch(parameters), self.count_sketch(self._function(update, reference))]
         )
@@ -148,7 +151,7 @@ class Sketcher:
             new = (left @ _f64(update[b])) @ (_f64(update[a]) @ right)
             old = (left @ _f64(reference[b])) @ (_f64(reference[a]) @ right)
             parts.append((new - old).flatten())
-        parts += [(_f64(update[k]) - _f64(reference[k])).flatten() for k in others]
+        parts.append(_parameter_delta(update, reference, others))
         return torch.cat(parts)
 
     def _projection(self, name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:

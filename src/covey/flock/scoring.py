@@ -22,7 +22,7 @@ import torch
 
 from covey.data.prompts import Example
 from covey.model.lora import load_adapter_state
-from covey.state import State
+from covey.state import State, delta, flatten
 from covey.train.evaluate import example_losses
 
 
@@ -182,9 +182,7 @@ def round_outliers(
 
 def flat_delta(state: State, global_state: State) -> torch.Tensor:
     """An update as one float32 vector: its difference from the global adapter, keys in order."""
-    return torch.cat(
-        [(state[k].float() - global_state[k].float()).flatten() for k in sorted(global_state)]
-    )
+    return flatten(delta(state, global_state))
 
 
 def judge_proposals(

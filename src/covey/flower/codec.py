@@ -6,7 +6,10 @@ The global adapter goes to clients in the `wire-dtype` setting's float dtype (`e
 float32 is the default because it is exact, so a Flower run matches the in-process engine;
 float16 and bfloat16 halve the bytes (the server keeps its global adapter in the model's dtype
 and only the copies on the wire are rounded). Updates come back as `fed.transport` encodes them
-(`covey.fed.transport`; `encode_wire`), which adds int8 values and int16/int32 indices.
+(`covey.fed.transport`; `encode_wire`), which adds int8 values and int16/int32 indices. The
+dtypes, their names and which may travel are `covey.fed.transport`'s, for both directions:
+`wire-dtype` takes `fed.transport`'s names (fp32, fp16, bf16) and torch's (float32, float16,
+bfloat16) for the same table, and each Array is labelled with torch's name of its dtype.
 
 Decoding is for data from peers we do not control: every field is checked and a problem
 raises `CodecError` (the server turns it into a rejected update, never a crashed round).
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from covey.errors import ConfigError
+from covey.fed.transport import WIRE_DTYPES, dtype_name, float_dtype
 from covey.state import State
 
 if TYPE_CHECKING:
@@ -29,19 +32,8 @@ if TYPE_CHECKING:
 STYPE = "covey.raw"
 """Array.stype of Covey's raw little-endian tensor bytes."""
 
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-ARRAY_DTYPES: dict[str, torch.dtype] = WIRE_DTYPES | {
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-}
-"""Dtypes an Array may hold: the wire dtypes, and the integers of encoded updates."""
-_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_BY_DTYPE = {v: k for k, v in ARRAY_DTYPES.items()}
+ARRAY_DTYPES: dict[str, torch.dtype] = {dtype_name(dtype): dtype for dtype in WIRE_DTYPES}
+"""Dtypes an Array may hold, by their labels: `covey.fed.transport`'s wire dtypes."""
 
 
 class CodecError(ValueError):
@@ -49,18 +41,9 @@ class CodecError(ValueError):
 
 
 def wire_dtype(name: str) -> torch.dtype:
-    """The torch dtype for `float32`/`float16`/`bfloat16` (or fp32/fp16/bf16)."""
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in WIRE_DTYPES:
-        raise ConfigError(
-            f"wire-dtype {name!r}: expected one of {', '.join(WIRE_DTYPES)} (or fp32, fp16, bf16)"
-        )
-    return WIRE_DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """`float32`, `float16`, `bfloat16` (or `int8`, `int16`, `int32`)."""
-    return _BY_DTYPE[dtype]
+    """The dtype of the `wire-dtype` setting: fp32, fp16, bf16 or float32, float16, bfloat16
+    (`covey.fed.transport.float_dtype`)."""
+    return float_dtype(name, "wire-dtype")
 
 
 def _check_byteorder() -> None:
@@ -69,7 +52,7 @@ def _check_byteorder() -> None:
 
 
 def encode(state: State, dtype: torch.dtype = torch.float32) -> ArrayRecord:
-    """An ArrayRecord with every tensor of `state` cast to `dtype` (a wire dtype)."""
+    """An ArrayRecord with every tensor of `state` cast to `dtype` (a float wire dtype)."""
     for key, tensor in state.items():
         if not tensor.is_floating_point():
             raise ValueError(f"{key}: only floating-point adapters travel, got {tensor.dtype}")
@@ -77,18 +60,18 @@ def encode(state: State, dtype: torch.dtype = torch.float32) -> ArrayRecord:
 
 
 def encode_wire(state: State) -> ArrayRecord:
-    """An ArrayRecord of tensors in their own dtypes (each one of `ARRAY_DTYPES`): an update
+    """An ArrayRecord of tensors in their own dtypes (each a wire dtype): an update
     as `covey.fed.transport.encode_update` made it."""
     from flwr.app import Array, ArrayRecord
 
     _check_byteorder()
     record = ArrayRecord()
     for key, tensor in state.items():
-        if tensor.dtype not in _BY_DTYPE:
+        if tensor.dtype not in WIRE_DTYPES:
             raise ValueError(f"{key}: {tensor.dtype} cannot travel")
         flat = tensor.detach().to(device="cpu").contiguous().reshape(-1)
         data = flat.view(torch.uint8).numpy().tobytes()
-        name = _BY_DTYPE[tensor.dtype]
+        name = dtype_name(tensor.dtype)
         record[key] = Array(dtype=name, shape=tuple(tensor.shape), stype=STYPE, data=data)
     return record
 

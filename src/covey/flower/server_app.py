@@ -285,8 +285,8 @@ def play_round(
     """Send the global adapter to the selected SuperNodes and validate what comes back."""
     from covey.fed.attacks import UPDATE_ATTACKS, malicious_participants
     from covey.fed.selection import select_clients
-    from covey.fed.transport import Codec
-    from covey.flower.codec import dtype_name, encode, record_bytes, wire_dtype
+    from covey.fed.transport import Codec, dtype_name
+    from covey.flower.codec import encode, record_bytes, wire_dtype
 
     wire = wire_dtype(settings.wire_dtype)
     members = pool.ready(settings.min_nodes)

@@ -30,7 +30,8 @@ from covey.config import RunConfig
 from covey.envvars import SERVE_AUTH_ENV
 from covey.errors import ConfigError, CoveyError
 from covey.flock.report import ROUND_COLUMNS, round_rows
-from covey.serve.generate import BASE, PRESETS, TUNED, GenerationSettings, ServeSession
+from covey.model.generate import PRESETS, GenerationSettings
+from covey.serve.generate import BASE, TUNED, ServeSession
 
 if TYPE_CHECKING:
     from gradio import Blocks

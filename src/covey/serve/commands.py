@@ -18,16 +18,9 @@ from rich.console import Console
 from covey.console import quiet_libraries, share_the_cpu
 from covey.envvars import SERVE_AUTH_ENV
 from covey.errors import ConfigError
+from covey.model.generate import DEFAULT_PRESET, PRESETS, GenerationSettings, preset_settings
 from covey.serve.adapters import AdapterSource, resolve_source
-from covey.serve.generate import (
-    BASE,
-    DEFAULT_PRESET,
-    PRESETS,
-    TUNED,
-    GenerationSettings,
-    ServeSession,
-    preset_settings,
-)
+from covey.serve.generate import BASE, TUNED, ServeSession
 
 err = Console(stderr=True, soft_wrap=True)  # paths stay whole in logs
 

@@ -3,26 +3,27 @@
 One model stays resident: the fine-tuned answer is the PEFT model with its adapter enabled, the
 base answer the same model with it disabled, so memory is one base model plus the adapter. The
 two answers of a comparison are one batched `generate` call whose rows use different adapters
-(PEFT's mixed-adapter batches; `__base__` is the bare base): both grow token by token, together,
-in about the time of one. Generation is serialized with a lock, because the model is shared.
+(`covey.model.generate.generate_ids`, PEFT's mixed-adapter batches): both grow token by token,
+together, in about the time of one. Generation is serialized with a lock, because the model is
+shared. This module adds what serving needs around it: the session, streaming into panes from a
+thread, stopping when the reader goes away, and text as it grows.
 
-Decoding settings come as named presets: `greedy` (the default: deterministic, streams, a
-first token within a second for a 135M model on a CPU) and `shepherd` (Shepherd's generation:
-4-beam search, deterministic, answers at once).
+Decoding settings are `covey.model.generate`'s presets: `greedy` (the default: deterministic,
+streams, a first token within a second for a 135M model on a CPU) and `shepherd` (Shepherd's
+generation: 4-beam search, deterministic, answers at once).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from covey.data.records import Record
-from covey.errors import ConfigError
+from covey.model.generate import GenerationSettings, generate_ids, stop_ids
 from covey.serve.adapters import AdapterSource, load_adapter
 
 log = logging.getLogger("covey.serve")
@@ -30,120 +31,6 @@ log = logging.getLogger("covey.serve")
 BASE = False
 TUNED = True
 """Panes: a pane is an answer without (`BASE`) or with (`TUNED`) the adapter."""
-_BARE_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding controls. The defaults are the `greedy` preset; see `PRESETS`."""
-
-    sample: bool = False
-    """Sample the next token (with temperature, top-p, top-k); off: the likeliest one, so the
-    same prompt always gets the same answer."""
-    temperature: float = 0.7
-    """Sampling only: below 1 sharpens the distribution."""
-    top_p: float = 0.9
-    """Sampling only: draw from the smallest set of tokens holding this probability mass."""
-    top_k: int = 50
-    """Sampling only: draw among the k likeliest tokens (0: no limit)."""
-    num_beams: int = 1
-    """Beam search width; 1 streams tokens as they come, more answer all at once."""
-    repetition_penalty: float = 1.2
-    """Divides the score of tokens already in the text (1: off); keeps greedy answers of
-    small models out of loops."""
-    max_new_tokens: int = 128
-    seed: int | None = None
-    """Sampling only: seed the sampler before each answer, so the same prompt and settings
-    give the same answers. None: fresh each time."""
-
-    @property
-    def streams(self) -> bool:
-        """Tokens can be shown as they come only with one beam; beams finish together."""
-        return self.num_beams == 1
-
-    def check(self) -> None:
-        problems = []
-        if self.sample and not self.temperature > 0:
-            problems.append(f"temperature must be > 0 when sampling (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top-p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            problems.append(f"top-k must be >= 0, 0 meaning no limit (got {self.top_k})")
-        if self.num_beams < 1:
-            problems.append(f"beams must be at least 1 (got {self.num_beams})")
-        if not self.repetition_penalty > 0:
-            problems.append(
-                f"repetition penalty must be > 0, 1 meaning off (got {self.repetition_penalty})"
-            )
-        if self.max_new_tokens < 1:
-            problems.append(f"max new tokens must be at least 1 (got {self.max_new_tokens})")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Arguments for `model.generate`: the sampling controls only when sampling."""
-        kwargs: dict[str, Any] = {
-            "do_sample": self.sample,
-            "num_beams": self.num_beams,
-            "repetition_penalty": self.repetition_penalty,
-            "max_new_tokens": self.max_new_tokens,
-        }
-        if self.sample:
-            kwargs |= {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        return kwargs
-
-    def preset(self) -> str | None:
-        """The preset these settings decode like (length and seed aside), or None."""
-        decoding = _decoding(self)
-        return next((name for name, p in PRESETS.items() if _decoding(p) == decoding), None)
-
-    def describe(self) -> str:
-        """One line for the CLI and the UI: the preset's name (or `custom`) and what it does."""
-        if self.sample:
-            how = (
-                f"sampling at temperature {self.temperature:g}, top-p {self.top_p:g}, "
-                f"top-k {self.top_k}" + (f", seed {self.seed}" if self.seed is not None else "")
-            )
-            if self.num_beams > 1:
-                how = f"{self.num_beams}-beam {how}"
-        elif self.num_beams > 1:
-            how = f"{self.num_beams}-beam search (deterministic)"
-        else:
-            how = "greedy decoding (deterministic)"
-        if self.repetition_penalty != 1:
-            how += f", repetition penalty {self.repetition_penalty:g}"
-        name = self.preset()
-        label = f"{name} preset" if name else "custom settings"
-        return f"{label}: {how}, up to {self.max_new_tokens} new tokens"
-
-
-def _decoding(settings: GenerationSettings) -> dict[str, Any]:
-    kwargs = settings.generate_kwargs()
-    del kwargs["max_new_tokens"]
-    return kwargs
-
-
-PRESETS: dict[str, GenerationSettings] = {
-    "greedy": GenerationSettings(),
-    # Shepherd's GenerationConfig(temperature=0.1, top_p=0.75, top_k=40, num_beams=4) without
-    # do_sample: transformers ignores the three sampling values, so this is beam search.
-    "shepherd": GenerationSettings(
-        temperature=0.1, top_p=0.75, top_k=40, num_beams=4, repetition_penalty=1.0
-    ),
-}
-DEFAULT_PRESET = "greedy"
-
-
-def preset_settings(name: str, **changes: Any) -> GenerationSettings:
-    """A preset with some of its values changed (None: keep the preset's), checked."""
-    if name not in PRESETS:
-        raise ConfigError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    known = {f.name for f in fields(GenerationSettings)}
-    settings = replace(
-        PRESETS[name], **{k: v for k, v in changes.items() if v is not None and k in known}
-    )
-    settings.check()
-    return settings
 
 
 @dataclass
@@ -199,7 +86,7 @@ class ServeSession:
                 rows = self._generate(prompt, settings, panes)
             yield tuple(self._text(ids).strip() for ids in rows)
             return
-        streamer = _PaneStreamer(len(panes), self._stop_ids())
+        streamer = _PaneStreamer(len(panes), stop_ids(self.model, self.tokenizer))
         stop = threading.Event()
         failures: list[BaseException] = []
 
@@ -247,46 +134,27 @@ class ServeSession:
         streamer: _PaneStreamer | None = None,
         stop: threading.Event | None = None,
     ) -> list[list[int]]:
-        import torch
         from transformers import StoppingCriteriaList
 
         if not panes:
             raise ValueError("no pane to answer")
-        device = self.device
-        encoded = self.tokenizer(
-            prompt, return_tensors="pt", add_special_tokens=self.template != "chat"
-        )
-        ids = encoded["input_ids"].to(device).repeat(len(panes), 1)
         extra: dict[str, Any] = {}
         if streamer is not None:
             extra["streamer"] = streamer
         if stop is not None:
             extra["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
-        if len(set(panes)) > 1:  # one row per pane, each with its own adapter
-            active = self.model.active_adapter
-            extra["adapter_names"] = [active if on else _BARE_BASE for on in panes]
-            switch: Any = contextlib.nullcontext()
-        else:
-            switch = contextlib.nullcontext() if panes[0] else self.model.disable_adapter()
-        if settings.sample and settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        with torch.no_grad(), switch:
-            output = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pad_token_id=self.tokenizer.pad_token_id,
-                **settings.generate_kwargs(),
-                **extra,
-            )
-        stop_ids = self._stop_ids()
-        return [_until_stop(row.tolist(), stop_ids) for row in output[:, ids.shape[1] :]]
-
-    def _stop_ids(self) -> set[int]:
-        ids = getattr(self.model.generation_config, "eos_token_id", None)
-        stop = set(ids) if isinstance(ids, list) else {ids} if ids is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            stop.add(self.tokenizer.eos_token_id)
-        return stop
+        active = self.model.active_adapter
+        settings.seed_sampler()
+        [rows] = generate_ids(
+            self.model,
+            self.tokenizer,
+            [prompt],
+            settings.generate_kwargs(),
+            special_tokens=self.template != "chat",
+            adapters=[active if on else None for on in panes],
+            **extra,
+        )
+        return rows
 
     def _text(self, ids: list[int]) -> str:
         return str(
@@ -297,13 +165,6 @@ class ServeSession:
         """The text so far, without a trailing incomplete character (a multi-byte character
         split over tokens decodes to U+FFFD until its last byte arrives)."""
         return self._text(ids).rstrip("\ufffd").lstrip()
-
-
-def _until_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[:i]
-    return ids
 
 
 class _PaneStreamer:
