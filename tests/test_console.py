@@ -88,7 +88,6 @@ def test_a_command_hides_only_the_library_warnings_it_names() -> None:
 PLOT_EVERY_FIGURE = """
 import sys
 from pathlib import Path
-from pathlib import Path
 
 import matplotlib
 
@@ -98,11 +97,12 @@ before = repr(dict.__getitem__(matplotlib.rcParams, "backend"))  # unresolved: n
 from covey.data.plot import plot_distribution
 from covey.eval.report import plot_comparison
 from covey.fed.report import plot_losses
+from covey.fed.runfolder import RoundRecord
 from covey.flock.report import plot_rewards
 
 plot_losses(
-    [{"round": 0, "eval": {"loss": 2.0}},
-     {"round": 1, "eval": {"loss": 1.5}, "train": {"loss": 1.7}}],
+    [RoundRecord.from_dict({"round": 0, "eval": {"loss": 2.0}}),
+     RoundRecord.from_dict({"round": 1, "eval": {"loss": 1.5}, "train": {"loss": 1.7}})],
     out / "loss.png",
 )
 plot_distribution(
