@@ -70,6 +70,14 @@ def update_bytes(
     with fixed metadata, so the bytes (and the CID) depend only on the tensors, the transport,
     the task, the round and its global adapter."""
     wire = encode_update(update, reference, codec, feedback)
+    return proposal_blob(wire, codec, reference_cid, task=task, round_=round_)
+
+
+def proposal_blob(
+    wire: State, codec: Codec, reference_cid: str, *, task: str, round_: int
+) -> bytes:
+    """The blob of an update already encoded with `codec` against the global adapter named by
+    `reference_cid` (see `update_bytes`)."""
     metadata = {
         "format": UPDATE_FORMAT,
         "transport": codec.transport,
