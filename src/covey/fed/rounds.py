@@ -76,6 +76,9 @@ class Played:
     """The next global adapter, when the engine derives it itself (FLock: from the chain, as
     every participant does); the loop then leaves `merge` unfinished and skips `fed.strategy`,
     and the engine appends the merged updates' lines to `merged` without calling `accept`."""
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    """With `next_state`: what the rule that derived it did (`RoundRecord.aggregation`; FLock:
+    the ledger's report, so a robust rule's choices are on record as in the other engines)."""
 
     def accept(self, state: State, weight: float, line: dict[str, Any]) -> None:
         """Merge an update that passed the engine's decision; `line` is its `client_line`.
@@ -404,7 +407,7 @@ def run_rounds(
         played = play(round_index, global_state, strategy.start(global_state))
         aggregation: dict[str, Any] = {}
         if played.next_state is not None:
-            global_state = played.next_state
+            global_state, aggregation = played.next_state, played.aggregation
         else:
             global_state, server_state = played.merge.finish(server_state, cfg.fed)
             aggregation = played.merge.report

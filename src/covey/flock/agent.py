@@ -20,7 +20,8 @@ participant killed at any moment and started again continues where it was:
       store/         every blob it holds, served by its gateway (`GET /ipfs/{cid}`)
       sketches/      a sketch of the delta of every valid proposal of each round it has looked
                      at (`covey.flock.copies`), to refuse copies of earlier rounds' updates
-      globals/       the CIDs of the global adapters it derived (`covey.flock.ledger`)
+      globals/       the CIDs of the global adapters it derived and the aggregation report of
+                     each (`covey.flock.ledger`)
 
 How a voter judges a round's proposals is `covey.flock.voter`. `covey flock join` runs one
 `Participant` in a loop against a real node; the simulation (`covey.flock.protocol`) steps N
