@@ -96,6 +96,23 @@ def test_honest_flock_run_accepts_learns_and_pays(
     assert sum(row[5] or 0 for row in view.flock.rows) > 0  # rewards paid
 
 
+def test_flock_records_say_what_a_robust_rule_did(
+    tiny_model_dir: Path, five_clients: Path, tmp_path: Path
+) -> None:
+    """The ledger's Krum report lands in each round record, as the other engines' does: its
+    score for each merged update and the one it kept (before, FLock recorded nothing)."""
+    result = flock_run(
+        config(tiny_model_dir, five_clients, tmp_path / "krum", "fed.rounds=2",
+               "fed.strategy=krum")
+    )  # fmt: skip
+    for record in result.records[1:]:
+        assert record["flock"]["outcome"] == "accepted"
+        merged = len(record["clients"])
+        report = record["aggregation"]
+        assert merged == 2 and len(report["krum_score"]) == len(report["kept"]) == merged
+        assert sum(report["kept"]) == 1 and len(report["delta_norm"]) == merged
+
+
 def test_int8_topk_proposals_are_decoded_against_the_rounds_global_adapter(
     tiny_model_dir: Path, five_clients: Path, tmp_path: Path
 ) -> None:

@@ -23,20 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from covey.config import RunConfig
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, load_records
 from covey.errors import ConfigError
 from covey.fed import runfolder
-from covey.fed.attacks import (
-    UPDATE_ATTACKS,
-    attack_update,
-    honest_estimates,
-    malicious_participants,
-    poison_records,
-)
+from covey.fed.attacks import UPDATE_ATTACKS, malicious_participants, poison_records
+from covey.fed.client import UpdateAttack, client_update
 from covey.fed.rounds import (
     Hooks,
     Played,
@@ -44,7 +37,6 @@ from covey.fed.rounds import (
     RunHistory,
     RunModel,
     check_targets,
-    held_out,
     run_rounds,
 )
 from covey.fed.runfolder import client_line, rejection
@@ -52,10 +44,8 @@ from covey.fed.selection import select_clients
 from covey.fed.strategies import Accumulator
 from covey.fed.transport import Codec, ErrorFeedback, decode_update, encode_update
 from covey.fed.validation import validate_update
-from covey.model.lora import wrap_with_lora
 from covey.state import State
 from covey.store.updates import deserialize_update, serialize_update
-from covey.train.local import train_local
 
 log = logging.getLogger("covey.fed")
 
@@ -151,20 +141,13 @@ def prepare(cfg: RunConfig, model: Any, tokenizer: Any, base_model_id: str) -> F
     if cfg.attack.kind == "backdoor":
         for i in malicious_participants(len(client_records), cfg.attack):
             client_records[i] = poison_records(client_records[i], cfg.attack, i)
-    torch.manual_seed(cfg.run.seed)
-    peft_model = wrap_with_lora(model, cfg.lora)
     clients = [
         ClientData(name=f"client_{i}", examples=tokenize_records(records, tokenizer, cfg.prompt))
         for i, records in enumerate(client_records)
     ]
     for client in clients:
         check_targets(client.examples, client.name, cfg)
-    run_model = RunModel(
-        model=peft_model,
-        tokenizer=tokenizer,
-        base_model_id=base_model_id,
-        held_out=held_out(cfg, test_records, tokenizer),
-    )
+    run_model = RunModel.build(cfg, model, tokenizer, base_model_id, test_records)
     return Federation(run_model=run_model, clients=clients)
 
 
@@ -215,24 +198,15 @@ def play_round(
         data = fed.clients[client]
         hooks.client_start(client, len(data.examples))
         seed = client_seed(cfg.run.seed, round_index, client)
-        update = train_local(
-            fed.model, data.examples, global_state, cfg.train, seed, fed.run_model.pad_id,
-            on_step=hooks.step,
+        attacked = client in attackers and cfg.attack.kind in UPDATE_ATTACKS
+        attack = UpdateAttack(cfg.attack.kind, cfg.attack.strength, cfg.attack.estimate_shards)
+        residual = None if feedback is None else feedback.setdefault(client, ErrorFeedback())
+        update = client_update(
+            fed.model, fed.run_model.pad_id, data.examples, global_state, cfg.train, seed, codec,
+            feedback=residual, attack=attack if attacked else None, on_step=hooks.step,
         )  # fmt: skip
         played.train_seconds += update.metrics["seconds"]
-        attacked = client in attackers and cfg.attack.kind in UPDATE_ATTACKS
-        if attacked:
-            estimates = honest_estimates(
-                cfg.attack.kind, cfg.attack.estimate_shards, data.examples, seed,
-                lambda shard, s: train_local(
-                    fed.model, shard, global_state, cfg.train, s, fed.run_model.pad_id
-                ).state,
-            )  # fmt: skip
-            update.state = attack_update(
-                cfg.attack.kind, global_state, update.state, cfg.attack.strength, seed, estimates
-            )
-        residual = None if feedback is None else feedback.setdefault(client, ErrorFeedback())
-        blob = serialize_update(encode_update(update.state, global_state, codec, residual))
+        blob = serialize_update(update.wire)
         up_bytes += len(blob)
         received = decode_update(deserialize_update(blob), global_state, codec)
         verdict = validate_update(

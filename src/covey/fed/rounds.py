@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from covey.config import RunConfig, config_differences, load_recipe, to_toml
 from covey.data.prompts import Example, tokenize_records
 from covey.data.records import Record, spread
@@ -34,7 +36,7 @@ from covey.fed import runfolder
 from covey.fed.runfolder import RoundRecord, train_summary
 from covey.fed.strategies import Accumulator, get_strategy
 from covey.fed.tracking import Trackers, check_available
-from covey.model.lora import adapter_files, adapter_state, load_adapter_state
+from covey.model.lora import adapter_files, adapter_state, load_adapter_state, wrap_with_lora
 from covey.state import ServerState, State
 from covey.train.evaluate import evaluate_loss, generate_answers
 from covey.train.local import StepCallback
@@ -74,6 +76,9 @@ class Played:
     """The next global adapter, when the engine derives it itself (FLock: from the chain, as
     every participant does); the loop then leaves `merge` unfinished and skips `fed.strategy`,
     and the engine appends the merged updates' lines to `merged` without calling `accept`."""
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    """With `next_state`: what the rule that derived it did (`RoundRecord.aggregation`; FLock:
+    the ledger's report, so a robust rule's choices are on record as in the other engines)."""
 
     def accept(self, state: State, weight: float, line: dict[str, Any]) -> None:
         """Merge an update that passed the engine's decision; `line` is its `client_line`.
@@ -152,6 +157,27 @@ class RunModel:
     tokenizer: Any
     base_model_id: str
     held_out: HeldOut
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        base: Any,
+        tokenizer: Any,
+        base_model_id: str,
+        test_records: list[Record] | None = None,
+    ) -> RunModel:
+        """Wrap the loaded `base` with the recipe's LoRA adapter, seeded by `run.seed` so every
+        engine starts from the same adapter, and tokenize `test_records` as the held-out set
+        (none: nothing to evaluate on, as a FLock participant)."""
+        torch.manual_seed(cfg.run.seed)
+        model = wrap_with_lora(base, cfg.lora)
+        held = (
+            HeldOut(records=[], examples=[], samples=[])
+            if test_records is None
+            else held_out(cfg, test_records, tokenizer)
+        )
+        return cls(model=model, tokenizer=tokenizer, base_model_id=base_model_id, held_out=held)
 
     def evaluate(self, cfg: RunConfig, state: State) -> dict[str, Any]:
         """`eval` and `answers` of the adapter `state`."""
@@ -381,7 +407,7 @@ def run_rounds(
         played = play(round_index, global_state, strategy.start(global_state))
         aggregation: dict[str, Any] = {}
         if played.next_state is not None:
-            global_state = played.next_state
+            global_state, aggregation = played.next_state, played.aggregation
         else:
             global_state, server_state = played.merge.finish(server_state, cfg.fed)
             aggregation = played.merge.report

@@ -20,7 +20,8 @@ participant killed at any moment and started again continues where it was:
       store/         every blob it holds, served by its gateway (`GET /ipfs/{cid}`)
       sketches/      a sketch of the delta of every valid proposal of each round it has looked
                      at (`covey.flock.copies`), to refuse copies of earlier rounds' updates
-      globals/       the CIDs of the global adapters it derived (`covey.flock.ledger`)
+      globals/       the CIDs of the global adapters it derived and the aggregation report of
+                     each (`covey.flock.ledger`)
 
 How a voter judges a round's proposals is `covey.flock.voter`. `covey flock join` runs one
 `Participant` in a loop against a real node; the simulation (`covey.flock.protocol`) steps N
@@ -44,7 +45,8 @@ from covey.atomic import atomic_write_bytes
 from covey.config import RunConfig
 from covey.data.prompts import Example
 from covey.errors import CoveyError, DataError
-from covey.fed.attacks import UPDATE_ATTACKS, attack_update, honest_estimates
+from covey.fed.attacks import UPDATE_ATTACKS
+from covey.fed.client import UpdateAttack, client_update
 from covey.fed.rounds import RunModel
 from covey.fed.transport import ErrorFeedback
 from covey.flock.chain import ChainError, ContractRevert
@@ -56,13 +58,12 @@ from covey.flock.commitments import (
 )
 from covey.flock.copies import SketchBook, Sketcher
 from covey.flock.history import finished_rounds
-from covey.flock.ledger import Blobs, Ledger, update_bytes
+from covey.flock.ledger import Blobs, Ledger, proposal_blob
 from covey.flock.params import TOKEN_UNIT
 from covey.flock.task import FlockTask, Phase, PhaseError, Role
 from covey.flock.voter import Voter
 from covey.state import State
 from covey.store.cid import cid_for, digest_of
-from covey.train.local import train_local
 
 log = logging.getLogger("covey.flock.agent")
 
@@ -353,49 +354,37 @@ class Participant:
         blob (encoded with fed.transport) and the training metrics."""
         seed = int.from_bytes(self.state.secret(round_, "train_seed", self.secret)[:4], "big")
         attack = self.behaviour.update_attack
-        metrics: dict[str, float] = {}
-        if attack == "free_rider":
-            state = global_state
-        else:
-            update = train_local(
-                self.model.model, self.train, global_state, self.cfg.train, seed,
-                self.model.pad_id,
-            )  # fmt: skip
-            state, metrics = update.state, update.metrics
-            log.info(
-                "%s: round %d: trained on %d examples (loss %.4f, %.0f tokens/s)",
-                self.name, round_, len(self.train), metrics["train_loss"], metrics["tokens_per_s"],
-            )  # fmt: skip
-        if attack:
-            estimates = honest_estimates(
-                attack, self.cfg.attack.estimate_shards, self.train, seed,
-                lambda shard, s: train_local(
-                    self.model.model, shard, global_state, self.cfg.train, s, self.model.pad_id
-                ).state,
-            )  # fmt: skip
-            state = attack_update(
-                attack, global_state, state, self.behaviour.strength, seed, estimates
-            )
         codec = self.ledger.codec
-        task = self.task.address  # the blob names the task and round: refused in any other
-        if not codec.sparse:
-            blob = update_bytes(state, global_state, global_cid, codec, task=task, round_=round_)
-            return blob, metrics
         # the residual after the last round this participant proposed in; the new one is
         # saved before the proposal is (a restart that trains again reads the same old one)
-        previous = self._feedback_files(before=round_)
-        feedback = (
-            ErrorFeedback.from_bytes(previous[-1].read_bytes(), str(previous[-1]))
-            if previous
-            else ErrorFeedback()
-        )
-        data = update_bytes(
-            state, global_state, global_cid, codec, feedback, task=task, round_=round_
-        )
-        (self.folder / FEEDBACK).mkdir(exist_ok=True)
-        path = self.folder / FEEDBACK / f"round_{round_:04d}.safetensors"
-        atomic_write_bytes(path, feedback.to_bytes())
-        return data, metrics
+        feedback = None
+        if codec.sparse:
+            previous = self._feedback_files(before=round_)
+            feedback = (
+                ErrorFeedback.from_bytes(previous[-1].read_bytes(), str(previous[-1]))
+                if previous
+                else ErrorFeedback()
+            )
+        update = client_update(
+            self.model.model, self.model.pad_id, self.train, global_state, self.cfg.train, seed,
+            codec, feedback=feedback, free_rider_trains=False,
+            attack=UpdateAttack(attack, self.behaviour.strength, self.cfg.attack.estimate_shards)
+            if attack
+            else None,
+        )  # fmt: skip
+        if update.metrics:
+            log.info(
+                "%s: round %d: trained on %d examples (loss %.4f, %.0f tokens/s)",
+                self.name, round_, len(self.train), update.metrics["train_loss"],
+                update.metrics["tokens_per_s"],
+            )  # fmt: skip
+        task = self.task.address  # the blob names the task and round: refused in any other
+        data = proposal_blob(update.wire, codec, global_cid, task=task, round_=round_)
+        if feedback is not None:
+            (self.folder / FEEDBACK).mkdir(exist_ok=True)
+            path = self.folder / FEEDBACK / f"round_{round_:04d}.safetensors"
+            atomic_write_bytes(path, feedback.to_bytes())
+        return data, update.metrics
 
     def _feedback_files(self, before: int) -> list[Path]:
         """Saved residuals of rounds before `before`, oldest first."""

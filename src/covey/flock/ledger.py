@@ -29,15 +29,17 @@ peer serves it: every participant serves every blob it holds, so a round's voter
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from covey.atomic import atomic_write_bytes
 from covey.config import FedConfig, TrainConfig
 from covey.errors import ConfigError, DataError
-from covey.fed.strategies import aggregate, get_strategy
+from covey.fed.strategies import get_strategy
 from covey.fed.transport import Codec, ErrorFeedback, decode_update, encode_update
 from covey.fed.validation import training_norm_bound, validate_update
 from covey.flock.task import FlockTask, Outcome
@@ -70,6 +72,14 @@ def update_bytes(
     with fixed metadata, so the bytes (and the CID) depend only on the tensors, the transport,
     the task, the round and its global adapter."""
     wire = encode_update(update, reference, codec, feedback)
+    return proposal_blob(wire, codec, reference_cid, task=task, round_=round_)
+
+
+def proposal_blob(
+    wire: State, codec: Codec, reference_cid: str, *, task: str, round_: int
+) -> bytes:
+    """The blob of an update already encoded with `codec` against the global adapter named by
+    `reference_cid` (see `update_bytes`)."""
     metadata = {
         "format": UPDATE_FORMAT,
         "transport": codec.transport,
@@ -223,6 +233,7 @@ class Ledger:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
         self._cids: dict[int, str] = {}
+        self._reports: dict[int, dict[str, Any]] = {}
 
     def global_state(self, round_: int) -> tuple[State, str]:
         """The adapter round `round_` trains from (`round_` = the number of finished rounds
@@ -256,17 +267,27 @@ class Ledger:
         if not states:
             self._remember(round_, previous_cid)
             return previous, previous_cid
-        merged, _ = aggregate(
-            get_strategy(self.fed.strategy),
-            {k: v.cpu() for k, v in previous.items()},
-            [{k: v.cpu() for k, v in s.items()} for s in states],
-            [1.0] * len(states),
-            {},
-            self.fed,
-        )
+        merge = get_strategy(self.fed.strategy).start({k: v.cpu() for k, v in previous.items()})
+        for state in states:
+            merge.add({k: v.cpu() for k, v in state.items()}, 1.0)
+        merged, _ = merge.finish({}, self.fed)
         cid = self.blobs.put(global_bytes(merged, self.base_model))
-        self._remember(round_, cid)
+        self._remember(round_, cid, merge.report)
         return merged, cid
+
+    def aggregation(self, round_: int) -> dict[str, Any]:
+        """What `fed.strategy` did to make round `round_`'s global adapter (its accumulator's
+        report, `RoundRecord.aggregation`: e.g. Krum's scores and which update it kept, over the
+        updates that passed validation, in draw order); empty when the round before accepted
+        nothing, or when this ledger found the adapter already derived and no report beside it."""
+        self.global_state(round_)
+        if round_ in self._reports:
+            return self._reports[round_]
+        path = self._report_path(round_)
+        if path is not None and path.is_file():
+            report: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return report
+        return {}
 
     def norm_bound(self, reference: State) -> tuple[float, str]:
         """The largest distance an update may have from `reference` (the round's global
@@ -309,7 +330,15 @@ class Ledger:
             return (self.cache / f"global_{round_:04d}.cid").read_text().strip()
         return None
 
-    def _remember(self, round_: int, cid: str) -> None:
+    def _remember(self, round_: int, cid: str, report: dict[str, Any] | None = None) -> None:
         self._cids[round_] = cid
+        if report is not None:
+            self._reports[round_] = report
+            path = self._report_path(round_)
+            if path is not None:  # written before the CID, which marks the round derived
+                atomic_write_bytes(path, (json.dumps(report) + "\n").encode())
         if self.cache is not None:
             atomic_write_bytes(self.cache / f"global_{round_:04d}.cid", f"{cid}\n".encode())
+
+    def _report_path(self, round_: int) -> Path | None:
+        return None if self.cache is None else self.cache / f"global_{round_:04d}.aggregation.json"

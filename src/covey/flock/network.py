@@ -28,15 +28,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import torch
-
 from covey.atomic import atomic_directory, atomic_write_bytes
 from covey.config import FedConfig, RunConfig
 from covey.data.prompts import tokenize_records
 from covey.data.records import load_records
 from covey.errors import ConfigError, CoveyError, DataError
 from covey.fed.attacks import poison_records
-from covey.fed.rounds import HeldOut, RunModel
+from covey.fed.rounds import RunModel
 from covey.flock.agent import (
     FINISHED,
     Behaviour,
@@ -59,7 +57,7 @@ from covey.flock.ledger import Blobs, Ledger, global_bytes
 from covey.flock.params import TOKEN_UNIT, TaskParams, Timing, phase_windows
 from covey.flock.task import FlockTask, Phase, Token
 from covey.model.loading import base_model_id, load_base_model
-from covey.model.lora import adapter_files, adapter_state, wrap_with_lora
+from covey.model.lora import adapter_files, adapter_state
 from covey.store.cid import cid_from_digest, digest_of
 from covey.store.endpoints import address_refusal, check_endpoint, check_gateway_url
 from covey.store.gateway import Gateway
@@ -129,12 +127,7 @@ def task_model(cfg: RunConfig, bundle: TaskBundle) -> RunModel:
             f"{digest[:16]}..., the bundle's {bundle.base_weights_sha256[:16]}... (the creator "
             f"used {bundle.base_model!r}); pass --base with the same weights"
         )
-    torch.manual_seed(cfg.run.seed)
-    peft = wrap_with_lora(model, cfg.lora)
-    empty = HeldOut(records=[], examples=[], samples=[])
-    return RunModel(
-        model=peft, tokenizer=tokenizer, base_model_id=bundle.base_model, held_out=empty
-    )
+    return RunModel.build(cfg, model, tokenizer, bundle.base_model)
 
 
 # ---------------------------------------------------------------- create
@@ -173,11 +166,12 @@ def create_task(
     fund: dict[str, float] | None = None,
 ) -> Created:
     """Load the base model, make the initial adapter, publish the bundle, deploy the task."""
-    model, _ = load_base_model(cfg.model)
+    model, tokenizer = load_base_model(cfg.model)
     base_hash = weights_sha256(model)
-    torch.manual_seed(cfg.run.seed)
-    peft = wrap_with_lora(model, cfg.lora)
     base_id = base_model_id(cfg.model)
+    peft = RunModel.build(
+        cfg, model, tokenizer, base_id
+    ).model  # the adapter every engine starts from
     initial_cid = store.put(global_bytes(adapter_state(peft), base_id))
     bundle = TaskBundle(
         recipe=bundle_recipe(cfg),

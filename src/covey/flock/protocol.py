@@ -212,7 +212,10 @@ def play_round(sim: Simulation, round_: int, merge: Accumulator, hooks: Hooks) -
     hooks.round_start(round_ + 1, task.params.rounds, proposers)
     next_state, _ = sim.ledger.global_state(round_ + 1)
     merged = {proposer for proposer, _ in sim.ledger.accepted_updates(round_)}
-    played = Played(selected=proposers, merge=merge, next_state=next_state)
+    played = Played(
+        selected=proposers, merge=merge, next_state=next_state,
+        aggregation=sim.ledger.aggregation(round_ + 1),
+    )  # fmt: skip
     # uplink: the blobs proposers published (no downlink: everyone derives the global adapter)
     published = 0
     for proposal in facts["proposals"]:

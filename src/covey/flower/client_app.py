@@ -200,11 +200,11 @@ FEEDBACK = "covey_feedback"
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round of local training from the global adapter in the message."""
+    from covey.fed.client import UpdateAttack, client_update
     from covey.fed.engine import client_seed
-    from covey.fed.transport import Codec, ErrorFeedback, encode_update
+    from covey.fed.transport import Codec, ErrorFeedback
     from covey.flower.codec import cast_like, decode, encode, encode_wire, wire_dtype
     from covey.model.lora import adapter_state
-    from covey.train.local import train_local
 
     cfg = recipe_from(message)
     meta = message.content.config_records[wire.META]
@@ -226,25 +226,16 @@ def train(message: Message, context: Context) -> Message:
         raise ValueError("the global adapter does not match this node's LoRA layout")
     start = cast_like(received, reference, dtype)
     seed = client_seed(cfg.run.seed, round_index, spec.index)
-    result = train_local(model, examples, start, cfg.train, seed, tokenizer.pad_token_id)
-    if attack:
-        from covey.fed.attacks import attack_update, honest_estimates
-
-        estimates = honest_estimates(
-            attack, cfg.attack.estimate_shards, examples, seed,
-            lambda shard, s: train_local(
-                model, shard, start, cfg.train, s, tokenizer.pad_token_id
-            ).state,
-        )  # fmt: skip
-        result.state = attack_update(
-            attack, start, result.state, cfg.attack.strength, seed, estimates
-        )
     codec = Codec.of(cfg.fed)
     feedback = None
     if codec.sparse:
         saved = context.state.array_records.get(FEEDBACK)
         feedback = ErrorFeedback(decode(saved) if saved is not None else {})
-    update = encode_update(result.state, start, codec, feedback)
+    malicious = UpdateAttack(attack, cfg.attack.strength, cfg.attack.estimate_shards)
+    result = client_update(
+        model, tokenizer.pad_token_id, examples, start, cfg.train, seed, codec,
+        feedback=feedback, attack=malicious if attack else None,
+    )  # fmt: skip
     if feedback is not None:
         context.state[FEEDBACK] = encode(feedback.residual)
     log.info(
@@ -253,7 +244,7 @@ def train(message: Message, context: Context) -> Message:
     )  # fmt: skip
     content = RecordDict(
         {
-            wire.UPDATE: encode_wire(update),
+            wire.UPDATE: encode_wire(result.wire),
             wire.METRICS: MetricRecord({k: float(v) for k, v in result.metrics.items()}),
             wire.META: ConfigRecord(
                 {wire.CLIENT_INDEX: spec.index, wire.NUM_SAMPLES: result.num_samples}

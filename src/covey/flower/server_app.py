@@ -73,12 +73,9 @@ def prepare_server(cfg: RunConfig) -> ServerSide:
     """Load the base model, add the seeded LoRA adapter (as the engine does), read test.jsonl."""
     import json
 
-    import torch
-
     from covey.data.records import load_records
-    from covey.fed.rounds import RunModel, held_out
+    from covey.fed.rounds import RunModel
     from covey.model.loading import base_model_id, load_base_model
-    from covey.model.lora import wrap_with_lora
 
     data_dir = Path(cfg.data.dir)
     test_file = data_dir / "test.jsonl"
@@ -94,13 +91,7 @@ def prepare_server(cfg: RunConfig) -> ServerSide:
         for entry in json.loads(manifest.read_text(encoding="utf-8")).get("clients", []):
             held[int(entry["client"])] = int(entry["count"])
     model, tokenizer = load_base_model(cfg.model)
-    torch.manual_seed(cfg.run.seed)
-    run_model = RunModel(
-        model=wrap_with_lora(model, cfg.lora),
-        tokenizer=tokenizer,
-        base_model_id=base_model_id(cfg.model),
-        held_out=held_out(cfg, test_records, tokenizer),
-    )
+    run_model = RunModel.build(cfg, model, tokenizer, base_model_id(cfg.model), test_records)
     return ServerSide(run_model=run_model, held=held)
 
 
