@@ -39,7 +39,7 @@ demo: $(STAMP)
 # the longest start first (tests/conftest.py). The 20 slowest tests are listed at the end.
 PYTEST_WORKERS ?= 4
 test: $(STAMP) lint browser-deps anvil
-	$(BIN)/pytest -m "not gpu" -n $(PYTEST_WORKERS) --durations=20
+	$(BIN)/pytest -m "not gpu" -n $(PYTEST_WORKERS) --maxschedchunk 1 --durations=20
 
 # The browser tier drives Debian's Chromium (Playwright's own browser download does not work
 # offline). Installed when missing and apt-get can run (root); otherwise those tests skip.

@@ -64,7 +64,7 @@ def write_records(path: Path, records: list[dict[str, Any]]) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the longest tests first.
+    """Run the longest tests first, each on a worker of its own.
 
     `make test` spreads the tests over pytest-xdist workers, which take them in this order: the
     tests that take minutes (mostly waiting on blocks, servers and child processes) start at
@@ -72,17 +72,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     starting last and holding the run open alone. A test that raises its own time limit
     (`@pytest.mark.timeout(seconds)`) is one of those, longest limit first; then the slower
     tiers. The sort is stable, so a file's tests keep their order within a tier.
+
+    xdist's load scheduling (with `--maxschedchunk 1`, as `make test` runs it) hands each worker
+    two tests to start with, in this order, then one at a time: so each long test is paired
+    with a short one, or the first worker would get two long tests and run them one after the
+    other.
     """
 
-    def order(item: pytest.Item) -> tuple[float, int]:
+    def limit(item: pytest.Item) -> float:
         marker = item.get_closest_marker("timeout")
-        limit = float(marker.args[0] if marker.args else marker.kwargs["timeout"]) if marker else 0
+        return float(marker.args[0] if marker.args else marker.kwargs["timeout"]) if marker else 0
+
+    def order(item: pytest.Item) -> tuple[float, int]:
         tier = next(
             (rank for rank, name in enumerate(TIERS) if item.get_closest_marker(name)), len(TIERS)
         )
-        return (-limit, tier)
+        return (-limit(item), tier)
 
     items.sort(key=order)
+    long = [item for item in items if limit(item)]
+    rest = items[len(long) :]
+    paired = [i for k, item in enumerate(long) for i in (item, *rest[k : k + 1])]
+    items[:] = paired + rest[len(long) :]
 
 
 TIERS = ("slow", "flower", "browser", "chain")

@@ -508,6 +508,7 @@ def _wait_until_answering(
     pytest.fail(f"no answer on port {port} within {timeout:.0f} s:\n{log.read_text()}")
 
 
+@pytest.mark.timeout(1200)  # a document's whole script, a minute or more of it in model loading
 @pytest.mark.parametrize("document", RUNNABLE)
 def test_documented_commands_run(
     document: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
