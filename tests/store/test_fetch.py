@@ -27,6 +27,10 @@ from tests.store.peers import Peer, Request, answer, drip, silent, trickle
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 CID = cid_for(BLOB)
 SMALL = b"a small update"
+SLACK_S = 3.0
+"""Added to every upper bound on a fetch's time: room for a machine busy with other tests (make
+test runs four workers on two cores; 2.3 s was seen where 0.2 s was expected), and still far
+below what each test rules out (a drip or a hung source holds on for 10-20 s)."""
 
 
 def own(*urls: str) -> list[Source]:
@@ -66,7 +70,7 @@ def test_a_drip_is_cut_off_at_the_source_deadline(in_headers: bool) -> None:
     limits = FetchLimits(source_timeout_s=2.0, min_rate=0, attempts=1)
     with Peer(drip(BLOB, every_s=0.2, in_headers=in_headers)) as peer:
         result, elapsed = timed(CID, own(peer.url), limits)
-    assert elapsed < 3.5, elapsed
+    assert elapsed < 3.5 + SLACK_S, elapsed
     assert isinstance(result, DataError)
     assert "timed out" in str(result)
 
@@ -78,7 +82,7 @@ def test_the_caller_deadline_bounds_the_whole_blob() -> None:
         result, elapsed = timed(
             CID, own(peer.url, mute.url), limits, deadline=time.monotonic() + 1.5
         )
-    assert elapsed < 2.5, elapsed
+    assert elapsed < 2.5 + SLACK_S, elapsed
     assert isinstance(result, DataError)
     assert "before its deadline" in str(result)
 
@@ -95,7 +99,7 @@ def test_a_server_that_never_answers_costs_the_grace_period() -> None:
         assert len(mute.requests) == 1  # it had its chance: not asked again
     assert isinstance(result, DataError)
     assert str(result).count("too slow: 0 bytes") == 2, result
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 2.0 + SLACK_S, elapsed
 
 
 def test_a_source_below_the_minimum_rate_is_dropped() -> None:
@@ -107,7 +111,7 @@ def test_a_source_below_the_minimum_rate_is_dropped() -> None:
         result, elapsed = timed(cid_for(data), own(peer.url), limits)
     assert isinstance(result, DataError)
     assert "too slow" in str(result)
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 2.0 + SLACK_S, elapsed
 
 
 # ---------------------------------------------------------------- many sources
@@ -130,7 +134,7 @@ def test_one_hostile_source_among_five_honest_costs_little(
         urls.insert(position, hostile.url)
         result, elapsed = timed(CID, own(*urls))
     assert result == BLOB
-    assert elapsed < honest_s + FetchLimits().hedge_s + 2.0, (elapsed, honest_s)
+    assert elapsed < honest_s + FetchLimits().hedge_s + SLACK_S, (elapsed, honest_s)
 
 
 def test_the_first_intact_answer_wins_and_the_others_are_closed(honest: list[Gateway]) -> None:
@@ -138,7 +142,7 @@ def test_the_first_intact_answer_wins_and_the_others_are_closed(honest: list[Gat
     with Peer(drip(BLOB, every_s=0.2)) as hostile:
         result, elapsed = timed(CID, own(hostile.url, honest[0].url), limits)
         assert result == BLOB
-        assert elapsed < 2.0, elapsed
+        assert elapsed < 2.0 + SLACK_S, elapsed
         assert hostile.hung_up.wait(3), "the abandoned source's connection was left open"
 
 
@@ -156,7 +160,7 @@ def test_at_most_parallel_sources_are_asked_at_once() -> None:
     assert len(spans) == 5
     overlap = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert overlap <= 2, spans
-    assert 1.0 < elapsed < 3.0, elapsed  # three waves of 0.4 s, not one
+    assert 1.0 < elapsed < 3.0 + SLACK_S, elapsed  # three waves of 0.4 s, not one
 
 
 def test_waiting_for_sources_does_not_spin() -> None:
